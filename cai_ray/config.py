@@ -1,0 +1,233 @@
+"""The run config: one typed tree, defaults in code, YAML files and `--set a.b=c` override it.
+
+Every section is a frozen pydantic model that forbids unknown keys, so a typo is an error that
+names the key path, the bad value and the closest valid key. Each component receives only its own
+section (an `EngineConfig`, a `LearnerConfig`), never the whole `RunConfig`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cai_ray.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelConfig(Section):
+    """A model: a local HF directory (`path`) or a project preset built on first use (`preset`)."""
+
+    preset: str | None = None
+    path: str | None = None
+    seed: int = 0  # random-weight seed for presets
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.preset is None) == (self.path is None):
+            raise ValueError("set exactly one of 'preset' (e.g. tiny-1m) or 'path' (an HF dir)")
+        return self
+
+
+class VLLMConfig(Section):
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    max_model_len: int | None = Field(None, ge=16)
+    enable_prefix_caching: bool = True
+
+
+class EngineConfig(Section):
+    """Which generation backend runs a model, and how (DESIGN.md, Engines)."""
+
+    kind: Literal["auto", "hf", "vllm"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(2, ge=1, description="torch threads per process (2-core machines)")
+    batch_size: int = Field(8, ge=1, description="prompts per forward pass (HF engine)")
+    vllm: VLLMConfig = VLLMConfig()
+
+    @model_validator(mode="after")
+    def _vllm_needs_cuda(self) -> EngineConfig:
+        if self.kind == "vllm" and self.device == "cpu":
+            raise ValueError("kind=vllm needs CUDA: use kind=hf for device=cpu")
+        return self
+
+
+# Stop strings of the paper's transcript layout: a turn or a constitution marker ends a sample.
+DEFAULT_STOP = ("\n\nHuman:", "\n\nAssistant:", "\n\nCritiqueRequest:", "\n\nRevisionRequest:")
+
+
+class GenerationConfig(Section):
+    """Sampling defaults. Paper: temperature 1.0 for responses, critiques and revisions."""
+
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(64, ge=1)
+    stop: tuple[str, ...] = DEFAULT_STOP
+
+    def sampling_params(self, *, n: int = 1, seed: int | None = None, **overrides: Any):
+        from cai_ray.engines.base import SamplingParams
+
+        fields = dict(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_new_tokens=self.max_new_tokens,
+            stop=self.stop,
+        )
+        return SamplingParams(**{**fields, **overrides}, n=n, seed=seed)
+
+
+class ModelsConfig(Section):
+    """The roles' models. `feedback` and `critique` default to the helpful model."""
+
+    helpful: ModelConfig = ModelConfig(preset="tiny-1m")
+    critique: ModelConfig | None = None
+    feedback: ModelConfig | None = None
+
+
+class DataConfig(Section):
+    """Prompt sources: a file path, an HF datasets dir, or `sample:NAME` (embedded data)."""
+
+    red_team: str = "sample:red_team"
+    helpful: str = "sample:helpful"
+    turns: Literal["first", "every"] = "first"
+    limit: int | None = Field(None, ge=1, description="read at most this many prompts per source")
+
+
+class RunConfig(Section):
+    """The whole run. Stages add their sections here as they land."""
+
+    run_dir: str = "runs/local-tiny"
+    seed: int = 0
+    constitution: str = "constitutions/default.yaml"
+    format: Literal["transcript", "chat"] = "transcript"
+    models: ModelsConfig = ModelsConfig()
+    engine: EngineConfig = EngineConfig()
+    generation: GenerationConfig = GenerationConfig()
+    data: DataConfig = DataConfig()
+
+    def content_hash(self) -> str:
+        """sha256 of the resolved config, recorded in every stage manifest."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> RunConfig:
+    """Defaults <- YAML file <- `--set key=value` overrides, validated as one tree."""
+    data: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        data = _read_yaml(Path(path))
+        origin = str(path)
+    for item in overrides:
+        _apply_override(data, item)
+        origin = f"{origin} + --set"
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _config_error(exc, origin) from None
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A relative path is tried from the working directory, then from the project root."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    in_project = PROJECT_ROOT / p
+    return in_project if in_project.exists() else p
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(
+            "config file not found", where=str(path), hint="pass a YAML file, e.g. configs/local-tiny.yaml"
+        )
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"malformed YAML: {problem}", where=where, hint="fix the YAML syntax") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config: {exc}", where=str(path)) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"expected a mapping of config keys at the top level, got {type(data).__name__}",
+            where=str(path),
+        )
+    return data
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r} is not KEY=VALUE", hint="e.g. --set engine.threads=2")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw
+    parts = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            at = ".".join(parts[: i + 1])
+            raise ConfigError(f"--set {item!r}: '{at}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _config_error(exc: ValidationError, origin: str) -> ConfigError:
+    lines = [_describe(err) for err in exc.errors()]
+    return ConfigError(
+        "invalid config:\n  " + "\n  ".join(lines),
+        where=origin,
+        hint="see configs/local-tiny.yaml and README 'Configuration' for every key",
+    )
+
+
+def _describe(err: Any) -> str:
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc) or "(top level)"
+    value = err.get("input")
+    if err["type"] == "extra_forbidden":
+        valid = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+        fix = f"did you mean '{'.'.join([*loc[:-1], close[0]])}'?" if close else ""
+        return f"{key}: unknown key. {fix} valid keys here: {', '.join(valid)}".replace(". ", ". ", 1)
+    shown = json.dumps(value, default=str)[:80] if value is not None else "null"
+    return f"{key} = {shown}: {err['msg']}"
+
+
+def _fields_at(loc: list[str]) -> list[str]:
+    """Valid keys of the section at `loc` (for 'did you mean' on typos)."""
+    model: type[BaseModel] | None = RunConfig
+    for part in loc:
+        field = model.model_fields.get(part) if model else None
+        model = _section_type(field.annotation) if field else None
+    return sorted(model.model_fields) if model else []
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    for candidate in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None

@@ -1,0 +1,106 @@
+"""The config tree: defaults, YAML files, --set overrides, and errors that say what to fix."""
+
+from pathlib import Path
+
+import pytest
+
+from cai_ray.config import PROJECT_ROOT, RunConfig, load_config
+from cai_ray.errors import ConfigError
+
+CONFIG_FILES = sorted((PROJECT_ROOT / "configs").glob("*.yaml"))
+
+
+def test_defaults_validate():
+    cfg = load_config()
+    assert cfg == RunConfig()
+    assert cfg.models.helpful.preset == "tiny-1m"
+    assert cfg.generation.temperature == 1.0  # the paper's sampling temperature
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_every_config_file_loads(path: Path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+
+
+def test_config_files_exist():
+    assert any(p.name == "local-tiny.yaml" for p in CONFIG_FILES)
+
+
+def test_set_overrides_yaml(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("engine: {threads: 4}\ngeneration: {max_new_tokens: 10}\n")
+    cfg = load_config(f, ["engine.threads=1", "generation.stop=['x', 'y']", "run_dir=/tmp/r"])
+    assert cfg.engine.threads == 1
+    assert cfg.generation.max_new_tokens == 10
+    assert cfg.generation.stop == ("x", "y")
+    assert cfg.run_dir == "/tmp/r"
+
+
+def test_typo_suggests_closest_key():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["engine.thredas=2"])
+    text = str(err.value)
+    assert "engine.thredas" in text and "did you mean 'engine.threads'" in text
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("engine:\n  threads: many\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(f)
+    text = str(err.value)
+    assert "engine.threads" in text and '"many"' in text and str(f) in text
+
+
+def test_impossible_combinations():
+    with pytest.raises(ConfigError, match="kind=vllm needs CUDA"):
+        load_config(None, ["engine.kind=vllm", "engine.device=cpu"])
+    with pytest.raises(ConfigError, match="exactly one of 'preset'"):
+        load_config(None, ["models.helpful={preset: tiny-1m, path: /some/dir}"])
+    # a section given in YAML replaces the default section: path alone is a valid model
+    assert load_config(None, ["models.helpful.path=/m"]).models.helpful.preset is None
+
+
+def test_malformed_yaml_names_line(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("engine:\n  threads: [1, 2\nseed: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(f)
+    assert f"{f}:" in str(err.value) and "malformed YAML" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("- a\n- b\n", "expected a mapping"), ("", None)],
+)
+def test_top_level_shape(tmp_path, content, message):
+    f = tmp_path / "c.yaml"
+    f.write_text(content)
+    if message is None:
+        assert load_config(f) == RunConfig()  # an empty file means all defaults
+    else:
+        with pytest.raises(ConfigError, match=message):
+            load_config(f)
+
+
+def test_missing_file_and_bad_set():
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("no/such/config.yaml")
+    with pytest.raises(ConfigError, match="is not KEY=VALUE"):
+        load_config(None, ["engine.threads"])
+    with pytest.raises(ConfigError, match="'seed' is a value, not a section"):
+        load_config(None, ["seed=3", "seed.x=1"])
+
+
+def test_content_hash_is_stable_and_sensitive():
+    a, b = load_config(), load_config()
+    assert a.content_hash() == b.content_hash()
+    assert load_config(None, ["seed=1"]).content_hash() != a.content_hash()
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = load_config(None, ["engine.threads=3"])
+    f = tmp_path / "resolved.yaml"
+    f.write_text(cfg.to_yaml())
+    assert load_config(f) == cfg
