@@ -104,6 +104,38 @@ class DataConfig(Section):
     limit: int | None = Field(None, ge=1, description="read at most this many prompts per source")
 
 
+class RayConfig(Section):
+    """How the driver joins Ray: a local cluster by default, `address: auto` inside a job."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local cluster")
+    namespace: str = "cai-ray"
+    batch_timeout_s: float = Field(1800, gt=0, description="fail if no result arrives for this long")
+
+
+class PoolConfig(Section):
+    """An actor pool of one role: how many workers, what each holds, how big a batch."""
+
+    size: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1)
+    num_cpus: float = Field(1, gt=0)
+    num_gpus: float = Field(0, ge=0, description="fractional GPUs share a device")
+    engine: EngineConfig | None = None  # None: the top-level `engine`
+
+
+class SLGenerateConfig(Section):
+    """Stage 1: initial answers, then N critique -> revision rounds (paper: 4)."""
+
+    rounds: int = Field(4, ge=1)
+    direct_revision: bool = False
+    few_shot: int | None = Field(None, ge=0, description="few-shot examples prepended (None: all)")
+    too_long: Literal["reject", "truncate"] = "truncate"
+    rollout: PoolConfig = PoolConfig()
+    critique: PoolConfig = PoolConfig()
+    shard_rows: int = Field(64, ge=1, description="rows per output Parquet shard")
+    helpful_samples: int = Field(0, ge=0, description="answers per helpfulness prompt (paper: 2)")
+
+
 class RunConfig(Section):
     """The whole run. Stages add their sections here as they land."""
 
@@ -115,6 +147,8 @@ class RunConfig(Section):
     engine: EngineConfig = EngineConfig()
     generation: GenerationConfig = GenerationConfig()
     data: DataConfig = DataConfig()
+    ray: RayConfig = RayConfig()
+    sl_generate: SLGenerateConfig = SLGenerateConfig()
 
     def content_hash(self) -> str:
         """sha256 of the resolved config, recorded in every stage manifest."""
@@ -155,7 +189,9 @@ def resolve_path(path: str | Path) -> Path:
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(
-            "config file not found", where=str(path), hint="pass a YAML file, e.g. configs/local-tiny.yaml"
+            "config file not found",
+            where=str(path),
+            hint="pass a YAML file, e.g. configs/local-tiny.yaml",
         )
     try:
         data = yaml.safe_load(path.read_text())
@@ -163,7 +199,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"malformed YAML: {problem}", where=where, hint="fix the YAML syntax") from None
+        raise ConfigError(
+            f"malformed YAML: {problem}", where=where, hint="fix the YAML syntax"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config: {exc}", where=str(path)) from None
     if data is None:
@@ -212,7 +250,9 @@ def _describe(err: Any) -> str:
         valid = _fields_at(loc[:-1])
         close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
         fix = f"did you mean '{'.'.join([*loc[:-1], close[0]])}'?" if close else ""
-        return f"{key}: unknown key. {fix} valid keys here: {', '.join(valid)}".replace(". ", ". ", 1)
+        return f"{key}: unknown key. {fix} valid keys here: {', '.join(valid)}".replace(
+            ". ", ". ", 1
+        )
     shown = json.dumps(value, default=str)[:80] if value is not None else "null"
     return f"{key} = {shown}: {err['msg']}"
 

@@ -1,0 +1,62 @@
+"""`cai-ray run` (the pipeline) and `cai-ray stage` (one stage)."""
+
+from __future__ import annotations
+
+import argparse
+
+from cai_ray.pipeline import STAGES
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    run = sub.add_parser("run", help="run the pipeline on a config (default: the local tiny run)")
+    run.add_argument("config", nargs="?", default="configs/local-tiny.yaml")
+    _add_set(run)
+    run.add_argument("--until", choices=STAGES, help="stop after this stage")
+    run.add_argument(
+        "--preview", action="store_true", help="first run the quick generate+label preview"
+    )
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.set_defaults(func=_run)
+
+    stage = sub.add_parser("stage", help="run (or resume) one pipeline stage")
+    stage.add_argument("stage", choices=STAGES)
+    stage.add_argument("config", nargs="?", default="configs/local-tiny.yaml")
+    _add_set(stage)
+    stage.add_argument("--no-progress", action="store_true", help="no progress bars")
+    stage.set_defaults(func=_stage)
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set engine.threads=2 (repeatable)",
+    )
+
+
+def _load(args: argparse.Namespace):
+    from cai_ray.config import load_config, resolve_path
+
+    return load_config(resolve_path(args.config), args.overrides)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from cai_ray.pipeline.runner import run_pipeline
+
+    cfg = _load(args)
+    if args.preview:
+        from cai_ray.pipeline.preview import run_preview
+
+        run_preview(cfg)
+    run_pipeline(cfg, until=args.until, progress=not args.no_progress)
+    return 0
+
+
+def _stage(args: argparse.Namespace) -> int:
+    from cai_ray.pipeline.runner import run_stage
+
+    run_stage(args.stage, _load(args), progress=not args.no_progress)
+    return 0

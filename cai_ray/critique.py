@@ -1,0 +1,251 @@
+"""SL-CAI critique -> revision chains (paper section 3.1), Ray-free.
+
+For each prompt and initial answer, N rounds: sample a critique under a critique request, then a
+revision under the paired revision request; the revision replaces the answer for the next round.
+A principle is drawn per (prompt, round) with replacement, keyed so that workers and resumed runs
+draw the same one. Few-shot examples are prepended: without them the model loses its point of
+view (CAI_METHOD.md, stage 1). Every intermediate critique and revision is kept as the trace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from cai_ray.conversation import Conversation
+from cai_ray.engines.base import Engine, SamplingParams
+
+Format = Literal["transcript", "chat"]
+
+MARKERS = ("Human:", "Assistant:", "CritiqueRequest:", "RevisionRequest:", "Critique:", "Revision:")
+# Boilerplate a model puts before the revised text; stripped from the start of a revision.
+DEFAULT_BOILERPLATE = (
+    r"here(?: is|'s) (?:a |my |the )?(?:revised|rewritten|updated|improved)[^:\n]{0,40}:",
+    r"(?:revised|rewritten|updated) (?:response|answer|version)[^:\n]{0,20}:",
+    r"sure[,!.]? here(?: is|'s)[^:\n]{0,60}:",
+    r"revision:",
+    r"critique:",
+)
+
+
+@dataclass(frozen=True)
+class CritiqueSettings:
+    """How chains run; the defaults are the paper's (4 rounds, temperature 1)."""
+
+    rounds: int = 4
+    direct_revision: bool = False  # the paper's ablation: revise without a critique
+    fmt: Format = "transcript"
+    few_shot: int | None = None  # how many few-shot examples to prepend (None = all)
+    seed: int = 0
+    sampling: SamplingParams = field(
+        default_factory=lambda: SamplingParams(temperature=1.0, max_new_tokens=64)
+    )
+    boilerplate: tuple[str, ...] = DEFAULT_BOILERPLATE
+
+
+@dataclass
+class Round:
+    principle_id: str
+    critique_request: str
+    critique: str
+    revision_request: str
+    revision: str
+
+    def to_row(self) -> dict[str, str]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ChainResult:
+    """The trace of one prompt, or `reject` (a reason) when the chain could not complete."""
+
+    prompt_id: str
+    rounds: list[Round] = field(default_factory=list)
+    reject: str | None = None
+
+
+def clean_output(text: str, boilerplate: Sequence[str] = DEFAULT_BOILERPLATE) -> str:
+    """Cut at the first transcript/constitution marker and strip boilerplate prefixes."""
+    cut = len(text)
+    for marker in MARKERS:
+        m = re.search(r"(?:^|\n)\s*" + re.escape(marker), text)
+        if m:
+            cut = min(cut, m.start())
+    text = text[:cut].strip()
+    changed = True
+    while changed and text:
+        changed = False
+        for pattern in boilerplate:
+            m = re.match(r"\s*" + pattern + r"\s*", text, flags=re.IGNORECASE)
+            if m and m.end() > 0:
+                text = text[m.end() :].strip()
+                changed = True
+    return text
+
+
+class ChainPrompter:
+    """Renders critique and revision prompts for one constitution, model and format."""
+
+    def __init__(self, constitution: Any, settings: CritiqueSettings, *, tokenizer: Any = None):
+        constitution.require_critique()
+        if settings.fmt == "chat" and tokenizer is None:
+            raise ValueError("chat format needs the model's tokenizer")
+        self.c = constitution
+        self.s = settings
+        self.tokenizer = tokenizer
+        examples = list(constitution.critique_examples)
+        self.examples = examples if settings.few_shot is None else examples[: settings.few_shot]
+
+    def principle(self, prompt_id: str, round_index: int):
+        from cai_ray.constitution import choose_principles
+
+        key = f"{prompt_id}:{round_index}"
+        return choose_principles(self.c.critique_principles, seed=self.s.seed, key=key, k=1)[0]
+
+    def critique_prompt(
+        self, convo: Conversation, answer: str, request: str, *, n_shot: int
+    ) -> str:
+        if self.s.fmt == "chat":
+            msgs = [*self._shot_messages(n_shot), *convo.to_messages()]
+            msgs += [_msg("assistant", answer), _msg("user", request)]
+            return self._chat(msgs)
+        return (
+            self._shot_text(n_shot)
+            + convo.render_transcript(add_generation_prompt=False)
+            + f"\n\nAssistant: {answer.strip()}\n\nCritiqueRequest: {request.strip()}\n\nCritique:"
+        )
+
+    def revision_prompt(
+        self,
+        convo: Conversation,
+        answer: str,
+        critique_req: str,
+        critique: str | None,
+        request: str,
+        *,
+        n_shot: int,
+    ) -> str:
+        if self.s.fmt == "chat":
+            msgs = [*self._shot_messages(n_shot), *convo.to_messages(), _msg("assistant", answer)]
+            if critique is not None:
+                msgs += [_msg("user", critique_req), _msg("assistant", critique)]
+            return self._chat([*msgs, _msg("user", request)])
+        text = self._shot_text(n_shot) + convo.render_transcript(add_generation_prompt=False)
+        text += f"\n\nAssistant: {answer.strip()}"
+        if critique is not None:
+            text += f"\n\nCritiqueRequest: {critique_req.strip()}\n\nCritique: {critique.strip()}"
+        return text + f"\n\nRevisionRequest: {request.strip()}\n\nRevision:"
+
+    def _shot_text(self, n: int) -> str:
+        return "".join(ex.as_transcript() for ex in self.examples[:n])
+
+    def _shot_messages(self, n: int) -> list[dict[str, str]]:
+        return [m for ex in self.examples[:n] for m in ex.as_messages()]
+
+    def _chat(self, messages: list[dict[str, str]]) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+
+
+def _msg(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content.strip()}
+
+
+def run_chains(
+    engine: Engine,
+    prompter: ChainPrompter,
+    items: Sequence[tuple[str, Conversation, str]],
+    *,
+    too_long: Literal["reject", "truncate"] = "truncate",
+) -> list[ChainResult]:
+    """Critique and revise a batch of (prompt_id, conversation, initial answer), round by round.
+
+    Each round is two batched `generate` calls (critiques, then revisions) over the live chains.
+    A chain whose output is empty after clean-up, or whose prompt cannot fit the model's context
+    (after dropping few-shot examples, when `too_long="truncate"`), is rejected with a reason.
+    """
+    s = prompter.s
+    results = [ChainResult(pid) for pid, _, _ in items]
+    answers = [answer for _, _, answer in items]
+    fit = _Fitter(
+        engine, engine.max_context - s.sampling.max_new_tokens, too_long, len(prompter.examples)
+    )
+    for r in range(s.rounds):
+        live = [i for i, res in enumerate(results) if res.reject is None]
+        picks = {i: prompter.principle(items[i][0], r) for i in live}
+        critiques: dict[int, str | None] = dict.fromkeys(live)
+        if not s.direct_revision:
+            prompts = {
+                i: fit(prompter.critique_prompt, items[i][1], answers[i], picks[i].critique)
+                for i in live
+            }
+            critiques = _generate_step(engine, s, prompts, results, f"critique in round {r + 1}", r)
+        prompts = {
+            i: fit(
+                prompter.revision_prompt,
+                items[i][1],
+                answers[i],
+                picks[i].critique,
+                critiques[i],
+                picks[i].revision,
+            )
+            for i in live
+            if results[i].reject is None
+        }
+        revisions = _generate_step(engine, s, prompts, results, f"revision in round {r + 1}", r)
+        for i, revision in revisions.items():
+            if results[i].reject is None and revision is not None:
+                p = picks[i]
+                round_ = Round(p.id, p.critique, critiques[i] or "", p.revision, revision)
+                results[i].rounds.append(round_)
+                answers[i] = revision
+    return results
+
+
+@dataclass(frozen=True)
+class _Fitter:
+    """Renders a prompt with as many few-shot examples as fit the context, or None."""
+
+    engine: Engine
+    budget: int
+    too_long: str
+    n_shot: int
+
+    def __call__(self, render, *args) -> str | None:
+        counts = range(self.n_shot, -1, -1) if self.too_long == "truncate" else [self.n_shot]
+        for n in counts:
+            text = render(*args, n_shot=n)
+            if self.engine.count_tokens([text])[0] <= self.budget:
+                return text
+        return None
+
+
+def _generate_step(engine, s: CritiqueSettings, prompts, results, what: str, round_index: int):
+    """One batched generate over the live chains; rejects empty or over-long ones."""
+    out: dict[int, str | None] = {}
+    todo = []
+    for i, text in prompts.items():
+        if text is None:
+            results[i].reject = f"prompt too long for the model's context at the {what}"
+        else:
+            todo.append(i)
+    if not todo:
+        return out
+    seed = _batch_seed(s.seed, [results[i].prompt_id for i in todo], round_index)
+    params = SamplingParams(**{**s.sampling.__dict__, "n": 1, "seed": seed})
+    gens = engine.generate([prompts[i] for i in todo], params)
+    for i, samples in zip(todo, gens, strict=True):
+        text = clean_output(samples[0].text, s.boilerplate)
+        if not text:
+            results[i].reject = f"empty {what} after clean-up"
+        out[i] = text or None
+    return out
+
+
+def _batch_seed(seed: int, prompt_ids: Sequence[str], round_index: int) -> int:
+    key = f"{seed}:{round_index}:{','.join(prompt_ids)}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:4], "little")

@@ -1,0 +1,74 @@
+"""Generation backends behind one interface (`Engine`); pick one with `make_engine`.
+
+Neither backend is imported here: `HFEngine` pulls in torch/transformers and `VLLMEngine` vLLM,
+each only when `make_engine` builds one (the core package stays light).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from cai_ray.engines.base import (
+    Engine,
+    Generation,
+    OptionScores,
+    SamplingParams,
+    ScoreRequest,
+)
+
+if TYPE_CHECKING:
+    from cai_ray.config import EngineConfig
+
+__all__ = [
+    "Engine",
+    "Generation",
+    "OptionScores",
+    "SamplingParams",
+    "ScoreRequest",
+    "make_engine",
+    "resolve_engine_kind",
+]
+
+
+def resolve_engine_kind(config: EngineConfig) -> Literal["hf", "vllm"]:
+    """`auto` is vLLM when it is importable and CUDA is present (and the device is not cpu)."""
+    if config.kind != "auto":
+        return config.kind
+    if config.device == "cpu" or importlib.util.find_spec("vllm") is None:
+        return "hf"
+    import torch
+
+    return "vllm" if torch.cuda.is_available() else "hf"
+
+
+def make_engine(
+    model_path: str | Path, config: EngineConfig, *, model_id: str | None = None
+) -> Engine:
+    """Load the model at `model_path` on the backend `config` selects."""
+    if resolve_engine_kind(config) == "vllm":
+        from cai_ray.engines.vllm import VLLMEngine
+        from cai_ray.models import check_model_dir
+
+        path = check_model_dir(model_path, head="causal")  # a clear error before vLLM starts
+        v = config.vllm
+        return VLLMEngine(
+            str(path),
+            dtype=config.dtype,
+            tensor_parallel_size=v.tensor_parallel_size,
+            gpu_memory_utilization=v.gpu_memory_utilization,
+            max_model_len=v.max_model_len,
+            enable_prefix_caching=v.enable_prefix_caching,
+            model_id=model_id,
+        )
+    from cai_ray.engines.hf import HFEngine
+
+    return HFEngine(
+        model_path,
+        dtype=config.dtype,
+        device=config.device,
+        threads=config.threads,
+        batch_size=config.batch_size,
+        model_id=model_id,
+    )

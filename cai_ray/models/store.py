@@ -1,0 +1,195 @@
+"""Model directories: build presets, find them again, and check a user's path before loading it.
+
+Every model is an ordinary Hugging Face directory (config.json, safetensors, tokenizer files), so
+`AutoModelForCausalLM.from_pretrained(path)` and vLLM load it as they are (DESIGN.md, "Models
+without a model hub").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cai_ray.errors import ModelError
+from cai_ray.models.presets import Head, check_head, get_preset
+
+if TYPE_CHECKING:
+    from cai_ray.config import ModelConfig
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+ARCH_SUFFIX = {"causal": "ForCausalLM", "classification": "ForSequenceClassification"}
+
+
+def init_model(
+    preset: str,
+    out_dir: str | Path,
+    *,
+    head: Head = "causal",
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
+    """Write a random-weight preset model + the project tokenizer as an HF directory."""
+    import torch
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        GenerationConfig,
+    )
+
+    from cai_ray.models.tokenizer import IM_END, build_tokenizer
+
+    spec = get_preset(preset)
+    check_head(head)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ModelError("output path exists and is not a directory", where=str(out))
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ModelError(
+            "output directory is not empty", where=str(out), hint="pass --force to overwrite it"
+        )
+    tok = build_tokenizer()
+    eos_ids = [tok.eos_token_id, tok.convert_tokens_to_ids(IM_END)]
+    ids = {
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": eos_ids,
+        "pad_token_id": tok.pad_token_id,
+    }
+    config = spec.llama_config(vocab_size=len(tok), special_ids=ids, head=head)
+    torch.manual_seed(seed)
+    cls = AutoModelForCausalLM if head == "causal" else AutoModelForSequenceClassification
+    model = cls.from_config(config, dtype=torch.float32)
+    if overwrite and out.is_dir():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    if head == "causal":
+        # Stop at EOS or at the end of a chat turn; sampling defaults come from our configs.
+        GenerationConfig(**ids, do_sample=True).save_pretrained(out)
+    return out
+
+
+def ensure_model(cfg: ModelConfig, *, run_dir: str | Path, head: Head = "causal") -> Path:
+    """The model directory for `cfg`: a preset is built under run_dir/models/ on first use."""
+    from cai_ray.config import resolve_path
+
+    if cfg.path is not None:
+        return check_model_dir(resolve_path(cfg.path), head=head)
+    check_head(head)
+    get_preset(cfg.preset)  # fail on a typo before creating any directory
+    parent = Path(run_dir) / "models"
+    final = parent / f"{cfg.preset}-{head}-s{cfg.seed}"
+    if final.is_dir():
+        return check_model_dir(final, head=head)
+    parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target, then rename: a killed build leaves only a hidden temp dir behind.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=parent))
+    try:
+        init_model(cfg.preset, tmp, head=head, seed=cfg.seed, overwrite=True)
+        os.rename(tmp, final)
+    except OSError:
+        if not final.is_dir():  # not a lost race with another process: a real failure
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return check_model_dir(final, head=head)
+
+
+def check_model_dir(path: str | Path, *, head: Head = "causal") -> Path:
+    """`path` if it is a loadable HF model directory with the wanted head, else a ModelError."""
+    p = Path(path)
+    hint = "pass an HF model directory (config.json, *.safetensors, tokenizer files) or a preset, e.g. tiny-1m"
+    if not p.exists():
+        raise ModelError("model path does not exist", where=str(p), hint=hint)
+    if not p.is_dir():
+        raise ModelError("model path is not a directory", where=str(p), hint=hint)
+    config = _read_config(p, hint)
+    if not any((p / name).is_file() for name in WEIGHT_FILES) and not list(p.glob("*.safetensors")):
+        raise ModelError(
+            "no model weights (*.safetensors or pytorch_model.bin) in the directory",
+            where=str(p),
+            hint=hint,
+        )
+    if not any((p / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(
+            "no tokenizer (tokenizer.json) in the model directory", where=str(p), hint=hint
+        )
+    archs = config.get("architectures") or []
+    if archs and not any(str(a).endswith(ARCH_SUFFIX[head]) for a in archs):
+        want = "a causal language model" if head == "causal" else "a sequence-classification model"
+        raise ModelError(
+            f"expected {want} (*{ARCH_SUFFIX[head]}), found {', '.join(map(str, archs))}",
+            where=str(p / "config.json"),
+            hint="use `cai-ray init-model --head " + head + "` or a model with that head",
+        )
+    return p
+
+
+def _read_config(p: Path, hint: str) -> dict:
+    cfg_path = p / "config.json"
+    if not cfg_path.is_file():
+        raise ModelError(
+            "no config.json: not a Hugging Face model directory", where=str(p), hint=hint
+        )
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"unreadable config.json: {exc}", where=str(cfg_path), hint=hint) from None
+    if not isinstance(config, dict):
+        raise ModelError("config.json is not a JSON object", where=str(cfg_path), hint=hint)
+    return config
+
+
+def model_id(path: str | Path) -> str:
+    """A readable, content-derived id recorded in outputs: `<dir name>@<12 hex>`.
+
+    Hashes config.json plus each weight file's name, size and first/last 64 KiB, so it is cheap on
+    large models yet differs between seeds and after every training save.
+    """
+    p = Path(path)
+    h = hashlib.sha256()
+    if (p / "config.json").is_file():
+        h.update((p / "config.json").read_bytes())
+    for f in (
+        sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")) + sorted(p.glob("*.index.json"))
+    ):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(65536))
+            if size > 65536:
+                fh.seek(max(size - 65536, 65536))
+                h.update(fh.read())
+    return f"{p.resolve().name}@{h.hexdigest()[:12]}"
+
+
+def count_parameters(path: str | Path) -> int:
+    """Parameters stored in a directory's safetensors files (read from headers, no weights loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():  # noqa: SIM118 - safe_open is not a dict
+                n = 1
+                for dim in st.get_slice(name).get_shape():
+                    n *= dim
+                total += n
+    return total
+
+
+def default_cache_dir() -> Path:
+    """Where CLI `--preset` models are built: $CAI_RAY_HOME, else ~/.cache/cai-ray."""
+    home = os.environ.get("CAI_RAY_HOME")
+    return Path(home).expanduser() if home else Path.home() / ".cache" / "cai-ray"

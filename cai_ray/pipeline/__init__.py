@@ -1,0 +1,7 @@
+"""Stage drivers: one small, readable single-controller loop per stage (DESIGN.md, The pipeline).
+
+Each stage writes into `<run_dir>/<stage>/` (Parquet shards + manifest.json) and is skipped when
+its manifest says it finished, so a killed run resumes where it stopped.
+"""
+
+STAGES = ("sl-generate", "sl-train", "rl-pairs", "rl-label", "pm-train", "rl-train", "evaluate")

@@ -1,0 +1,261 @@
+"""What every stage driver shares: its folder and manifest, Ray start-up, the prompt stream."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cai_ray.config import ModelConfig, RayConfig, RunConfig, resolve_path
+from cai_ray.errors import CaiRayError, ConfigError
+from cai_ray.shards import atomic_write_text, read_manifest
+
+READ_BATCH = 256  # rows per block out of the source reader
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    path: Path
+    id: str
+
+
+@dataclass
+class StageContext:
+    """A stage's folder, the hash of the config it depends on, and its finished manifest."""
+
+    cfg: RunConfig
+    stage: str
+    stage_dir: Path
+    stage_hash: str
+    finished: dict[str, Any] | None
+
+    @classmethod
+    def open(cls, cfg: RunConfig, stage: str, *, sections: tuple[str, ...]) -> StageContext:
+        """Refuse to mix outputs of two configs in one folder; report a finished stage."""
+        run_dir = Path(cfg.run_dir)
+        stage_dir = run_dir / stage
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+        dump = cfg.model_dump(mode="json")
+        relevant = {k: dump[k] for k in (*sections, "seed", "constitution", "format")}
+        digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+        stamp = stage_dir / "stage.json"
+        if stamp.is_file():
+            old = json.loads(stamp.read_text()).get("stage_hash")
+            if old != digest:
+                raise ConfigError(
+                    f"{stage_dir} holds outputs of a different config (its {', '.join(sections)} "
+                    "settings changed)",
+                    where=str(stamp),
+                    hint="use a new run_dir, or delete that stage folder to redo the stage",
+                )
+        else:
+            atomic_write_text(stamp, json.dumps({"stage": stage, "stage_hash": digest}) + "\n")
+        manifest = read_manifest(stage_dir)
+        finished = manifest if manifest and manifest.get("complete") else None
+        if finished:
+            print(f"{stage}: finished earlier, skipping ({stage_dir / 'manifest.json'})")
+        return cls(cfg, stage, stage_dir, digest, finished)
+
+    @property
+    def constitution_path(self) -> Path:
+        return resolve_path(self.cfg.constitution)
+
+    def constitution(self):
+        from cai_ray.constitution import load_constitution
+
+        return load_constitution(self.constitution_path)
+
+    def model(self, model: ModelConfig, *, head: str = "causal") -> ModelRef:
+        from cai_ray.models import ensure_model, model_id
+
+        path = ensure_model(model, run_dir=self.cfg.run_dir, head=head)
+        return ModelRef(Path(path), model_id(path))
+
+    def manifest(self, **fields: Any) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "complete": True,
+            "config_hash": self.cfg.content_hash(),
+            "stage_hash": self.stage_hash,
+            **fields,
+        }
+
+
+def ensure_ray(cfg: RayConfig) -> None:
+    """Join the configured cluster, or start a local one; quiet, no dashboard."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    ray.init(
+        address=cfg.address,
+        num_cpus=cfg.num_cpus if cfg.address is None else None,
+        namespace=cfg.namespace,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": env},
+    )
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def prompt_dataset(spec: str, *, turns: str, limit: int | None, done: set[str]):
+    """A Ray Data stream of parsed prompts; the source is read inside a Ray task, not the driver.
+
+    Rows carry `prompt_id`, `messages` (JSON), `prompt`, `source`, `row` and `reject` (empty or the
+    reason). Keys in `done` (finished prompt ids, or `source#row` of rejects) are skipped.
+    """
+    import ray
+    import ray.data
+
+    from cai_ray.sources import resolve_source
+
+    resolve_source(spec)  # a missing source is a clear error here, before anything starts
+    done_ref = ray.put(done)
+    items = [{"spec": str(spec)}]
+    return ray.data.from_items(items).map_batches(
+        _read_source,
+        fn_kwargs=dict(turns=turns, limit=limit, done=done_ref),
+        batch_size=1,
+        batch_format="pandas",
+        num_cpus=0.5,
+    )
+
+
+def _read_source(item, *, turns: str, limit: int | None, done) -> Iterator[Any]:
+    """Generator UDF: stream one source's rows as parsed batches of READ_BATCH."""
+    import pandas as pd
+
+    from cai_ray.sources import Reject, iter_prompt_rows, parse_prompt_row
+
+    spec = item["spec"].iloc[0]
+    seen: set[str] = set()
+    rows: list[dict[str, Any]] = []
+    valid = 0
+    for raw in iter_prompt_rows(spec):
+        index = raw.get("_row", 0)
+        parsed = parse_prompt_row(raw, source=spec, index=index, turns=turns)
+        if isinstance(parsed, Reject):
+            key = f"{spec}#{index}"
+            if key not in done:
+                rows.append(_reject_row(key, spec, index, parsed.reason, parsed.raw))
+        else:
+            for rec in parsed:
+                if rec.prompt_id in seen:
+                    key = f"{spec}#{index}"
+                    if key not in done:
+                        rows.append(
+                            _reject_row(key, spec, index, "duplicate prompt_id", rec.prompt_id)
+                        )
+                    continue
+                seen.add(rec.prompt_id)
+                valid += 1
+                if rec.prompt_id not in done:
+                    rows.append(_prompt_row(rec))
+                if limit is not None and valid >= limit:
+                    break
+        if len(rows) >= READ_BATCH:
+            yield pd.DataFrame(rows)
+            rows = []
+        if limit is not None and valid >= limit:
+            break
+    if rows:
+        yield pd.DataFrame(rows)
+
+
+def _prompt_row(rec) -> dict[str, Any]:
+    return {
+        "prompt_id": rec.prompt_id,
+        "messages": json.dumps(rec.conversation.to_messages()),
+        "prompt": rec.conversation.last_user_message,
+        "source": rec.source,
+        "row": int(rec.row),
+        "reject": "",
+    }
+
+
+def _reject_row(key: str, source: str, row: int, reason: str, raw: str) -> dict[str, Any]:
+    return {
+        "prompt_id": key,
+        "messages": "[]",
+        "prompt": str(raw)[:500],
+        "source": source,
+        "row": int(row),
+        "reject": reason,
+    }
+
+
+def split_batch(batch, seen: set[str]) -> tuple[list[dict], list[dict]]:
+    """Finished rows and rejects of one output batch; ids already in `seen` become rejects."""
+    rows, rejects = [], []
+    for row in batch.to_dict("records"):
+        key = row["prompt_id"]
+        reason = row.pop("reject")
+        if not reason and key in seen:
+            reason = "duplicate prompt_id"
+            key = f"{row['source']}#{row['row']}"
+        if reason:
+            rejects.append(
+                {
+                    "key": key,
+                    "source": row["source"],
+                    "row": row["row"],
+                    "reason": reason,
+                    "prompt": row["prompt"][:500],
+                }
+            )
+        else:
+            row["messages"] = json.loads(row["messages"])
+            rows.append(row)
+        seen.add(key)
+    return rows, rejects
+
+
+def stream_with_timeout(items: Iterable[Any], timeout_s: float, *, what: str) -> Iterator[Any]:
+    """Iterate `items` in a thread; fail clearly when nothing arrives for `timeout_s`."""
+    q: queue.Queue = queue.Queue(maxsize=2)
+    done = object()
+
+    def pump() -> None:
+        try:
+            for item in items:
+                q.put(("item", item))
+            q.put(("done", done))
+        except BaseException as exc:  # re-raised in the driver thread
+            q.put(("error", exc))
+
+    threading.Thread(target=pump, daemon=True, name=f"{what}-stream").start()
+    while True:
+        start = time.monotonic()
+        try:
+            kind, value = q.get(timeout=timeout_s)
+        except queue.Empty:
+            raise CaiRayError(
+                f"{what}: no result for {time.monotonic() - start:.0f}s; a worker may be hung",
+                hint="raise ray.batch_timeout_s for slow models, or check `ray status` and worker logs",
+            ) from None
+        if kind == "done":
+            return
+        if kind == "error":
+            raise _user_error(value) or value
+        yield value
+
+
+def _user_error(exc: BaseException) -> CaiRayError | None:
+    """The CaiRayError inside a Ray task failure, so the user sees it without a traceback."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, CaiRayError):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None

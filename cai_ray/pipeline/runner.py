@@ -1,0 +1,42 @@
+"""Runs stages in order; each is skipped when its manifest says it finished (resume by rerun)."""
+
+from __future__ import annotations
+
+import importlib
+import time
+from typing import Any
+
+from cai_ray.config import RunConfig
+from cai_ray.errors import CaiRayError
+from cai_ray.pipeline import STAGES
+
+# stage -> module with `run(cfg, *, progress) -> manifest`; the rest land with their issues.
+IMPLEMENTED = {
+    "sl-generate": "cai_ray.pipeline.sl_generate",
+}
+
+
+def run_stage(name: str, cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
+    if name not in IMPLEMENTED:
+        raise CaiRayError(
+            f"stage {name!r} is not implemented in this version",
+            hint=f"implemented stages: {', '.join(IMPLEMENTED)}",
+        )
+    module = importlib.import_module(IMPLEMENTED[name])
+    return module.run(cfg, progress=progress)
+
+
+def run_pipeline(
+    cfg: RunConfig, *, until: str | None = None, progress: bool = True
+) -> dict[str, dict[str, Any]]:
+    """Every implemented stage up to `until`, in pipeline order."""
+    last = STAGES.index(until) if until else len(STAGES) - 1
+    manifests = {}
+    for name in STAGES[: last + 1]:
+        if name not in IMPLEMENTED:
+            print(f"{name}: not implemented yet, stopping here")
+            break
+        t0 = time.perf_counter()
+        manifests[name] = run_stage(name, cfg, progress=progress)
+        print(f"{name}: done in {time.perf_counter() - t0:.1f}s -> {cfg.run_dir}/{name}")
+    return manifests

@@ -1,0 +1,214 @@
+"""Stage 1, sl-generate: prompts -> initial answers -> N critique/revision rounds (paper 3.1).
+
+Ray Data reads the prompt source inside a task and streams it through two actor pools (rollout,
+then critique); the driver only writes the finished batches as Parquet shards, so memory stays
+flat however many prompts there are. A rerun skips what the shards and rejects already hold.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from cai_ray.config import PoolConfig, RunConfig
+from cai_ray.critique import CritiqueSettings
+from cai_ray.errors import ConfigError, DataError
+from cai_ray.pipeline.common import (
+    StageContext,
+    ensure_ray,
+    prompt_dataset,
+    split_batch,
+    stream_with_timeout,
+)
+from cai_ray.shards import ShardStore, reject_counts, write_manifest
+
+STAGE = "sl-generate"
+
+
+def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) stage 1; returns its manifest."""
+    from actors.critique import CritiqueWorker
+    from actors.rollout import RolloutWorker
+
+    ctx = StageContext.open(cfg, STAGE, sections=("sl_generate", "models", "data", "generation"))
+    if ctx.finished is not None:
+        return ctx.finished
+    constitution = ctx.constitution()
+    constitution.require_critique()
+    s = cfg.sl_generate
+    helpful = ctx.model(cfg.models.helpful)
+    critic = ctx.model(cfg.models.critique or cfg.models.helpful)
+    t0 = time.perf_counter()
+    import ray
+
+    ensure_ray(cfg.ray)
+    check_pool_fits({"rollout": s.rollout, "critique": s.critique}, ray.cluster_resources())
+    store = ShardStore(ctx.stage_dir / "red_team")
+    ds = prompt_dataset(
+        cfg.data.red_team, turns=cfg.data.turns, limit=cfg.data.limit, done=store.done_keys()
+    )
+    sampling = cfg.generation.sampling_params(seed=cfg.seed)
+    ds = _pool(
+        ds,
+        RolloutWorker,
+        s.rollout,
+        cfg,
+        model=helpful,
+        sampling=sampling,
+        fmt=cfg.format,
+        too_long=s.too_long,
+    )
+    settings = CritiqueSettings(
+        rounds=s.rounds,
+        direct_revision=s.direct_revision,
+        fmt=cfg.format,
+        few_shot=s.few_shot,
+        seed=cfg.seed,
+        sampling=sampling,
+    )
+    ds = ds.map_batches(
+        CritiqueWorker,
+        fn_constructor_kwargs=dict(
+            model_path=str(critic.path),
+            engine=s.critique.engine or cfg.engine,
+            constitution_path=str(ctx.constitution_path),
+            settings=settings,
+            too_long=s.too_long,
+            model_id=critic.id,
+        ),
+        **_pool_args(s.critique),
+    )
+    extra = dict(
+        response_model_id=helpful.id,
+        critique_model_id=critic.id,
+        constitution_hash=constitution.content_hash,
+    )
+    _drain(
+        ds, store, cfg, extra=extra, expand=_expand_rounds, desc="sl-generate", progress=progress
+    )
+
+    outputs = {"red_team": _summary(store)}
+    if s.helpful_samples > 0:
+        outputs["helpful"] = _helpful_answers(cfg, ctx, helpful, progress=progress)
+    manifest = ctx.manifest(
+        inputs={"red_team": cfg.data.red_team, "helpful": cfg.data.helpful},
+        outputs=outputs,
+        models={"response": helpful.id, "critique": critic.id},
+        constitution_hash=constitution.content_hash,
+        timings={"total_s": round(time.perf_counter() - t0, 3)},
+    )
+    write_manifest(ctx.stage_dir, manifest)
+    return manifest
+
+
+def _helpful_answers(cfg: RunConfig, ctx: StageContext, model, *, progress: bool) -> dict:
+    """Helpfulness prompts answered by the helpful model, for the SFT mix (paper: 2 each)."""
+    from actors.rollout import RolloutWorker
+
+    s = cfg.sl_generate
+    store = ShardStore(ctx.stage_dir / "helpful")
+    ds = prompt_dataset(
+        cfg.data.helpful, turns=cfg.data.turns, limit=cfg.data.limit, done=store.done_keys()
+    )
+    sampling = cfg.generation.sampling_params(n=s.helpful_samples, seed=cfg.seed)
+    ds = _pool(
+        ds,
+        RolloutWorker,
+        s.rollout,
+        cfg,
+        model=model,
+        sampling=sampling,
+        fmt=cfg.format,
+        too_long=s.too_long,
+        answer_col="answers",
+    )
+    extra = dict(response_model_id=model.id)
+    _drain(
+        ds,
+        store,
+        cfg,
+        extra=extra,
+        expand=_expand_answers,
+        desc="helpful answers",
+        progress=progress,
+    )
+    return _summary(store)
+
+
+def _pool(ds, worker, pool: PoolConfig, cfg: RunConfig, *, model, **kwargs):
+    return ds.map_batches(
+        worker,
+        fn_constructor_kwargs=dict(
+            model_path=str(model.path),
+            engine=pool.engine or cfg.engine,
+            model_id=model.id,
+            **kwargs,
+        ),
+        **_pool_args(pool),
+    )
+
+
+def _pool_args(pool: PoolConfig) -> dict[str, Any]:
+    return dict(
+        concurrency=pool.size,
+        batch_size=pool.batch_size,
+        num_cpus=pool.num_cpus,
+        num_gpus=pool.num_gpus,
+        batch_format="pandas",
+    )
+
+
+def _drain(ds, store: ShardStore, cfg: RunConfig, *, extra, expand, desc: str, progress: bool):
+    """Stream finished rows into shards; duplicate ids are rejects, never second rows."""
+    from tqdm import tqdm
+
+    seen = store.done_keys()
+    bar = tqdm(desc=desc, unit="prompt", disable=not progress)
+    batches = ds.iter_batches(batch_size=cfg.sl_generate.shard_rows, batch_format="pandas")
+    for batch in stream_with_timeout(batches, cfg.ray.batch_timeout_s, what=desc):
+        rows, rejects = split_batch(batch, seen)
+        store.write([{**expand(r), **extra} for r in rows], rejects)
+        bar.update(len(batch))
+    bar.close()
+
+
+def _expand_rounds(row: dict[str, Any]) -> dict[str, Any]:
+    rounds = json.loads(row.pop("rounds"))
+    answer = row["initial_answer"]
+    return {**row, "rounds": rounds, "final_revision": rounds[-1]["revision"] if rounds else answer}
+
+
+def _expand_answers(row: dict[str, Any]) -> dict[str, Any]:
+    answers = row.pop("answers")
+    return {**row, "answers": json.loads(answers) if answers.startswith("[") else [answers]}
+
+
+def _summary(store: ShardStore) -> dict[str, Any]:
+    rejects = store.rejects()
+    if rejects and store.count_rows() == 0:
+        reasons = "; ".join(f"{r['source']} row {r['row']}: {r['reason']}" for r in rejects[:3])
+        raise DataError(
+            f"no prompt made it through ({len(rejects)} rejected: {reasons})",
+            where=str(store.folder),
+            hint="see the rejects-*.jsonl files there; fix the source or the model/context",
+        )
+    return {
+        "rows": store.count_rows(),
+        "rejects": len(rejects),
+        "reject_reasons": reject_counts(rejects),
+    }
+
+
+def check_pool_fits(pools: dict[str, PoolConfig], cluster: dict[str, float]) -> None:
+    """A pool larger than the cluster can place is an error before anything starts."""
+    for resource, key in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
+        need = sum(p.size * getattr(p, key) for p in pools.values())
+        have = cluster.get(resource, 0.0)
+        if need > have:
+            detail = ", ".join(f"{n}: {p.size} x {getattr(p, key)}" for n, p in pools.items())
+            raise ConfigError(
+                f"the actor pools need {need:g} {resource} ({detail}) but the cluster has {have:g}",
+                where=f"{STAGE} pools",
+                hint="lower sl_generate.<pool>.size or num_cpus/num_gpus, or add nodes",
+            )
