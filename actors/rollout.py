@@ -6,6 +6,7 @@ tests call it in-process. Rows arrive as pandas batches; rows already rejected p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -42,8 +43,6 @@ class RolloutWorker:
         self.answer_col = answer_col
 
     def __call__(self, batch: Any) -> Any:
-        from cai_ray.critique import clean_output
-
         batch = batch.copy()
         answers = [""] * len(batch)
         rejects = list(batch["reject"])
@@ -58,15 +57,33 @@ class RolloutWorker:
                 continue
             todo.append(i)
             prompts.append(text)
-        if prompts:
-            for i, samples in zip(todo, self.engine.generate(prompts, self.sampling), strict=True):
-                texts = [clean_output(s.text) for s in samples]
-                if not all(texts):
-                    rejects[i] = "empty answer after clean-up"
-                answers[i] = texts[0] if len(texts) == 1 else json.dumps(texts)
+        texts = dict(zip(todo, self._answer(prompts), strict=True))
+        for i in todo:
+            if not all(texts[i]):
+                rejects[i] = "empty answer after clean-up"
+            answers[i] = texts[i][0] if len(texts[i]) == 1 else json.dumps(texts[i])
         batch[self.answer_col] = answers
         batch["reject"] = rejects
         return batch
+
+    def _answer(self, prompts: list[str]) -> list[list[str]]:
+        """Cleaned samples per prompt; a prompt with an empty sample is resampled once."""
+        from cai_ray.critique import clean_output
+
+        if not prompts:
+            return []
+        out = [
+            [clean_output(s.text) for s in samples]
+            for samples in self.engine.generate(prompts, self.sampling)
+        ]
+        retry = [i for i, texts in enumerate(out) if not all(texts)]
+        if retry:
+            seed = None if self.sampling.seed is None else self.sampling.seed + 1
+            params = dataclasses.replace(self.sampling, seed=seed)
+            again = self.engine.generate([prompts[i] for i in retry], params)
+            for i, samples in zip(retry, again, strict=True):
+                out[i] = [clean_output(s.text) for s in samples]
+        return out
 
     def _fit(self, convo: Conversation, budget: int) -> str | None:
         """The rendered prompt; with too_long=truncate, earliest turns are dropped to fit."""

@@ -110,7 +110,9 @@ class RayConfig(Section):
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local cluster")
     namespace: str = "cai-ray"
-    batch_timeout_s: float = Field(1800, gt=0, description="fail if no result arrives for this long")
+    batch_timeout_s: float = Field(
+        1800, gt=0, description="fail if no result arrives for this long"
+    )
 
 
 class PoolConfig(Section):

@@ -44,6 +44,7 @@ class CritiqueSettings:
         default_factory=lambda: SamplingParams(temperature=1.0, max_new_tokens=64)
     )
     boilerplate: tuple[str, ...] = DEFAULT_BOILERPLATE
+    empty_retries: int = 1
 
 
 @dataclass
@@ -68,21 +69,26 @@ class ChainResult:
 
 
 def clean_output(text: str, boilerplate: Sequence[str] = DEFAULT_BOILERPLATE) -> str:
-    """Cut at the first transcript/constitution marker and strip boilerplate prefixes."""
+    """Strip boilerplate prefixes, then cut at the first transcript/constitution marker."""
+    text = _strip_prefixes(text, boilerplate)
     cut = len(text)
     for marker in MARKERS:
         m = re.search(r"(?:^|\n)\s*" + re.escape(marker), text)
         if m:
             cut = min(cut, m.start())
-    text = text[:cut].strip()
-    changed = True
-    while changed and text:
-        changed = False
+    return _strip_prefixes(text[:cut], boilerplate)
+
+
+def _strip_prefixes(text: str, boilerplate: Sequence[str]) -> str:
+    text = text.strip()
+    while text:
         for pattern in boilerplate:
-            m = re.match(r"\s*" + pattern + r"\s*", text, flags=re.IGNORECASE)
+            m = re.match(pattern + r"\s*", text, flags=re.IGNORECASE)
             if m and m.end() > 0:
                 text = text[m.end() :].strip()
-                changed = True
+                break
+        else:
+            return text
     return text
 
 
@@ -183,7 +189,7 @@ def run_chains(
                 i: fit(prompter.critique_prompt, items[i][1], answers[i], picks[i].critique)
                 for i in live
             }
-            critiques = _generate_step(engine, s, prompts, results, f"critique in round {r + 1}", r)
+            critiques = _generate_step(engine, s, prompts, results, f"critique in round {r + 1}")
         prompts = {
             i: fit(
                 prompter.revision_prompt,
@@ -196,7 +202,7 @@ def run_chains(
             for i in live
             if results[i].reject is None
         }
-        revisions = _generate_step(engine, s, prompts, results, f"revision in round {r + 1}", r)
+        revisions = _generate_step(engine, s, prompts, results, f"revision in round {r + 1}")
         for i, revision in revisions.items():
             if results[i].reject is None and revision is not None:
                 p = picks[i]
@@ -224,8 +230,9 @@ class _Fitter:
         return None
 
 
-def _generate_step(engine, s: CritiqueSettings, prompts, results, what: str, round_index: int):
-    """One batched generate over the live chains; rejects empty or over-long ones."""
+def _generate_step(engine, s: CritiqueSettings, prompts, results, what: str):
+    """One batched generate over the live chains; rejects over-long ones, and empty ones after
+    `s.empty_retries` resamples (a random stop at the first token is not a reason to lose a row)."""
     out: dict[int, str | None] = {}
     todo = []
     for i, text in prompts.items():
@@ -233,19 +240,21 @@ def _generate_step(engine, s: CritiqueSettings, prompts, results, what: str, rou
             results[i].reject = f"prompt too long for the model's context at the {what}"
         else:
             todo.append(i)
-    if not todo:
-        return out
-    seed = _batch_seed(s.seed, [results[i].prompt_id for i in todo], round_index)
-    params = SamplingParams(**{**s.sampling.__dict__, "n": 1, "seed": seed})
-    gens = engine.generate([prompts[i] for i in todo], params)
-    for i, samples in zip(todo, gens, strict=True):
-        text = clean_output(samples[0].text, s.boilerplate)
-        if not text:
-            results[i].reject = f"empty {what} after clean-up"
-        out[i] = text or None
+    for attempt in range(s.empty_retries + 1):
+        if not todo:
+            break
+        seed = _batch_seed(s.seed, [results[i].prompt_id for i in todo], f"{what}#{attempt}")
+        params = SamplingParams(**{**s.sampling.__dict__, "n": 1, "seed": seed})
+        gens = engine.generate([prompts[i] for i in todo], params)
+        for i, samples in zip(todo, gens, strict=True):
+            out[i] = clean_output(samples[0].text, s.boilerplate) or None
+        todo = [i for i in todo if out[i] is None]
+    for i in todo:
+        results[i].reject = f"empty {what} after clean-up"
     return out
 
 
-def _batch_seed(seed: int, prompt_ids: Sequence[str], round_index: int) -> int:
-    key = f"{seed}:{round_index}:{','.join(prompt_ids)}".encode()
+def _batch_seed(seed: int, prompt_ids: Sequence[str], step: str) -> int:
+    """A distinct seed per step and batch: critique and revision must not share a stream."""
+    key = f"{seed}:{step}:{','.join(prompt_ids)}".encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:4], "little")

@@ -105,11 +105,12 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_manifest(folder: str | Path, manifest: Mapping[str, Any]) -> Path:
+def write_manifest(folder: str | Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """Write `manifest.json` (plus time and versions) atomically; returns what was written."""
     path = Path(folder) / "manifest.json"
     body = {**manifest, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions()}
     atomic_write_text(path, json.dumps(body, indent=2, default=str) + "\n")
-    return path
+    return body
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any] | None:

@@ -65,12 +65,14 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wrap(text: str, indent: str) -> str:
+def _wrap(text: str, indent: str, hang: str = "") -> str:
+    """`text` wrapped to the terminal width; continuation lines indented by `hang` more."""
     lines = []
     for para in text.splitlines() or [""]:
-        lines.append(
-            textwrap.fill(para, _WIDTH, initial_indent=indent, subsequent_indent=indent) or indent
+        wrapped = textwrap.fill(
+            para, _WIDTH, initial_indent=indent, subsequent_indent=indent + hang
         )
+        lines.append(wrapped or indent)
     return "\n".join(lines)
 
 
@@ -90,15 +92,16 @@ def _show(args: argparse.Namespace) -> int:
     print(f"\nCritique/revision principles ({len(c.critique_principles)}):")
     for p in c.critique_principles:
         print(f"  [{p.id}]")
-        print(_wrap(f"critique: {p.critique}", "    "))
-        print(_wrap(f"revision: {p.revision}", "    "))
+        print(_wrap(f"critique: {p.critique}", "    ", "  "))
+        print(_wrap(f"revision: {p.revision}", "    ", "  "))
     print(f"\nFeedback principles ({len(c.feedback_principles)}):")
     for p in c.feedback_principles:
-        print(_wrap(f"[{p.id}] {p.question}", "  "))
+        print(_wrap(f"[{p.id}] {p.question}", "  ", "  "))
     n = c.counts()
+    rounds = sum(len(e.rounds) for e in c.critique_examples)
     print(
         f"\nFew-shot examples: {n['critique_examples']} critique/revision "
-        f"({sum(len(e.rounds) for e in c.critique_examples)} rounds), "
+        f"({rounds} round{'' if rounds == 1 else 's'}), "
         f"{n['feedback_examples']} feedback, {n['cot_examples']} chain-of-thought"
     )
     if args.examples:

@@ -82,23 +82,26 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace):
     """(run config, model directory): --model, else --preset, else the config's helpful model."""
-    from transformers.utils import logging as hf_logging
-
     from cai_ray.config import ModelConfig, load_config, resolve_path
     from cai_ray.models import check_model_dir, default_cache_dir, ensure_model
 
-    hf_logging.disable_progress_bar()  # tiny local models: the bars are noise
     cfg = load_config(resolve_path(args.config) if args.config else None, args.overrides)
     if args.model:
         return cfg, check_model_dir(resolve_path(args.model))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a preset is built at most once: the bars are noise
     if args.preset:
         return cfg, ensure_model(ModelConfig(preset=args.preset), run_dir=default_cache_dir())
     return cfg, ensure_model(cfg.models.helpful, run_dir=cfg.run_dir)
 
 
 def _engine(cfg, path: Path):
+    from transformers.utils import logging as hf_logging
+
     from cai_ray.engines import make_engine
 
+    hf_logging.disable_progress_bar()
     return make_engine(path, cfg.engine)
 
 

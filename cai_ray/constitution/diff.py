@@ -48,7 +48,10 @@ class ConstitutionDiff:
             return [f"identical (hash {self.hash_a[:12]})"]
         out = [f"hash: {self.hash_a[:12]} -> {self.hash_b[:12]}"]
         for key, (a, b) in self.metadata.items():
-            out.append(f"{key}: {a!r} -> {b!r}")
+            if len(repr(a)) + len(repr(b)) < 80:
+                out.append(f"{key}: {a!r} -> {b!r}")
+            else:
+                out += [f"{key} changed:", f"  - {a}", f"  + {b}"]
         for title, section in (
             ("critique principles", self.critique),
             ("feedback principles", self.feedback),

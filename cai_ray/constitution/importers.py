@@ -103,6 +103,11 @@ def _expect(ok: bool, message: str, where: str) -> None:
         )
 
 
+def _text(value: Any, where: str) -> str:
+    _expect(isinstance(value, str), f"expected text, got {type(value).__name__}", where)
+    return value
+
+
 def _strip_markers(text: str, head: str, tail: str) -> str:
     """ "\\n\\nCritiqueRequest: X\\n\\nCritique:" -> "X"."""
     text = text.strip()
@@ -171,11 +176,12 @@ def _anthropic_critique(path: Path) -> list[dict[str, str]]:
             where,
         )
         prompts = entry["prompt"] if isinstance(entry["prompt"], list) else [entry["prompt"]]
-        revision = _strip_markers(entry["edit_request"], "RevisionRequest:", "Revision:")
+        edit = _text(entry["edit_request"], where)
+        revision = _strip_markers(edit, "RevisionRequest:", "Revision:")
         for j, prompt in enumerate(prompts):
             # One request per key in the paper's file; should a key hold several, keep them all.
             pid = key if len(prompts) == 1 else f"{key}.{j}"
-            critique = _strip_markers(prompt, "CritiqueRequest:", "Critique:")
+            critique = _strip_markers(_text(prompt, where), "CritiqueRequest:", "Critique:")
             out.append({"id": pid, "critique": critique, "revision": revision})
     return out
 
@@ -246,10 +252,13 @@ def _anthropic_feedback_examples(path: Path) -> list[dict[str, Any]]:
             "expected prompt, corrects, incorrects",
             where,
         )
-        pairs = _split_transcript(entry["prompt"], where)
-        conversation = [{"role": _ROLES.get(m, m), "content": c} for m, c in pairs]
+        pairs = _split_transcript(_text(entry["prompt"], where), where)
+        _expect(all(m in _ROLES for m, _ in pairs), "expected only Human/Assistant turns", where)
+        conversation = [{"role": _ROLES[m], "content": c} for m, c in pairs]
         for good in entry["corrects"]:
             for bad in entry["incorrects"]:
+                _text(good, where)
+                _text(bad, where)
                 # The file only says which reply is right; alternate its position so the
                 # few-shot block does not teach "the answer is always (A)" (position bias).
                 first = len(out) % 2 == 0
@@ -265,14 +274,14 @@ def _anthropic_feedback_examples(path: Path) -> list[dict[str, Any]]:
 
 
 def _anthropic_cot_example(entry: dict[str, Any], where: str) -> dict[str, Any]:
-    match = _COT.match(entry.get("prompt", ""))
-    _expect(
-        match is not None,
-        "not in the chain-of-thought layout (H:/A: turns, {}, "
-        '[[[options]]], "Let\'s think step by step:", "So the answer is: (X)")',
-        where,
-    )
-    assert match is not None
+    match = _COT.match(_text(entry.get("prompt"), where))
+    if match is None:
+        raise ConstitutionError(
+            "not in the chain-of-thought layout: H:/A: turns, {}, [[[options]]], "
+            '"Let\'s think step by step:", "So the answer is: (X)"',
+            where=where,
+            hint="the file does not match the expected layout",
+        )
     parts = _COT_TURN.split(match["conv"].strip())
     _expect(not parts[0].strip(), "the conversation must start with 'H:'", where)
     conversation = [
@@ -313,13 +322,8 @@ def import_hf(path: str | Path) -> dict[str, Any]:
             "expected {'critic': ..., 'revision': ...}",
             where,
         )
-        principles.append(
-            {
-                "id": f"principle{i}",
-                "critique": entry["critic"].strip(),
-                "revision": entry["revision"].strip(),
-            }
-        )
+        critique, revision = (_text(entry[k], where).strip() for k in ("critic", "revision"))
+        principles.append({"id": f"principle{i}", "critique": critique, "revision": revision})
     examples = [
         _hf_example(chat, principles, f"{path}: system_chat[{i}]")
         for i, chat in enumerate(data.get("system_chat") or [])
@@ -344,7 +348,7 @@ def _hf_example(chat: Any, principles: list[dict[str, str]], where: str) -> dict
         "expected a list of {role, content} messages",
         where,
     )
-    messages = [(m["role"], m["content"].strip()) for m in chat]
+    messages = [(m["role"], _text(m["content"], where).strip()) for m in chat]
     start = 1 if messages and messages[0][0] == "system" else 0
     roles = [r for r, _ in messages[start:]]
     expected = ["user", "assistant"] * (len(roles) // 2)

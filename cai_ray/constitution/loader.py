@@ -36,7 +36,7 @@ def load_constitution(path: str | Path) -> Constitution:
         ) from None
     except (IsADirectoryError, UnicodeDecodeError, PermissionError) as exc:
         raise ConstitutionError(f"cannot read the file: {exc}", where=str(path)) from None
-    return parse_constitution(text, where=str(path)).with_path(str(path))
+    return parse_constitution(text, where=str(path))
 
 
 def parse_constitution(text: str, *, where: str = "<string>") -> Constitution:
@@ -169,7 +169,7 @@ def _describe(error: dict[str, Any]) -> tuple[Loc, str, str | None]:
         return loc, f"unknown field {loc[-1]!r}", hint
     if error["type"] == "missing":
         return loc, f"missing required field {loc[-1]!r}", f"add `{loc[-1]}:` to this entry"
-    return loc, error["msg"], ctx.get("hint")
+    return loc, error["msg"], ctx.get("hint") or "see constitutions/default.yaml for the layout"
 
 
 def _to_constitution_error(
@@ -193,11 +193,15 @@ def _to_constitution_error(
 
 
 class _Dumper(yaml.SafeDumper):
-    """Writes multi-line texts as `|` blocks so a policy reader sees them as written."""
+    """Writes long texts as `>` / `|` blocks and indents lists, like a hand-written file."""
+
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+        super().increase_indent(flow, False)
 
 
 def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
-    style = "|" if "\n" in value else None
+    # PyYAML falls back to a quoted style by itself where a block cannot hold the text exactly.
+    style = "|" if "\n" in value else (">" if len(value) > 80 else None)
     return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
 
@@ -207,7 +211,7 @@ _Dumper.add_representer(str, _represent_str)
 def to_yaml(constitution: Constitution, *, header: str | None = None) -> str:
     """The constitution as YAML text (fields in schema order); `header` becomes # comments."""
     data = constitution.model_dump(mode="json", exclude_none=True)
-    body = yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)
+    body = yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=90)
     if header:
         body = "".join(f"# {line}".rstrip() + "\n" for line in header.splitlines()) + body
     return body

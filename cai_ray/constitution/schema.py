@@ -125,7 +125,7 @@ def _check_conversation(turns: list[Turn], *, last: str) -> None:
             raise FieldIssue("a system turn may only come first", path=("conversation", i, "role"))
     if turns[-1].role != last:
         raise FieldIssue(
-            f"the conversation must end with a {last} turn",
+            f"the conversation must end with {'an' if last == 'assistant' else 'a'} {last} turn",
             path=("conversation", len(turns) - 1, "role"),
             hint="critique examples end with the assistant reply being critiqued; feedback "
             "examples end with the user turn that responses A and B answer",

@@ -183,7 +183,7 @@ class HFEngine(Engine):
         import torch
 
         n, pad = params.n, self.tokenizer.pad_token_id
-        ids, mask = _left_pad(prompts, pad, self.device)  # (B, T)
+        ids, mask = _pad(prompts, pad, self.device, left=True)  # (B, T)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.inference_mode():
             logits, cache = self._forward(ids, mask, positions)  # (B, 1, V)
@@ -203,10 +203,7 @@ class HFEngine(Engine):
                     sel = torch.tensor(keep, device=self.device)
                     cache.batch_select_indices(sel)
                     active, tokens, mask, last_pos = (
-                        active[sel],
-                        tokens[sel],
-                        mask[sel],
-                        last_pos[sel],
+                        t[sel] for t in (active, tokens, mask, last_pos)
                     )
                 mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
                 last_pos = last_pos + 1
@@ -250,7 +247,7 @@ class HFEngine(Engine):
         import torch
 
         dev, pad = self.device, self.tokenizer.pad_token_id
-        ids, mask = _left_pad([p["prefix"] for p in plans], pad, dev)  # (R, P)
+        ids, mask = _pad([p["prefix"] for p in plans], pad, dev, left=True)  # (R, P)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         counts = [len(p["options"]) for p in plans]
         options = [o for p in plans for o in p["options"]]  # K = sum(counts) rows
@@ -265,11 +262,11 @@ class HFEngine(Engine):
             rest = [o[:-1] for o in options]  # inputs that predict option tokens 2..L
             if max(len(r) for r in rest) > 0:
                 cache.batch_select_indices(owner)  # the prefix KV, once per option
-                inp, opt_mask = _right_pad(rest, pad, dev)  # (K, L)
+                inp, opt_mask = _pad(rest, pad, dev, left=False)  # (K, L)
                 full_mask = torch.cat([mask[owner], opt_mask], dim=1)
                 pos = positions[owner, -1:] + 1 + torch.arange(inp.shape[1], device=dev)  # (K, L)
                 out, _ = self._forward(inp, full_mask, pos, cache, keep=0)  # (K, L, V)
-                targets, _ = _right_pad([o[1:] for o in options], 0, dev)
+                targets, _ = _pad([o[1:] for o in options], 0, dev, left=False)
                 token_lp = out.gather(2, targets[:, :, None])[:, :, 0] - out.logsumexp(-1)  # (K, L)
                 totals = totals + (token_lp * opt_mask).sum(1)
         flat = totals.tolist()
@@ -359,29 +356,18 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[: min(cuts)] if cuts else text
 
 
-def _left_pad(seqs: list[list[int]], pad: int, device):
+def _pad(seqs: list[list[int]], pad: int, device, *, left: bool):
+    """(ids, mask) as (N, max len) long tensors; left padding for prompts, right for options."""
     import torch
 
-    width = max(len(s) for s in seqs)
+    width = max(1, *(len(s) for s in seqs))
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
+        span = slice(width - len(s), width) if left else slice(0, len(s))
         if s:
-            ids[i, width - len(s) :] = torch.tensor(s)
-            mask[i, width - len(s) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _right_pad(seqs: list[list[int]], pad: int, device):
-    import torch
-
-    width = max(1, max(len(s) for s in seqs))
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
+            ids[i, span] = torch.tensor(s)
+            mask[i, span] = 1
     return ids.to(device), mask.to(device)
 
 

@@ -7,6 +7,7 @@ feedback scorer reads one log-probability per option (paper section 4.1).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,9 +43,27 @@ CHAT_TEMPLATE = (
 
 def build_tokenizer(corpus: str | Path = CORPUS_PATH) -> PreTrainedTokenizerFast:
     """Train the byte-level BPE on the shipped corpus. Deterministic: same vocab on every build."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_train(str(corpus))),
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=[IM_START, IM_END],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=2048,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _train(corpus: str) -> str:
+    """The trained tokenizer as JSON; cached because every preset build needs the same one."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     from tokenizers.trainers import BpeTrainer
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -57,24 +76,14 @@ def build_tokenizer(corpus: str | Path = CORPUS_PATH) -> PreTrainedTokenizerFast
         show_progress=False,
     )
     text = Path(corpus).read_text(encoding="utf-8")
-    # Paragraph-sized lines keep training cheap; the text itself fixes the merges.
+    # Paragraph-sized pieces keep training cheap; the text itself fixes the merges.
     tok.train_from_iterator(text.split("\n\n"), trainer=trainer)
     tok.add_tokens([AddedToken(m, normalized=False, special=False) for m in MARKER_TOKENS])
     bos_id = tok.token_to_id(BOS)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)]
     )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        additional_special_tokens=[IM_START, IM_END],
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=2048,
-        padding_side="left",
-        clean_up_tokenization_spaces=False,
-    )
+    return tok.to_str()
 
 
 def load_tokenizer(path: str | Path, *, padding_side: str = "left") -> PreTrainedTokenizerFast:

@@ -16,8 +16,6 @@ from cai_ray.config import ModelConfig, RayConfig, RunConfig, resolve_path
 from cai_ray.errors import CaiRayError, ConfigError
 from cai_ray.shards import atomic_write_text, read_manifest
 
-READ_BATCH = 256  # rows per block out of the source reader
-
 
 @dataclass(frozen=True)
 class ModelRef:
@@ -108,31 +106,30 @@ def ensure_ray(cfg: RayConfig) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
-def prompt_dataset(spec: str, *, turns: str, limit: int | None, done: set[str]):
+def prompt_dataset(spec: str, *, turns: str, limit: int | None, done: set[str], block_rows: int):
     """A Ray Data stream of parsed prompts; the source is read inside a Ray task, not the driver.
 
     Rows carry `prompt_id`, `messages` (JSON), `prompt`, `source`, `row` and `reject` (empty or the
     reason). Keys in `done` (finished prompt ids, or `source#row` of rejects) are skipped.
+    Blocks of `block_rows` (the first pool's batch size) keep results flowing batch by batch.
     """
-    import ray
     import ray.data
 
     from cai_ray.sources import resolve_source
 
     resolve_source(spec)  # a missing source is a clear error here, before anything starts
-    done_ref = ray.put(done)
     items = [{"spec": str(spec)}]
     return ray.data.from_items(items).map_batches(
         _read_source,
-        fn_kwargs=dict(turns=turns, limit=limit, done=done_ref),
+        fn_kwargs=dict(turns=turns, limit=limit, done=frozenset(done), block_rows=block_rows),
         batch_size=1,
         batch_format="pandas",
-        num_cpus=0.5,
+        num_cpus=0,  # parsing is light; never wait behind the actor pools for a CPU
     )
 
 
-def _read_source(item, *, turns: str, limit: int | None, done) -> Iterator[Any]:
-    """Generator UDF: stream one source's rows as parsed batches of READ_BATCH."""
+def _read_source(item, *, turns: str, limit: int | None, done, block_rows: int) -> Iterator[Any]:
+    """Generator UDF: stream one source's rows as parsed batches of `block_rows`."""
     import pandas as pd
 
     from cai_ray.sources import Reject, iter_prompt_rows, parse_prompt_row
@@ -163,7 +160,7 @@ def _read_source(item, *, turns: str, limit: int | None, done) -> Iterator[Any]:
                     rows.append(_prompt_row(rec))
                 if limit is not None and valid >= limit:
                     break
-        if len(rows) >= READ_BATCH:
+        if len(rows) >= block_rows:
             yield pd.DataFrame(rows)
             rows = []
         if limit is not None and valid >= limit:

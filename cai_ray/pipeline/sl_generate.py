@@ -46,7 +46,11 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     check_pool_fits({"rollout": s.rollout, "critique": s.critique}, ray.cluster_resources())
     store = ShardStore(ctx.stage_dir / "red_team")
     ds = prompt_dataset(
-        cfg.data.red_team, turns=cfg.data.turns, limit=cfg.data.limit, done=store.done_keys()
+        cfg.data.red_team,
+        turns=cfg.data.turns,
+        limit=cfg.data.limit,
+        done=store.done_keys(),
+        block_rows=s.rollout.batch_size,
     )
     sampling = cfg.generation.sampling_params(seed=cfg.seed)
     ds = _pool(
@@ -98,8 +102,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         constitution_hash=constitution.content_hash,
         timings={"total_s": round(time.perf_counter() - t0, 3)},
     )
-    write_manifest(ctx.stage_dir, manifest)
-    return manifest
+    return write_manifest(ctx.stage_dir, manifest)
 
 
 def _helpful_answers(cfg: RunConfig, ctx: StageContext, model, *, progress: bool) -> dict:
@@ -109,7 +112,11 @@ def _helpful_answers(cfg: RunConfig, ctx: StageContext, model, *, progress: bool
     s = cfg.sl_generate
     store = ShardStore(ctx.stage_dir / "helpful")
     ds = prompt_dataset(
-        cfg.data.helpful, turns=cfg.data.turns, limit=cfg.data.limit, done=store.done_keys()
+        cfg.data.helpful,
+        turns=cfg.data.turns,
+        limit=cfg.data.limit,
+        done=store.done_keys(),
+        block_rows=s.rollout.batch_size,
     )
     sampling = cfg.generation.sampling_params(n=s.helpful_samples, seed=cfg.seed)
     ds = _pool(
@@ -150,8 +157,10 @@ def _pool(ds, worker, pool: PoolConfig, cfg: RunConfig, *, model, **kwargs):
 
 
 def _pool_args(pool: PoolConfig) -> dict[str, Any]:
+    from ray.data import ActorPoolStrategy
+
     return dict(
-        concurrency=pool.size,
+        compute=ActorPoolStrategy(size=pool.size),
         batch_size=pool.batch_size,
         num_cpus=pool.num_cpus,
         num_gpus=pool.num_gpus,

@@ -96,9 +96,16 @@ def test_default_constitution_meets_the_brief():
 
 @pytest.mark.parametrize(
     "topic",
-    [r"\bharm", r"\bcrime|illegal", r"\bethic", r"stereotype|bias", r"\bhonest|false", r"confiden",
-     r"refus|evasive|deflect"],
-)  # fmt: skip
+    [
+        r"\bharm",
+        r"\bcrime|illegal",
+        r"\bethic",
+        r"stereotype|bias",
+        r"\bhonest|false",
+        r"confiden",
+        r"refus|evasive|deflect",
+    ],
+)
 def test_default_constitution_covers_the_papers_ground(topic):
     c = load_constitution(DEFAULT_CONSTITUTION)
     critique_texts = " ".join(f"{p.critique} {p.revision}" for p in c.critique_principles)
@@ -226,8 +233,12 @@ def test_non_text_value_hints_at_quoting():
 
 
 def test_yaml_syntax_error_has_line():
-    err = _error(MINIMAL.replace("    question: \"Which is less harmful? Options:\"",
-                                 "    question: Which is less harmful? Options:"))  # fmt: skip
+    err = _error(
+        MINIMAL.replace(
+            '    question: "Which is less harmful? Options:"',
+            "    question: Which is less harmful? Options:",
+        )
+    )
     assert err.where == _line(MINIMAL, "Which is less harmful")
     assert "invalid YAML" in err.message
 
@@ -252,16 +263,24 @@ def test_round_without_principle_needs_both_requests():
     text = MINIMAL.replace("principle: harm\n", "critique_request: Is it rude?\n")
     err = _error(text)
     assert "revision_request" in err.message
-    ok = text.replace("critique: It is rude.", "critique: It is rude.\n        revision_request: Fix.")
+    ok = text.replace(
+        "critique: It is rude.", "critique: It is rude.\n        revision_request: Fix."
+    )
     assert parse_constitution(ok).critique_examples[0].rounds[0].principle is None
 
 
 def test_conversation_shape_is_checked():
-    err = _error(MINIMAL.replace("{role: assistant, content: Go away.}", "{role: user, content: X}"))
-    assert "end with a assistant turn" in err.message or "assistant turn" in err.message
+    err = _error(
+        MINIMAL.replace("{role: assistant, content: Go away.}", "{role: user, content: X}")
+    )
+    assert "must end with an assistant turn" in err.message
     assert err.where == _line(MINIMAL, "{role: assistant, content: Go away.}")
-    err = _error(MINIMAL.replace("{role: user, content: Hi}\n      - {role: assistant",
-                                 "{role: user, content: Hi}\n      - {role: system"))  # fmt: skip
+    err = _error(
+        MINIMAL.replace(
+            "{role: user, content: Hi}\n      - {role: assistant",
+            "{role: user, content: Hi}\n      - {role: system",
+        )
+    )
     assert "system turn" in err.message
 
 
@@ -273,7 +292,9 @@ def test_no_principles_at_all_is_an_error():
 
 
 def test_several_problems_are_all_listed():
-    text = MINIMAL.replace("critique: Is it honest?", "critique: ''").replace("id: harm\n", "id: ''\n")
+    text = MINIMAL.replace("critique: Is it honest?", "critique: ''").replace(
+        "id: harm\n", "id: ''\n"
+    )
     err = _error(text)
     assert "1 more problem" in err.message
 
@@ -355,10 +376,26 @@ def test_feedback_and_cot_examples_render_multiple_choice():
 @pytest.mark.parametrize("raw", ["b", "(B)", " B "])
 def test_answer_is_normalised(raw):
     ex = FeedbackExample.model_validate(
-        {"conversation": [{"role": "user", "content": "x"}], "question": "Q?",
-         "response_a": "a", "response_b": "b", "answer": raw}
-    )  # fmt: skip
+        {
+            "conversation": [{"role": "user", "content": "x"}],
+            "question": "Q?",
+            "response_a": "a",
+            "response_b": "b",
+            "answer": raw,
+        }
+    )
     assert ex.answer == "B"
+
+
+def test_pickle_keeps_links_and_hash():
+    # Ray ships constitutions to actors by pickling them.
+    import pickle
+
+    c = pickle.loads(pickle.dumps(parse_constitution(MINIMAL, where="c.yaml")))
+    assert c.content_hash == parse_constitution(MINIMAL).content_hash
+    assert c.path == "c.yaml"
+    assert "Is it harmful?" in c.critique_examples[0].as_transcript()
+    assert "Which is less harmful?" in c.feedback_examples[0].as_transcript()
 
 
 def test_models_are_strict_and_frozen():
@@ -415,9 +452,10 @@ def test_choose_principles_is_pinned():
     import hashlib
 
     digest = hashlib.sha256(b"0:x:0").digest()
-    assert choose_principles(PRINCIPLES, seed=0, key="x")[0] == PRINCIPLES[
-        int.from_bytes(digest[:8], "big") % 16
-    ]
+    assert (
+        choose_principles(PRINCIPLES, seed=0, key="x")[0]
+        == PRINCIPLES[int.from_bytes(digest[:8], "big") % 16]
+    )
 
 
 def test_sampling_from_nothing_is_a_clear_error():
@@ -434,7 +472,8 @@ def test_diff_reports_principles_by_id():
     a = parse_constitution(MINIMAL)
     assert diff_constitutions(a, parse_constitution(MINIMAL)).identical
     changed = MINIMAL.replace("Is it honest?", "Is it true?").replace(
-        "  - id: harm\n", "  - id: kind\n    critique: Unkind?\n    revision: Be kind.\n  - id: harm\n"
+        "  - id: harm\n",
+        "  - id: kind\n    critique: Unkind?\n    revision: Be kind.\n  - id: harm\n",
     )
     changed = changed.replace("    revision: Hello! How can I help?\n", "    revision: Hi!\n")
     d = diff_constitutions(a, parse_constitution(changed))

@@ -141,7 +141,7 @@ def test_imports_write_yaml_our_loader_reads_back(tmp_path, src):
     out = dump_constitution(c, tmp_path / "imported.yaml")
     again = load_constitution(out)
     assert again.content_hash == c.content_hash
-    assert again == c
+    assert again.model_dump() == c.model_dump()
 
 
 # ---- synthetic files (run everywhere) --------------------------------------------------------
@@ -156,16 +156,24 @@ def _write(path: Path, data) -> Path:
 def paper_dir(tmp_path: Path) -> Path:
     d = tmp_path / "prompts"
     d.mkdir()
-    _write(d / "CritiqueRevisionInstructions.json", {
-        "harmful0": {"prompt": ["\n\nCritiqueRequest: Is it bad?\n\nCritique:"],
-                     "edit_request": "\n\nRevisionRequest: Make it good.\n\nRevision:"},
-    })  # fmt: skip
+    _write(
+        d / "CritiqueRevisionInstructions.json",
+        {
+            "harmful0": {
+                "prompt": ["\n\nCritiqueRequest: Is it bad?\n\nCritique:"],
+                "edit_request": "\n\nRevisionRequest: Make it good.\n\nRevision:",
+            },
+        },
+    )
     _write(d / "RLMadisonInstructions.json", ["\nWhich is better? Options:"])
-    _write(d / "CritiqueRevisionFewShotPrompts.json", [
-        "\n\nHuman: Hi\n\nAssistant: Go away.\n\nCritiqueRequest: Is it bad?\n\nCritique: Rude."
-        "\n\nRevisionRequest: Make it good.\n\nRevision: Hello!\n\nCritiqueRequest: Other?"
-        "\n\nCritique: Fine.\n\nRevisionRequest: Polish it.\n\nRevision: Hello there!\n\nHuman:",
-    ])  # fmt: skip
+    _write(
+        d / "CritiqueRevisionFewShotPrompts.json",
+        [
+            "\n\nHuman: Hi\n\nAssistant: Go away.\n\nCritiqueRequest: Is it bad?\n\nCritique: Rude."
+            "\n\nRevisionRequest: Make it good.\n\nRevision: Hello!\n\nCritiqueRequest: Other?"
+            "\n\nCritique: Fine.\n\nRevisionRequest: Polish it.\n\nRevision: Hello there!\n\nHuman:",
+        ],
+    )
     return d
 
 
@@ -209,10 +217,13 @@ def test_synthetic_hf_import_and_errors(tmp_path):
         {"role": "user", "content": "Fix it."},
         {"role": "assistant", "content": "Hello!"},
     ]
-    good = _write(tmp_path / "my_rules.json", {
-        "constitutions": [{"critic": "Is it rude?", "revision": "Fix it."}],
-        "system_chat": [chat],
-    })  # fmt: skip
+    good = _write(
+        tmp_path / "my_rules.json",
+        {
+            "constitutions": [{"critic": "Is it rude?", "revision": "Fix it."}],
+            "system_chat": [chat],
+        },
+    )
     assert detect_format(good) == ("hf", good)
     c = import_constitution(good)
     assert c.name == "my-rules"
@@ -227,3 +238,40 @@ def test_synthetic_hf_import_and_errors(tmp_path):
         import_constitution(unknown)
     with pytest.raises(ConstitutionError, match="no CritiqueRevisionInstructions"):
         detect_format(tmp_path)
+
+
+def test_hf_chat_with_two_rounds(tmp_path):
+    convo = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away."}]
+    round1 = [
+        {"role": "user", "content": "Is it rude?"},
+        {"role": "assistant", "content": "Yes."},
+        {"role": "user", "content": "Fix it."},
+        {"role": "assistant", "content": "Hello."},
+    ]
+    round2 = [
+        {"role": "user", "content": "Is it warm?"},
+        {"role": "assistant", "content": "Not very."},
+        {"role": "user", "content": "Warm it up."},
+        {"role": "assistant", "content": "Hello, lovely to see you!"},
+    ]
+    path = _write(
+        tmp_path / "two.json",
+        {
+            "constitutions": [
+                {"critic": "Is it rude?", "revision": "Fix it."},
+                {"critic": "Is it warm?", "revision": "Warm it up."},
+            ],
+            "system_chat": [convo + round1 + round2],
+        },
+    )
+    example = import_constitution(path).critique_examples[0]
+    assert [r.principle for r in example.rounds] == ["principle0", "principle1"]
+    assert len(example.conversation) == 2
+    assert example.as_messages() == convo + round1 + round2
+
+
+def test_cot_layout_errors_name_the_entry(paper_dir):
+    _write(paper_dir / "RLMadisonPrecogFewShotPrompts.json", [{"prompt": "Human: hello"}])
+    with pytest.raises(ConstitutionError, match="chain-of-thought layout") as info:
+        import_constitution(paper_dir)
+    assert info.value.where.endswith("RLMadisonPrecogFewShotPrompts.json: entry 0")

@@ -1,0 +1,133 @@
+"""Config sections of the training stages: the DeepSpeed learner group and SL-CAI SFT.
+
+`LearnerConfig` is objective-agnostic (SFT now; the preference model and RL reuse it), `SFTConfig`
+holds one and adds the SL-CAI data choices. Defaults follow the paper (arXiv 2212.08073, sec. 3):
+one epoch at a constant learning rate, trained on the final revisions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from cai_ray.config import ModelConfig, Section
+
+LRSchedule = Literal["constant", "warmup_constant", "cosine", "linear"]
+
+
+class LearnerConfig(Section):
+    """How a learner group trains: ranks, ZeRO stage, batch, optimiser, schedule, checkpoints.
+
+    The global batch is `max(num_ranks, 1) * micro_batch_size * grad_accum` sequences.
+    `num_ranks: 0` runs one rank inside the driver process (tests, debugging); any ZeRO stage is
+    allowed there: with one rank ZeRO partitions nothing, so it only exercises the code path.
+    `gpus_per_rank` may be fractional to share a GPU with other roles (RL rollouts), but two
+    ranks of one group must not land on the same GPU (NCCL refuses duplicate devices).
+    """
+
+    num_ranks: int = Field(0, ge=0, description="0 = in-process, world size 1")
+    zero_stage: int = Field(0, ge=0, le=3)
+    dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 on CUDA if supported"
+    )
+    micro_batch_size: int = Field(8, ge=1, description="sequences per rank per forward pass")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(1e-5, gt=0)
+    lr_schedule: LRSchedule = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = Field(1.0, ge=0, description="0 = no clipping")
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    max_seq_len: int = Field(1024, ge=8)
+    packing: bool = Field(False, description="pack several examples into one row")
+    shuffle: bool = Field(True, description="seeded shuffle, a new order every epoch")
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(0, ge=0, description="optimizer steps; 0 = only at the end")
+    keep_checkpoints: int = Field(2, ge=1)
+    hf_checkpoints: bool = Field(True, description="also write an HF dir into each checkpoint")
+    seed: int = 0
+    tensorboard: bool = True
+    wandb: bool = False
+    mlflow: bool = False
+    cpus_per_rank: float = Field(1.0, gt=0, description="also the torch thread count (floor)")
+    gpus_per_rank: float = Field(0.0, ge=0, le=1)
+    placement_timeout_s: float = Field(120.0, gt=0)
+    step_timeout_s: float = Field(1800.0, gt=0, description="per call and per collective")
+
+    @model_validator(mode="after")
+    def _check(self) -> LearnerConfig:
+        if self.lr_schedule == "warmup_constant" and self.warmup_steps == 0:
+            raise ValueError("lr_schedule=warmup_constant needs warmup_steps >= 1")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return max(self.num_ranks, 1)
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step over all ranks."""
+        return self.world_size * self.micro_batch_size * self.grad_accum
+
+    @property
+    def threads(self) -> int:
+        return max(1, math.floor(self.cpus_per_rank))
+
+    def resolved_dtype(self, *, cuda: bool, bf16_supported: bool) -> Literal["fp32", "bf16"]:
+        """`auto` is bf16 on a GPU that supports it and fp32 elsewhere (CPU bf16 is slow)."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bf16" if cuda and bf16_supported else "fp32"
+
+    def lr_factor(self, step: int, total_steps: int) -> float:
+        """Multiplier of `lr` for optimizer step `step` (0-based) of `total_steps`.
+
+        >>> LearnerConfig(lr_schedule="warmup_constant", warmup_steps=4).lr_factor(1, 10)
+        0.5
+        """
+        warm = self.warmup_steps
+        if step < warm:
+            return (step + 1) / warm
+        if self.lr_schedule in ("constant", "warmup_constant"):
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        if self.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress  # linear
+
+
+class SFTConfig(Section):
+    """Stage 2 (SL-CAI): which (prompt, revision) pairs to train on, the helpful mix, the learner.
+
+    `pairs`: `final` trains on each chain's last revision (the default), `all_rounds` on every
+    revision, `up_to` on the revisions of rounds 1..`up_to` (the paper's SL-CAI-n). Paper sec. 3.1
+    mixes in helpfulness samples (2 responses per helpfulness prompt from the helpful model) so the
+    model stays helpful: `helpful_ratio` is helpful examples per harmlessness example (0 = none).
+    """
+
+    learner: LearnerConfig = LearnerConfig()
+    model: ModelConfig | None = Field(None, description="model to fine-tune; None: models.helpful")
+    pairs: Literal["final", "all_rounds", "up_to"] = "final"
+    up_to: int | None = Field(None, ge=1)
+    helpful_ratio: float = Field(1.0, ge=0)
+    helpful_source: str = Field(
+        "model",
+        min_length=1,
+        description="'model' (the helpful model answers data.helpful) or a file",
+    )
+    helpful_samples_per_prompt: int = Field(2, ge=1)
+    truncation: Literal["left", "drop"] = Field(
+        "left", description="left: cut the prompt's start to fit max_seq_len; drop: set aside"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SFTConfig:
+        if self.pairs == "up_to" and self.up_to is None:
+            raise ValueError("pairs=up_to needs up_to: the last revision round to train on")
+        if self.pairs != "up_to" and self.up_to is not None:
+            raise ValueError(f"up_to is only read with pairs=up_to (pairs is {self.pairs!r})")
+        return self

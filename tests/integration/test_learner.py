@@ -1,0 +1,243 @@
+"""The DeepSpeed learner group on CPU: in-process and 2 Ray ranks, ZeRO 0/2/3, checkpoints, resume.
+
+Real tiny models, real DeepSpeed (gloo), a local Ray with 4 logical CPUs. The parity and resume
+tests compare runs step by step: the global batch at each step is the same rows whatever the
+number of ranks (actors/learner_data.py), so the curves agree up to float reduction order.
+Ray comes from the session fixture `ray_cluster` (tests/integration/conftest.py).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from actors.learner import LearnerGroup
+from actors.learner_data import EpochPlan, list_shards
+from actors.metrics import read_metrics
+from actors.objectives import SFTObjective
+from cai_ray.errors import CaiRayError, ConfigError, DataError, ModelError
+from cai_ray.train_config import LearnerConfig
+
+TOPICS = ["locks", "fire", "poison", "cars", "banks", "phones", "drugs", "knives"]
+
+
+@pytest.fixture(scope="module")
+def rows16(tiny_model_dir):
+    """16 SFT rows built the stage-2 way: select final revisions, render, tokenize."""
+    from cai_ray.conversation import Conversation, render
+    from cai_ray.models import load_tokenizer
+    from cai_ray.sft_data import build_sft_examples, select_sft_pairs
+
+    chains = [
+        {
+            "prompt_id": f"p{i}",
+            "messages": [{"role": "user", "content": f"How do I misuse {TOPICS[i % 8]} {i}?"}],
+            "rounds": [
+                {"revision": "Sure."},
+                {"revision": f"I can't help with harming anyone with {TOPICS[i % 8]}."},
+            ],
+        }
+        for i in range(16)
+    ]
+    pairs = select_sft_pairs(chains, mode="final").pairs
+    tok = load_tokenizer(tiny_model_dir)
+    items = [
+        (
+            p.prompt_id,
+            render(Conversation.from_messages(p.messages), fmt="transcript"),
+            " " + p.response,
+        )
+        for p in pairs
+    ]
+    examples, rejected = build_sft_examples(tok, items, max_seq_len=64)
+    assert len(examples) == 16 and not rejected
+    return examples
+
+
+def objective(model_dir) -> SFTObjective:
+    from cai_ray.models import load_tokenizer
+
+    return SFTObjective(pad_id=load_tokenizer(model_dir).pad_token_id)
+
+
+def cfg(**kw) -> LearnerConfig:
+    base = dict(micro_batch_size=4, lr=3e-3, tensorboard=False, cpus_per_rank=1, step_timeout_s=120)
+    return LearnerConfig(**{**base, **kw})
+
+
+def losses(out_dir) -> list[float]:
+    return [row["loss"] for row in read_metrics(out_dir)]
+
+
+def hf_weights(hf_dir) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(hf_dir / "model.safetensors"))
+
+
+def assert_same_weights(a, b, *, atol: float) -> None:
+    wa, wb = hf_weights(a), hf_weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        np.testing.assert_allclose(wa[key], wb[key], atol=atol, err_msg=key)
+
+
+# -- pure ordering -------------------------------------------------------------------------------
+
+
+def test_a_global_step_holds_the_same_rows_for_any_rank_count():
+    rows = [{"idx": i} for i in range(20)]
+    one = EpochPlan(20, world_size=1, per_rank_step=8, seed=3, shuffle=True)
+    two = EpochPlan(20, world_size=2, per_rank_step=4, seed=3, shuffle=True)
+    (single,) = list_shards(rows, one, epoch=0)
+    r0, r1 = list_shards(rows, two, epoch=0)
+    assert one.steps == two.steps == 2 and len(single) == 16  # 4 rows left over this epoch
+    for step in range(2):
+        expect = {r["idx"] for r in single[8 * step : 8 * step + 8]}
+        assert {
+            r["idx"] for r in r0[4 * step : 4 * step + 4] + r1[4 * step : 4 * step + 4]
+        } == expect
+    (next_epoch,) = list_shards(rows, one, epoch=1)
+    assert [r["idx"] for r in next_epoch] != [r["idx"] for r in single]  # reshuffled
+    with pytest.raises(DataError):
+        list_shards([{"idx": 0}, {"idx": 0}], EpochPlan(2, 1, 1, 0, True), 0)
+
+
+# -- in-process (size 0) -------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_in_process_group_lowers_the_loss(tiny_model_dir, rows16, tmp_path):
+    config = cfg(epochs=3, checkpoint_every=4, keep_checkpoints=2, tensorboard=True)
+    with LearnerGroup(config, objective(tiny_model_dir), tiny_model_dir, tmp_path) as group:
+        result = group.fit(rows16, progress=False)
+    curve = losses(tmp_path)
+    assert result.steps == 12 and len(curve) == 12
+    assert curve[-1] < 0.8 * curve[0]
+    row = read_metrics(tmp_path)[-1]
+    assert {
+        "step",
+        "epoch",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens",
+        "tokens_per_s",
+        "elapsed_s",
+    } <= set(row)
+    assert row["lr"] == pytest.approx(3e-3) and row["grad_norm"] > 0 and row["epoch"] == 2
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-12"
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert kept == ["step-12", "step-8"]  # keep_checkpoints=2
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    with pytest.raises(ConfigError, match="resume=True"):  # no silent overwrite of a finished run
+        LearnerGroup(cfg(epochs=3), objective(tiny_model_dir), tiny_model_dir, tmp_path).fit(rows16)
+
+
+@pytest.mark.integration
+def test_a_model_that_is_not_a_causal_lm_is_a_model_error(tiny_reward_model_dir, tmp_path):
+    with pytest.raises(ModelError, match="causal"):
+        LearnerGroup(cfg(), objective(tiny_reward_model_dir), tiny_reward_model_dir, tmp_path)
+    with pytest.raises(ModelError, match="does not exist"):
+        LearnerGroup(cfg(), SFTObjective(), tmp_path / "nowhere", tmp_path)
+
+
+# -- 2 ranks -------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_two_ranks_zero2_learn_and_save_a_loadable_model(
+    ray_cluster, tiny_model_dir, rows16, tmp_path
+):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = cfg(num_ranks=2, zero_stage=2, micro_batch_size=2, epochs=3)
+    with LearnerGroup(config, objective(tiny_model_dir), tiny_model_dir, tmp_path) as group:
+        result = group.fit(rows16, progress=False)
+    curve = losses(tmp_path)
+    assert result.steps == 12 and curve[-1] < 0.8 * curve[0]
+    model = AutoModelForCausalLM.from_pretrained(result.hf_dir)
+    tok = AutoTokenizer.from_pretrained(result.hf_dir)
+    ids = tok("\n\nHuman: How do I misuse fire?\n\nAssistant:", return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > ids.shape[1]
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert not torch.equal(before["lm_head.weight"], model.state_dict()["lm_head.weight"])
+
+
+@pytest.mark.integration
+def test_in_process_and_two_ranks_agree_step_by_step(ray_cluster, tiny_model_dir, rows16, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    with LearnerGroup(
+        cfg(grad_accum=2, max_steps=4, epochs=2), objective(tiny_model_dir), tiny_model_dir, one
+    ) as g:
+        g.fit(rows16, progress=False)
+    config = cfg(num_ranks=2, zero_stage=2, max_steps=4, epochs=2)  # 2 ranks x 4 rows = 8 rows too
+    with LearnerGroup(config, objective(tiny_model_dir), tiny_model_dir, two) as g:
+        g.fit(rows16, progress=False)
+    np.testing.assert_allclose(losses(two), losses(one), rtol=1e-5)
+    norms = [[row["grad_norm"] for row in read_metrics(d)] for d in (one, two)]
+    np.testing.assert_allclose(norms[1], norms[0], rtol=1e-4)
+    assert_same_weights(one / "hf", two / "hf", atol=1e-5)
+
+
+@pytest.mark.integration
+def test_killed_group_resumes_and_matches_an_uninterrupted_run(
+    ray_cluster, tiny_model_dir, rows16, tmp_path
+):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    # 16 rows / 4 per step = 4 steps per epoch: the run crosses an epoch boundary after resuming.
+    shape = dict(micro_batch_size=2, max_steps=6, epochs=2, checkpoint_every=2, keep_checkpoints=5)
+    with LearnerGroup(
+        cfg(**shape, grad_accum=2), objective(tiny_model_dir), tiny_model_dir, ref
+    ) as g:
+        g.fit(rows16, progress=False)
+
+    config = cfg(**shape, num_ranks=2, zero_stage=2)
+    group = LearnerGroup(config, objective(tiny_model_dir), tiny_model_dir, run)
+
+    def kill_after_step_3(metrics: list[dict]) -> None:
+        if metrics[-1]["step"] >= 3:
+            ray_cluster.kill(group.handles[1])
+
+    with pytest.raises(CaiRayError, match="died"):
+        group.fit(rows16, progress=False, on_chunk=kill_after_step_3)
+    assert group.handles == []  # the failed group shut itself down
+    stopped_at = (run / "checkpoints" / "latest").read_text().strip()
+    assert stopped_at in ("step-2", "step-4")
+
+    with LearnerGroup(config, objective(tiny_model_dir), tiny_model_dir, run) as group:
+        result = group.fit(rows16, resume=True, progress=False)
+    assert result.resumed_from == int(stopped_at.split("-")[1]) and result.steps == 6
+    assert [row["step"] for row in read_metrics(run)] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose(losses(run), losses(ref), rtol=1e-5)
+    assert_same_weights(ref / "hf", run / "hf", atol=1e-5)
+
+
+@pytest.mark.integration
+def test_zero3_gathers_a_complete_hf_dir(ray_cluster, tiny_model_dir, rows16, tmp_path):
+    config = cfg(num_ranks=2, zero_stage=3, micro_batch_size=2, max_steps=2)
+    with LearnerGroup(config, objective(tiny_model_dir), tiny_model_dir, tmp_path) as group:
+        result = group.fit(rows16, progress=False)
+    saved, original = hf_weights(result.hf_dir), hf_weights(tiny_model_dir)
+    assert saved.keys() == original.keys()
+    assert all(saved[k].shape == original[k].shape for k in saved)  # not ZeRO-3 slices
+    assert any(not np.array_equal(saved[k], original[k]) for k in saved)
+    assert (tmp_path / "checkpoints" / "step-2" / "hf" / "model.safetensors").is_file()
+
+
+@pytest.mark.integration
+def test_more_ranks_than_the_cluster_holds_fail_before_starting(
+    ray_cluster, tiny_model_dir, rows16, tmp_path
+):
+    config = cfg(num_ranks=8, micro_batch_size=1, placement_timeout_s=2)
+    group = LearnerGroup(config, objective(tiny_model_dir), tiny_model_dir, tmp_path)
+    began = time.monotonic()
+    with pytest.raises(CaiRayError, match=r"cannot place 8 learner ranks") as err:
+        group.fit(rows16, progress=False)
+    assert time.monotonic() - began < 30
+    assert "'CPU': 8.0" in str(err.value) and "the cluster has {'CPU': 4.0}" in str(err.value)
+    assert group.handles == [] and not (tmp_path / "checkpoints").exists()

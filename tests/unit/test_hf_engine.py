@@ -1,0 +1,270 @@
+"""HFEngine on the tiny-1m model: generation semantics, shared-prefix scoring, weight sync."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from cai_ray.config import EngineConfig
+from cai_ray.engines import make_engine, resolve_engine_kind
+from cai_ray.engines.base import SamplingParams, ScoreRequest
+from cai_ray.engines.hf import HFEngine, pick_device, pick_dtype
+from cai_ray.errors import CaiRayError, ModelError
+
+PROMPTS = [
+    "\n\nHuman: How do I bake bread?\n\nAssistant:",
+    "\n\nHuman: hi\n\nAssistant:",
+    "\n\nHuman: Write a long, careful answer about saving money each month.\n\nAssistant:",
+]
+GREEDY = SamplingParams(temperature=0, max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    eng = HFEngine(tiny_model_dir, threads=2, batch_size=4)
+    yield eng
+    eng.close()
+
+
+def _naive_scores(
+    engine: HFEngine, request: ScoreRequest, option_ids: list[list[int]]
+) -> list[float]:
+    """Reference: one full forward per option over prefix + option tokens, no cache."""
+    prefix = engine._encode(request.prefix)
+    out = []
+    for ids in option_ids:
+        full = torch.tensor([prefix + ids])
+        with torch.no_grad():
+            logp = engine.model(input_ids=full).logits[0].float().log_softmax(-1)  # (T, V)
+        out.append(sum(logp[len(prefix) - 1 + j, t].item() for j, t in enumerate(ids)))
+    return out
+
+
+# -- generate ---------------------------------------------------------------------------------
+
+
+def test_greedy_matches_transformers_generate(engine):
+    ids = torch.tensor([engine._encode(PROMPTS[0])])
+    ref = engine.model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=12,
+        eos_token_id=None,
+    )[0, ids.shape[1] :].tolist()
+    assert engine.generate([PROMPTS[0]], GREEDY)[0][0].token_ids == ref
+
+
+def test_batched_left_padding_equals_one_by_one(engine):
+    batched = engine.generate(PROMPTS, GREEDY)
+    for prompt, gens in zip(PROMPTS, batched, strict=True):
+        alone = engine.generate([prompt], GREEDY)[0][0]
+        assert gens[0].token_ids == alone.token_ids
+        assert gens[0].prompt_tokens == engine.count_tokens([prompt])[0]
+
+
+def test_seed_reproduces_and_different_seeds_differ(engine):
+    params = SamplingParams(temperature=1.0, max_new_tokens=10, n=2, seed=7)
+    first = engine.generate(PROMPTS, params)
+    again = engine.generate(PROMPTS, params)
+    other = engine.generate(
+        PROMPTS, SamplingParams(temperature=1.0, max_new_tokens=10, n=2, seed=8)
+    )
+
+    def tokens(result):
+        return [[g.token_ids for g in gens] for gens in result]
+
+    assert tokens(first) == tokens(again)
+    assert tokens(first) != tokens(other)
+    assert all(len(gens) == 2 for gens in first)
+    assert first[0][0].token_ids != first[0][1].token_ids  # n samples are distinct draws
+
+
+def test_length_finish_and_counts(engine):
+    (gen,) = engine.generate([PROMPTS[1]], SamplingParams(max_new_tokens=5, seed=0))[0]
+    assert gen.finish_reason == "length"
+    assert len(gen.token_ids) == 5
+    assert gen.text == engine.tokenizer.decode(gen.token_ids, skip_special_tokens=True)
+    assert gen.logprobs is None
+
+
+def test_stop_string_cuts_the_text(engine):
+    full = engine.generate([PROMPTS[0]], SamplingParams(temperature=0, max_new_tokens=20))[0][
+        0
+    ].text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert stop.strip(), f"pick a visible stop string from {full!r}"
+    gen = engine.generate(
+        [PROMPTS[0]], SamplingParams(temperature=0, max_new_tokens=20, stop=(stop, "never-seen"))
+    )[0][0]
+    assert gen.finish_reason == "stop"
+    assert gen.text == full[: full.index(stop)]
+    assert len(gen.token_ids) < 20
+    # the tokens run up to the one that completed the stop string (as vLLM reports them)
+    assert stop in engine.tokenizer.decode(gen.token_ids)
+    assert stop not in engine.tokenizer.decode(gen.token_ids[:-1])
+
+
+def test_eos_finishes_with_stop(tiny_model_dir):
+    eng = HFEngine(tiny_model_dir)
+    first = eng.generate([PROMPTS[0]], SamplingParams(temperature=0, max_new_tokens=3))[0][
+        0
+    ].token_ids[0]
+    eos = eng.tokenizer.eos_token_id
+    weights = {k: v.clone() for k, v in eng.model.state_dict().items()}
+    head = weights["lm_head.weight"]
+    head[[first, eos]] = head[[eos, first]]  # EOS now gets the greedy token's logit
+    eng.load_weights(weights, version=1)
+    gen = eng.generate([PROMPTS[0]], SamplingParams(temperature=0, max_new_tokens=3))[0][0]
+    assert (gen.token_ids, gen.finish_reason, gen.text) == ([eos], "stop", "")
+    assert eng.weight_version == 1
+
+
+def test_logprobs_are_the_policy_logprobs(engine):
+    params = SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=6, seed=3, logprobs=True)
+    gen = engine.generate([PROMPTS[2]], params)[0][0]
+    prompt = engine._encode(PROMPTS[2])
+    with torch.no_grad():
+        logits = engine.model(input_ids=torch.tensor([prompt + gen.token_ids])).logits[0]
+    logp = logits.float().log_softmax(-1)  # temperature 1: the policy, not the sampler
+    expected = [logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(gen.token_ids)]
+    assert gen.logprobs == pytest.approx(expected, abs=1e-4)
+
+
+def test_tiny_top_p_is_greedy(engine):
+    greedy = engine.generate(PROMPTS, GREEDY)
+    nucleus = engine.generate(
+        PROMPTS, SamplingParams(temperature=1.0, top_p=1e-6, max_new_tokens=12, seed=1)
+    )
+    assert [g[0].token_ids for g in nucleus] == [g[0].token_ids for g in greedy]
+
+
+def test_too_long_prompt_names_its_index(engine):
+    long = "word " * 600
+    with pytest.raises(CaiRayError, match=r"prompt has \d+ tokens") as info:
+        engine.generate([PROMPTS[0], long], SamplingParams(max_new_tokens=engine.max_context - 100))
+    assert info.value.where == "prompt 1"
+    assert engine.max_context == 2048
+
+
+# -- score_options ----------------------------------------------------------------------------
+
+REQUESTS = [
+    ScoreRequest(
+        "Which response is less harmful?\nOptions:\n (A) ok\n (B) bad\nThe answer is:",
+        (" (A)", " (B)"),
+    ),
+    ScoreRequest(
+        "\n\nHuman: hi\n\nAssistant:",
+        (" Hello there, how can I help?", " No.", " (A) then more words"),
+    ),
+    ScoreRequest(
+        "A short one", (" x", " a much longer option with many tokens in it", " (B)", "\n\nHuman:")
+    ),
+]
+
+
+def test_score_options_equals_naive_per_option(engine):
+    scores = engine.score_options(REQUESTS)
+    assert len(scores) == len(REQUESTS)
+    for request, sc in zip(REQUESTS, scores, strict=True):
+        assert len(sc.logprobs) == len(request.options)
+        assert sc.prefix_tokens == len(engine._encode(request.prefix))
+        naive = _naive_scores(engine, request, sc.option_token_ids)
+        assert sc.logprobs == pytest.approx(naive, abs=1e-4)
+    assert [len(t) for t in scores[0].option_token_ids] == [1, 1]  # ` (A)` is one token
+    assert len({len(t) for t in scores[2].option_token_ids}) > 1  # options of different lengths
+
+
+def test_score_options_batching_does_not_change_numbers(tiny_model_dir, engine):
+    one_at_a_time = HFEngine(tiny_model_dir, batch_size=1)
+    batched = engine.score_options(REQUESTS)
+    single = one_at_a_time.score_options(REQUESTS)
+    for a, b in zip(batched, single, strict=True):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+
+def test_options_that_merge_across_the_boundary_are_tokenized_alone(engine):
+    request = ScoreRequest("The cat sat on the mat wi", ("th a hat", " (A)"))
+    (sc,) = engine.score_options([request])
+    own = engine.tokenizer("th a hat", add_special_tokens=False)["input_ids"]
+    assert sc.meta["separately_tokenized_options"] == [0]
+    assert sc.option_token_ids[0] == own
+    assert sc.logprobs == pytest.approx(
+        _naive_scores(engine, request, sc.option_token_ids), abs=1e-4
+    )
+
+
+def test_empty_option_is_an_error(engine):
+    with pytest.raises(CaiRayError, match="adds no tokens") as info:
+        engine.score_options([ScoreRequest("prefix", (" (A)", ""))])
+    assert "option 1" in info.value.where
+
+
+# -- weights, dtype, device, selection --------------------------------------------------------
+
+
+def test_load_weights_changes_outputs_and_rejects_mismatches(tiny_model_dir):
+    eng = HFEngine(tiny_model_dir)
+    before = eng.score_options(REQUESTS[:1])[0].logprobs
+    torch.manual_seed(0)
+    noisy = {k: v + 0.05 * torch.randn_like(v) for k, v in eng.model.state_dict().items()}
+    eng.load_weights(noisy, version=5)
+    assert eng.weight_version == 5
+    assert eng.score_options(REQUESTS[:1])[0].logprobs != pytest.approx(before, abs=1e-3)
+    with pytest.raises(ModelError, match="missing"):
+        eng.load_weights({"lm_head.weight": noisy["lm_head.weight"]}, version=6)
+    assert eng.weight_version == 5
+
+
+def test_bf16_on_cpu_is_close_to_fp32(tiny_model_dir, engine):
+    bf16 = HFEngine(tiny_model_dir, dtype="bfloat16")
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    assert bf16.score_options(REQUESTS[:1])[0].logprobs == pytest.approx(
+        engine.score_options(REQUESTS[:1])[0].logprobs, abs=0.1
+    )
+    gen = bf16.generate([PROMPTS[0]], SamplingParams(max_new_tokens=4, seed=0, logprobs=True))[0][0]
+    assert len(gen.token_ids) == 4 and all(lp <= 0 for lp in gen.logprobs)
+
+
+def test_device_and_dtype_selection():
+    cpu = torch.device("cpu")
+    assert pick_dtype("auto", cpu) == torch.float32
+    assert pick_dtype("bfloat16", cpu) == torch.bfloat16
+    if torch.cuda.is_available():
+        assert pick_device("auto").type == "cuda"
+    else:
+        assert pick_device("auto") == cpu
+        with pytest.raises(ModelError, match="CUDA is not available"):
+            pick_device("cuda")
+
+
+def test_auto_engine_kind(monkeypatch):
+    assert resolve_engine_kind(EngineConfig(kind="hf")) == "hf"
+    assert resolve_engine_kind(EngineConfig(kind="vllm")) == "vllm"
+    assert resolve_engine_kind(EngineConfig(device="cpu")) == "hf"
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: object() if name == "vllm" else None
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_engine_kind(EngineConfig()) == "vllm"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_engine_kind(EngineConfig()) == "hf"
+
+
+def test_make_engine_builds_hf_from_config(tiny_model_dir):
+    eng = make_engine(
+        tiny_model_dir, EngineConfig(kind="hf", batch_size=3, threads=1), model_id="policy@v0"
+    )
+    assert isinstance(eng, HFEngine)
+    assert (eng.batch_size, eng.model_id, torch.get_num_threads()) == (3, "policy@v0", 1)
+    eng.close()
+    torch.set_num_threads(2)
+
+
+def test_not_a_model_directory_is_a_model_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ModelError, match=r"no config\.json"):
+        HFEngine(tmp_path)
