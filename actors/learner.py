@@ -88,7 +88,7 @@ class LearnerGroup:
         none). `on_chunk` sees each chunk's per-step metrics as they arrive on the driver.
         """
         cfg = self.config
-        rows, ds, num_rows = self._prepare(dataset)
+        rows, blocks, num_rows = self._prepare(dataset)
         plan = EpochPlan(
             num_rows, cfg.world_size, cfg.micro_batch_size * cfg.grad_accum, cfg.seed, cfg.shuffle
         )
@@ -104,7 +104,13 @@ class LearnerGroup:
             if start < total or not hf_dir.is_dir():
                 self._start(total, resume_tag=tag)
                 last = self._train(
-                    rows, ds, plan, start=start, total=total, progress=progress, on_chunk=on_chunk
+                    rows,
+                    blocks,
+                    plan,
+                    start=start,
+                    total=total,
+                    progress=progress,
+                    on_chunk=on_chunk,
                 )
                 self._finish(plan, total, saved=last == total)
         except BaseException:
@@ -147,7 +153,11 @@ class LearnerGroup:
     # -- data and resume ---------------------------------------------------------------------
 
     def _prepare(self, dataset: Any) -> tuple[list | None, Any, int]:
-        """(rows for the in-process list path, a materialised Ray Dataset, row count)."""
+        """(rows for the in-process list path, or Arrow block refs of a Ray Dataset; row count).
+
+        Ray Data runs here, before the ranks hold their CPUs; afterwards the ranks read the
+        materialised blocks straight from the object store (actors/learner_data.BlockShard).
+        """
         if isinstance(dataset, Sequence):
             rows = list(dataset)
             if any(not isinstance(r, Mapping) or "idx" not in r for r in rows):
@@ -156,11 +166,11 @@ class LearnerGroup:
                 return rows, None, len(rows)
             import ray
 
-            # Few large blocks: Ray Data's per-epoch sort costs a task per block and partition.
-            blocks = max(1, min(4 * self.config.num_ranks, len(rows) // 4096))
-            dataset = ray.data.from_items(rows, override_num_blocks=blocks)
+            # Blocks of ~4k rows: every rank reads each block once an epoch, one at a time.
+            dataset = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // 4096))
         ds = dataset.materialize()
-        return None, ds, check_dataset(ds)
+        num_rows = check_dataset(ds)
+        return None, ds.to_arrow_refs(), num_rows
 
     def _resume_point(self, resume: bool, plan: EpochPlan, total: int) -> tuple[int, str | None]:
         """(step to start from, checkpoint tag to load or None)."""
@@ -294,7 +304,7 @@ class LearnerGroup:
     def _train(
         self,
         rows: list | None,
-        ds: Any,
+        blocks: Any,
         plan: EpochPlan,
         *,
         start: int,
@@ -313,7 +323,7 @@ class LearnerGroup:
             while step < total:
                 if epoch != step // plan.steps:
                     epoch = step // plan.steps
-                    self._start_epoch(rows, ds, plan, epoch, done=step - epoch * plan.steps)
+                    self._start_epoch(rows, blocks, plan, epoch, done=step - epoch * plan.steps)
                 k = min(
                     chunk,
                     total - step,
@@ -345,10 +355,12 @@ class LearnerGroup:
         return every - step % every if every else 2**31
 
     def _start_epoch(
-        self, rows: list | None, ds: Any, plan: EpochPlan, epoch: int, *, done: int
+        self, rows: list | None, blocks: Any, plan: EpochPlan, epoch: int, *, done: int
     ) -> None:
         shards = (
-            list_shards(rows, plan, epoch) if rows is not None else dataset_shards(ds, plan, epoch)
+            list_shards(rows, plan, epoch)
+            if rows is not None
+            else dataset_shards(blocks, plan, epoch)
         )
         skip = done * self.config.grad_accum
         self._gather(

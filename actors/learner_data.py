@@ -9,6 +9,8 @@ Rows beyond the last full global batch of an epoch are not used in that epoch (a
 remainder every epoch when shuffling).
 
 Rows need an integer `idx` column 0..N-1 (`cai_ray.sft_data.build_sft_examples` adds it).
+In-process a list of rows is cut in memory (`list_shards`); a Ray Dataset is materialised once
+and each rank cuts its shard from the blocks itself (`BlockShard`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import numpy as np
 
 from cai_ray.errors import DataError
 
-RANK_COL = "_rank"
 ORDER_COL = "_order"
 
 
@@ -78,57 +79,62 @@ def list_shards(rows: Sequence[Mapping[str, Any]], plan: EpochPlan, epoch: int) 
     return shards
 
 
+@dataclass(frozen=True)
 class BlockShard:
-    """A rank's shard as Ray object refs of Arrow blocks, read one block at a time.
+    """Rank `rank`'s rows for one epoch, cut on the rank from a materialised Ray Dataset's blocks.
 
-    Reading the materialised blocks directly spares every rank a Ray Data executor per epoch.
+    Cut on the rank, not by Ray Data tasks: tasks started mid-training compete with the placement
+    group for CPUs (on a full cluster they wait forever), and no global sort is needed. Each rank
+    reads every block once per epoch and keeps its share, one block in memory at a time.
     """
 
-    def __init__(self, refs: list[Any]):
-        self.refs = refs
+    refs: tuple[Any, ...]  # ObjectRef[pyarrow.Table] of the dataset's blocks
+    plan: EpochPlan
+    epoch: int
+    rank: int
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        import pyarrow as pa
         import ray
 
-        for ref in self.refs:
-            yield from ray.get(ref).to_pylist()
+        parts = [select_rows(ray.get(ref), self.plan, self.epoch, self.rank) for ref in self.refs]
+        table = pa.concat_tables(parts, promote_options="default").sort_by(ORDER_COL)
+        if table.num_rows != self.plan.rows_per_rank:
+            raise DataError(
+                f"rank {self.rank} got {table.num_rows} rows, expected {self.plan.rows_per_rank}",
+                where="idx",
+                hint="'idx' must number the rows 0..N-1 once each",
+            )
+        return (row for batch in table.to_batches(max_chunksize=1024) for row in batch.to_pylist())
 
 
-def dataset_shards(ds: Any, plan: EpochPlan, epoch: int) -> list[BlockShard]:
-    """The epoch's shards of a Ray Dataset, one per rank, each in training order."""
+def select_rows(table: Any, plan: EpochPlan, epoch: int, rank: int) -> Any:
+    """The rows of one Arrow block that `rank` trains on in `epoch`, with their ORDER_COL."""
+    import pyarrow as pa
 
-    def tag(table: Any) -> Any:
-        import pyarrow as pa
+    idx = _check_idx(table.column("idx").to_numpy(), plan.num_rows, whole=False)
+    ranks, order, used = plan.assign(idx, epoch)
+    mine = used & (ranks == rank)
+    return table.append_column(ORDER_COL, pa.array(order)).filter(pa.array(mine))
 
-        idx = _check_idx(table.column("idx").to_numpy(), plan.num_rows, whole=False)
-        rank, order, used = plan.assign(idx, epoch)
-        table = table.append_column(RANK_COL, pa.array(rank)).append_column(
-            ORDER_COL, pa.array(order)
-        )
-        return table.filter(pa.array(used))
 
-    ordered = ds.map_batches(tag, batch_format="pyarrow").sort([RANK_COL, ORDER_COL])
-    cuts = [plan.rows_per_rank * r for r in range(1, plan.world_size)]
-    parts = ordered.split_at_indices(cuts) if cuts else [ordered.materialize()]
-    return [BlockShard(part.to_arrow_refs()) for part in parts]
+def dataset_shards(refs: Sequence[Any], plan: EpochPlan, epoch: int) -> list[BlockShard]:
+    """The epoch's shards of a dataset given as Arrow block refs, one per rank."""
+    return [BlockShard(tuple(refs), plan, epoch, rank) for rank in range(plan.world_size)]
 
 
 def check_dataset(ds: Any) -> int:
-    """Row count of a Ray Dataset whose `idx` column spans 0..N-1, else a DataError."""
+    """Row count of a materialised Ray Dataset with an `idx` column, else a DataError.
+
+    The range of `idx` is checked on the ranks, block by block (see `select_rows`).
+    """
     names = ds.schema().names
     if "idx" not in names:
         raise DataError(
             f"learner rows need an integer 'idx' column (have: {', '.join(names)})",
             hint="build rows with cai_ray.sft_data.build_sft_examples, which numbers them",
         )
-    from ray.data.aggregate import Max, Min
-
-    n = ds.count()
-    # Checked here: an error raised inside a Ray Data task reaches the driver without its type.
-    bounds = ds.aggregate(Min("idx"), Max("idx")) if n else {}
-    if n and (bounds["min(idx)"] != 0 or bounds["max(idx)"] != n - 1):
-        raise DataError(f"'idx' must number the {n} rows 0..{n - 1}", where="idx")
-    return n
+    return ds.count()
 
 
 def _check_idx(idx: np.ndarray, n: int, *, whole: bool = True) -> np.ndarray:

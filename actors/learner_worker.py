@@ -26,7 +26,6 @@ from actors.checkpoint import (
     write_latest,
     write_trainer_state,
 )
-from actors.learner_data import RANK_COL
 from actors.objectives import Objective
 from cai_ray.errors import CaiRayError, ConfigError
 from cai_ray.train_config import LearnerConfig
@@ -223,8 +222,6 @@ class LearnerWorker:
         rows = list(itertools.islice(self._rows, self.config.micro_batch_size))
         if len(rows) < self.config.micro_batch_size:
             raise RuntimeError(f"rank {self.rank}: shard ended inside epoch {self._epoch}")
-        if any(row.get(RANK_COL, self.rank) != self.rank for row in rows):
-            raise RuntimeError(f"rank {self.rank} received rows of another rank's shard")
         return rows
 
     def _all_reduce(self, values: list[float]) -> list[float]:

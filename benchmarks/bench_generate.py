@@ -15,7 +15,9 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -70,21 +72,27 @@ def ours(engine: HFEngine, prompts: list[str], params: SamplingParams) -> list[l
     return [g.token_ids for gens in engine.generate(prompts, params) for g in gens]
 
 
-def timed(fn, repeats: int) -> tuple[float, list[list[int]]]:
-    result = fn()  # warm-up
-    times = []
+def best_of(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, tuple[float, Any]]:
+    """Best time and last result of each fn, run interleaved (A, B, A, B, ...) after a warm-up.
+
+    The minimum, not the median: on a shared machine contention only ever adds time, and
+    interleaving exposes every method to the same background load.
+    """
+    results = {name: fn() for name, fn in fns.items()}  # warm-up
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), result  # best of N: the machine is shared, contention only adds time
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            results[name] = fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: (best[name], results[name]) for name in fns}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="tiny-20m")
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
@@ -105,10 +113,14 @@ def main() -> None:
     for name, params in scenarios:
         batch = prompts if params.n == 1 else prompts[:2]
         engine = HFEngine(path, threads=args.threads, batch_size=len(batch) * params.n)
-        t_ours, ours_tokens = timed(lambda e=engine, b=batch, p=params: ours(e, b, p), args.repeats)
-        t_hf, hf_tokens = timed(
-            lambda e=engine, b=batch, p=params: hf_generate(e, b, p), args.repeats
+        timing = best_of(
+            {
+                "engine": lambda e=engine, b=batch, p=params: ours(e, b, p),
+                "generate": lambda e=engine, b=batch, p=params: hf_generate(e, b, p),
+            },
+            args.repeats,
         )
+        (t_ours, ours_tokens), (t_hf, hf_tokens) = timing.values()
         n_ours, n_hf = sum(map(len, ours_tokens)), sum(map(len, hf_tokens))
         rows.append(
             {
@@ -133,6 +145,7 @@ def main() -> None:
         "threads": args.threads,
         "torch": torch.__version__,
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+        "load_average_1m": os.getloadavg()[0],  # other work on the machine while measuring
         "results": rows,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

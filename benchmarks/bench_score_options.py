@@ -18,7 +18,9 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -98,14 +100,20 @@ def naive_batched(engine: HFEngine, requests, option_ids) -> list[list[float]]:
     return out
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    result = fn()  # warm-up
-    times = []
+def best_of(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, tuple[float, Any]]:
+    """Best time and last result of each fn, run interleaved (A, B, A, B, ...) after a warm-up.
+
+    The minimum, not the median: on a shared machine contention only ever adds time, and
+    interleaving exposes every method to the same background load.
+    """
+    results = {name: fn() for name, fn in fns.items()}  # warm-up
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), result  # best of N: the machine is shared, contention only adds time
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            results[name] = fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: (best[name], results[name]) for name in fns}
 
 
 def main() -> None:
@@ -124,14 +132,16 @@ def main() -> None:
     for k in (2, 4, 16):
         options = tuple(f" ({c})" for c in LETTERS[:k])
         requests = [ScoreRequest(p, options) for p in prefixes]
-        t_shared, shared = timed(lambda r=requests: engine.score_options(r), args.repeats)
-        option_ids = [s.option_token_ids for s in shared]
-        t_loop, loop = timed(
-            lambda r=requests, o=option_ids: naive_loop(engine, r, o), args.repeats
+        option_ids = [s.option_token_ids for s in engine.score_options(requests)]
+        timing = best_of(
+            {
+                "shared": lambda r=requests: engine.score_options(r),
+                "loop": lambda r=requests, o=option_ids: naive_loop(engine, r, o),
+                "batched": lambda r=requests, o=option_ids: naive_batched(engine, r, o),
+            },
+            args.repeats,
         )
-        t_batch, batch = timed(
-            lambda r=requests, o=option_ids: naive_batched(engine, r, o), args.repeats
-        )
+        (t_shared, shared), (t_loop, loop), (t_batch, batch) = timing.values()
         diff = max(
             abs(a - b)
             for s, lo, ba in zip(shared, loop, batch, strict=True)
@@ -160,6 +170,7 @@ def main() -> None:
         "threads": args.threads,
         "torch": torch.__version__,
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+        "load_average_1m": os.getloadavg()[0],  # other work on the machine while measuring
         "results": rows,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cai_ray.errors import ConfigError
 
@@ -93,6 +100,7 @@ class ModelsConfig(Section):
     helpful: ModelConfig = ModelConfig(preset="tiny-1m")
     critique: ModelConfig | None = None
     feedback: ModelConfig | None = None
+    reward: ModelConfig | None = None  # the PM to start from; None: preset tiny-1m, classification
 
 
 class DataConfig(Section):
@@ -138,6 +146,133 @@ class SLGenerateConfig(Section):
     helpful_samples: int = Field(0, ge=0, description="answers per helpfulness prompt (paper: 2)")
 
 
+class AutoscalingConfig(Section):
+    """Ray Serve autoscaling of one deployment (replaces a fixed `num_replicas`)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(2, gt=0)
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        return self
+
+
+class DeploymentConfig(Section):
+    """Replicas and admission limits of one Serve deployment."""
+
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: AutoscalingConfig | None = None  # set: autoscale instead of num_replicas
+    max_ongoing_requests: int = Field(8, ge=1)
+    max_queued_requests: int = Field(64, ge=-1, description="-1: unbounded queue")
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+
+
+class ServeConfig(Section):
+    """`cai-ray serve`: the policy, the PM and the constitution over HTTP (Ray Serve).
+
+    Models default to the run's outputs: policy rl-train/hf, else sl-train/hf, else
+    `models.helpful`; reward pm-train/hf, else `reward`; critique `models.critique` or the policy.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = "/"
+    app_name: str = "cai-ray"
+    policy_name: str = "policy"
+    reward_name: str = "reward"
+    policy_path: str | None = None
+    reward_path: str | None = None
+    critique_path: str | None = None
+    reward: ModelConfig | None = None
+    ingress: DeploymentConfig = DeploymentConfig(num_cpus=0.1, max_ongoing_requests=64)
+    policy: DeploymentConfig = DeploymentConfig()
+    reward_model: DeploymentConfig = DeploymentConfig()
+    constitution: DeploymentConfig = DeploymentConfig()
+    auth_token_env: str | None = "CAI_RAY_API_TOKEN"
+    auth_token_file: str | None = None
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_prompt_tokens: int = Field(1024, ge=1)
+    max_tokens_limit: int = Field(256, ge=1, description="largest max_tokens a request may ask")
+    max_n: int = Field(4, ge=1)
+    max_batch: int = Field(32, ge=1, description="most conversations per /v1/score request")
+    max_rounds: int = Field(4, ge=1, description="most critique rounds per /v1/critique request")
+    request_timeout_s: float = Field(120, gt=0)
+
+
+class RLPairsConfig(Section):
+    """Stage 3: responses of the SL-CAI model to red-team prompts (paper: 2 per prompt, T = 1).
+
+    With more than 2 samples, `temperatures` spreads them round robin over several temperatures
+    and stage 4 keeps the best and worst after labelling (NeMo-Aligner's variant).
+    """
+
+    samples_per_prompt: int = Field(2, ge=2)
+    temperatures: tuple[float, ...] | None = Field(None, min_length=1)
+    rollout: PoolConfig = PoolConfig()
+    shard_rows: int = Field(64, ge=1, description="rows per output Parquet shard")
+
+
+class RLLabelConfig(Section):
+    """Stage 4: multiple-choice AI feedback labels (paper section 4.1)."""
+
+    principles_per_label: int = Field(1, ge=1, description="K principles averaged (paper: 1)")
+    both_orders: bool = Field(True, description="score (A, B) and (B, A), average: position bias")
+    mode: Literal["soft", "hard", "clamped"] = "soft"
+    clamp: tuple[float, float] = (0.4, 0.6)
+    cot: bool = Field(False, description="chain of thought: a rationale, then the options")
+    cot_samples: int = Field(1, ge=1, description="rationales averaged per query")
+    cot_max_new_tokens: int = Field(128, ge=1)
+    few_shot: int | None = Field(None, ge=0, description="few-shot examples prepended (None: all)")
+    labeler: PoolConfig = PoolConfig()
+    shard_rows: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _clamp_range(self) -> RLLabelConfig:
+        low, high = self.clamp
+        if not 0 <= low <= 0.5 <= high <= 1:
+            raise ValueError(f"clamp must satisfy 0 <= low <= 0.5 <= high <= 1, got {self.clamp}")
+        return self
+
+
+class PMTrainConfig(Section):
+    """Stage 5: a preference model trained with the Bradley-Terry loss on soft labels.
+
+    `learner` is a `cai_ray.train_config.LearnerConfig` (validated here; that module builds on
+    this one, so it is imported lazily). `helpful_ratio` is human helpfulness comparisons per AI
+    comparison (0 = none), read from `helpful_source` (hh-rlhf layout).
+    """
+
+    learner: Any = None
+    helpful_ratio: float = Field(0.0, ge=0)
+    helpful_source: str = "sample:hh_helpful_pairs"
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="held-out share of comparisons")
+
+    @field_validator("learner", mode="before")
+    @classmethod
+    def _learner(cls, value: Any) -> Any:
+        from cai_ray.train_config import LearnerConfig
+
+        if isinstance(value, LearnerConfig):
+            return value
+        try:
+            return LearnerConfig.model_validate(value or {})
+        except ValidationError as exc:
+            issues = "; ".join(_learner_issue(e, LearnerConfig) for e in exc.errors())
+            raise ValueError(issues) from None
+
+
+def _learner_issue(err: Any, model: type[BaseModel]) -> str:
+    key = ".".join(str(p) for p in err["loc"])
+    if err["type"] != "extra_forbidden":
+        return f"{key}: {err['msg']}"
+    close = difflib.get_close_matches(str(err["loc"][-1]), list(model.model_fields), n=1)
+    return f"{key}: unknown key" + (f", did you mean '{close[0]}'?" if close else "")
+
+
 class RunConfig(Section):
     """The whole run. Stages add their sections here as they land."""
 
@@ -151,6 +286,10 @@ class RunConfig(Section):
     data: DataConfig = DataConfig()
     ray: RayConfig = RayConfig()
     sl_generate: SLGenerateConfig = SLGenerateConfig()
+    rl_pairs: RLPairsConfig = RLPairsConfig()
+    rl_label: RLLabelConfig = RLLabelConfig()
+    pm_train: PMTrainConfig = PMTrainConfig()
+    serve: ServeConfig = ServeConfig()
 
     def content_hash(self) -> str:
         """sha256 of the resolved config, recorded in every stage manifest."""

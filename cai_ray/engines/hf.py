@@ -193,18 +193,17 @@ class HFEngine(Engine):
             mask = mask.repeat_interleave(n, dim=0)
             last_pos = positions[:, -1].repeat_interleave(n, dim=0)  # (B*n,)
             rows = _Rows(len(prompts) * n, self)
-            active = torch.arange(len(prompts) * n, device=self.device)
+            active = list(range(len(prompts) * n))  # row ids still sampling
             for _step in range(params.max_new_tokens):
                 tokens, logprobs = _sample(logits, params, gen)
-                keep = rows.append(active.tolist(), tokens.tolist(), logprobs, params)
+                keep = rows.append(active, tokens.tolist(), logprobs, params)
                 if not keep:
                     break
                 if len(keep) < len(active):  # drop finished rows from every tensor and the cache
                     sel = torch.tensor(keep, device=self.device)
                     cache.batch_select_indices(sel)
-                    active, tokens, mask, last_pos = (
-                        t[sel] for t in (active, tokens, mask, last_pos)
-                    )
+                    tokens, mask, last_pos = tokens[sel], mask[sel], last_pos[sel]
+                    active = [active[j] for j in keep]
                 mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
                 last_pos = last_pos + 1
                 logits, cache = self._forward(tokens[:, None], mask, last_pos[:, None], cache)

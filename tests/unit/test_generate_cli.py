@@ -177,3 +177,20 @@ def test_bad_model_path_in_a_subprocess(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "no config.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_generate_reads_config_overrides(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "o.jsonl"
+    argv = ["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "-o", str(out)]
+    sets = [
+        "--set",
+        "generation.max_new_tokens=3",
+        "--set",
+        "engine.kind=hf",
+        "--set",
+        "engine.threads=1",
+    ]
+    assert main([*argv, *sets]) == 0
+    assert _rows(out)[0]["tokens"] == 3
+    assert main([*argv, "--set", "engine.kind=gpu"]) == 2
+    assert "engine.kind" in capsys.readouterr().err

@@ -107,6 +107,26 @@ def test_stop_string_cuts_the_text(engine):
     assert stop not in engine.tokenizer.decode(gen.token_ids[:-1])
 
 
+def test_rows_that_stop_early_leave_the_others_unchanged(engine):
+    params = SamplingParams(temperature=0, max_new_tokens=16)
+    full = [g[0] for g in engine.generate(PROMPTS, params)]
+    texts = [g.text for g in full]
+    # a stop string only row 0 produces, early: row 0 leaves the batch, rows 1-2 carry on
+    stop = next(
+        texts[0][i : i + 4]
+        for i in range(len(texts[0]) - 4)
+        if texts[0][i : i + 4].strip() and all(texts[0][i : i + 4] not in t for t in texts[1:])
+    )
+    stopped = [
+        g[0]
+        for g in engine.generate(
+            PROMPTS, SamplingParams(temperature=0, max_new_tokens=16, stop=(stop,))
+        )
+    ]
+    assert stopped[0].finish_reason == "stop" and len(stopped[0].token_ids) < 16
+    assert [g.token_ids for g in stopped[1:]] == [g.token_ids for g in full[1:]]
+
+
 def test_eos_finishes_with_stop(tiny_model_dir):
     eng = HFEngine(tiny_model_dir)
     first = eng.generate([PROMPTS[0]], SamplingParams(temperature=0, max_new_tokens=3))[0][

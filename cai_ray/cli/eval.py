@@ -1,0 +1,67 @@
+"""`cai-ray eval hhh|harmful-vs-ethical|harm-classification`: the paper's multiple-choice evals.
+
+A preference model (`--as pm`) is right when it scores the correct transcript higher (HHH file
+only); a feedback model (`--as feedback`) answers the multiple-choice prompt, zero-shot or with
+chain-of-thought (`--cot`). Prints a table by the correct option's position; `-o` writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from cai_ray.errors import CaiRayError
+
+# The paper's files, where this checkout sits beside a `shared/data` folder; else pass --file.
+DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared/data/anthropic-cai/evals"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from cai_ray.evals import EVAL_FILES
+
+    parser = sub.add_parser("eval", help="score a PM or a feedback model on the paper's evals")
+    parser.add_argument("name", choices=list(EVAL_FILES), help="which evaluation")
+    parser.add_argument("--model", required=True, help="an HF model directory")
+    parser.add_argument("--as", dest="kind", choices=("pm", "feedback"), default="feedback")
+    parser.add_argument("--file", help=f"the JSONL file (default: {DEFAULT_DATA}/<the file>)")
+    parser.add_argument("--cot", action="store_true", help="chain of thought (feedback model)")
+    parser.add_argument("--limit", type=int, help="only the first N rows")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="rationale length (CoT)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("-o", "--output", help="write the report as JSON here")
+    parser.set_defaults(func=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from cai_ray.evals import EVAL_FILES, eval_with_feedback_model, eval_with_pm, read_eval_file
+
+    if args.limit is not None and args.limit < 1:
+        raise CaiRayError("--limit must be at least 1", where="--limit")
+    if args.cot and args.kind == "pm":
+        raise CaiRayError("--cot needs --as feedback", hint="a PM has no chain of thought")
+    path = Path(args.file) if args.file else DEFAULT_DATA / EVAL_FILES[args.name]
+    items, rejects = read_eval_file(path)
+    items = items[: args.limit] if args.limit else items
+    if args.kind == "pm":
+        from cai_ray.reward import RewardScorer
+
+        scorer = RewardScorer(args.model, device=args.device, threads=args.threads)
+        report = eval_with_pm(args.name, items, scorer.score, rejects=rejects)
+    else:
+        from cai_ray.config import EngineConfig
+        from cai_ray.engines import make_engine
+        from cai_ray.engines.base import SamplingParams
+
+        engine = make_engine(args.model, EngineConfig(device=args.device, threads=args.threads))
+        sampling = SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens)
+        report = eval_with_feedback_model(
+            args.name, items, engine, cot=args.cot, sampling=sampling, rejects=rejects
+        )
+    print(report.table())
+    if args.output:
+        out = {**report.to_dict(), "file": str(path), "model": args.model}
+        Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {args.output}")
+    return 0

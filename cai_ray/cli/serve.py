@@ -1,0 +1,54 @@
+"""`cai-ray serve`: publish a run's policy, PM and constitution on Ray Serve."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve the policy, PM and constitution over HTTP (Ray Serve)")
+    p.add_argument("config", nargs="?", default="configs/local-tiny.yaml")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set serve.max_n=2 (repeatable)",
+    )
+    p.add_argument("--policy", help="an HF causal LM directory to serve as the policy")
+    p.add_argument("--reward", help="an HF sequence-classification directory to serve as the PM")
+    p.add_argument("--host", help="bind address (default serve.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default serve.port, 8000)")
+    p.add_argument(
+        "--detach",
+        action="store_true",
+        help="return once deployed (needs ray.address: a cluster that outlives this process)",
+    )
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import time
+
+    from cai_ray.config import load_config, resolve_path
+    from cai_ray.serve.launch import describe, plan_serve, serve_app, shutdown
+
+    overrides = list(args.overrides)
+    if args.host:
+        overrides.append(f"serve.host={args.host}")
+    if args.port:
+        overrides.append(f"serve.port={args.port}")
+    cfg = load_config(resolve_path(args.config), overrides)
+    plan = plan_serve(cfg, policy=args.policy, reward=args.reward)
+    url = serve_app(cfg, plan=plan)
+    print(describe(url, plan), flush=True)
+    if args.detach:
+        return 0
+    try:
+        while True:  # the Serve app lives in Ray; this process only keeps it attached
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("shutting down", flush=True)
+        shutdown()
+    return 0

@@ -1,0 +1,122 @@
+"""Stage 4, rl-label: AI feedback on the response pairs of stage 3 (paper section 4.1).
+
+Ray Data reads stage 3's shards and streams them through the labeller pool; each output row is a
+pair, its final probability P(response_a preferred) and the full trace (per principle and order,
+rationales, feedback model id, constitution hash). Exactly once per pair id across a kill.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from cai_ray.config import RunConfig
+from cai_ray.errors import DataError
+from cai_ray.labeling import LabelSettings, label_statistics
+from cai_ray.pipeline.common import StageContext, ensure_ray
+from cai_ray.pipeline.sl_generate import _drain, _pool_args, _summary, check_pool_fits
+from cai_ray.shards import ShardStore, write_manifest
+
+STAGE = "rl-label"
+
+
+def label_settings(cfg: RunConfig) -> LabelSettings:
+    """The `rl_label` section as the labeller's settings."""
+    s = cfg.rl_label
+    return LabelSettings(
+        principles_per_label=s.principles_per_label,
+        both_orders=s.both_orders,
+        mode=s.mode,
+        clamp_range=tuple(s.clamp),
+        cot=s.cot,
+        cot_samples=s.cot_samples,
+        few_shot=s.few_shot,
+        seed=cfg.seed,
+    )
+
+
+def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) stage 4 over stage 3's pairs; returns its manifest."""
+    from actors.labeler import LabelerWorker
+
+    ctx = StageContext.open(cfg, STAGE, sections=("rl_label", "rl_pairs", "models", "data"))
+    if ctx.finished is not None:
+        return ctx.finished
+    s = cfg.rl_label
+    constitution = ctx.constitution()
+    constitution.require_feedback()
+    feedback = ctx.model(cfg.models.feedback or cfg.models.helpful)
+    pairs = ShardStore(ctx.stage_dir.parent / "rl-pairs" / "red_team", key="pair_id")
+    if not pairs.shard_paths():
+        raise DataError(
+            "rl-label needs the response pairs of stage 3, and there are none",
+            where=str(pairs.folder),
+            hint="run `cai-ray stage rl-pairs CONFIG` first (or `cai-ray run`)",
+        )
+    t0 = time.perf_counter()
+    import ray
+
+    ensure_ray(cfg.ray)
+    check_pool_fits({"labeler": s.labeler}, ray.cluster_resources())
+    store = ShardStore(ctx.stage_dir / "labels", key="pair_id")
+    ds = ray.data.read_parquet(pairs.shard_paths()).map_batches(
+        _todo,
+        fn_kwargs=dict(done=frozenset(store.done_keys())),
+        batch_format="pandas",
+        batch_size=s.labeler.batch_size,
+        num_cpus=0,
+    )
+    sampling = cfg.generation.sampling_params(seed=cfg.seed, max_new_tokens=s.cot_max_new_tokens)
+    ds = ds.map_batches(
+        LabelerWorker,
+        fn_constructor_kwargs=dict(
+            model_path=str(feedback.path),
+            engine=s.labeler.engine or cfg.engine,
+            constitution_path=str(ctx.constitution_path),
+            settings=label_settings(cfg),
+            rationale_sampling=sampling,
+            model_id=feedback.id,
+        ),
+        **_pool_args(s.labeler),
+    )
+    extra = dict(feedback_model_id=feedback.id, constitution_hash=constitution.content_hash)
+    shard_cfg = cfg.model_copy(
+        update={"sl_generate": cfg.sl_generate.model_copy(update={"shard_rows": s.shard_rows})}
+    )
+    _drain(ds, store, shard_cfg, extra=extra, expand=_expand, desc=STAGE, progress=progress)
+    table = store.read_table(["label", "flips", "order_checks", "principles", "split_options"])
+    rows = table.to_pylist() if table is not None else []
+    manifest = ctx.manifest(
+        inputs={"pairs": str(pairs.folder), "pairs_available": pairs.count_rows()},
+        outputs={"labels": _summary(store)},
+        statistics={
+            **label_statistics(rows),
+            "split_option_markers": sum(bool(r["split_options"]) for r in rows),
+        },
+        settings=label_settings(cfg).__dict__,
+        models={"feedback": feedback.id},
+        constitution_hash=constitution.content_hash,
+        timings={"total_s": round(time.perf_counter() - t0, 3)},
+    )
+    return write_manifest(ctx.stage_dir, manifest)
+
+
+def _todo(batch: Any, *, done: frozenset[str]) -> Any:
+    """Pairs not labelled yet, with an empty `reject` column for the labeller to fill."""
+    batch = batch[~batch["pair_id"].isin(done)].copy()
+    batch["reject"] = [""] * len(batch)
+    return batch
+
+
+def _expand(row: dict[str, Any]) -> dict[str, Any]:
+    """JSON columns of the worker back to nested values; drop the unlabelled response list."""
+    row = {**row, "principles": json.loads(row["principles"]), "trace": json.loads(row["trace"])}
+    row["responses"] = [str(x) for x in row["responses"]]
+    row["temperatures"] = [float(x) for x in row.get("temperatures", [])]
+    row["principle_ids"] = [str(x) for x in row["principle_ids"]]
+    row["flips"] = int(row["flips"])
+    row["order_checks"] = int(row["order_checks"])
+    row["split_options"] = bool(row["split_options"])
+    row["tournament"] = row.get("tournament") or ""  # JSON of a round robin (N > 2), else ""
+    return row

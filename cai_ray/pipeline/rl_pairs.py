@@ -1,0 +1,106 @@
+"""Stage 3, rl-pairs: the SL-CAI model answers each red-team prompt several times (paper 4.1).
+
+Ray Data streams the prompts through rollout pools (one per sampling temperature); each output
+row holds a prompt and its responses (2 by default), keyed by `pair_id` (= the prompt id), so
+stage 4 labels each once. Exactly once across a kill, as stage 1.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from cai_ray.config import ModelConfig, RunConfig
+from cai_ray.pipeline.common import StageContext, ensure_ray, prompt_dataset
+from cai_ray.pipeline.sl_generate import _drain, _pool, _summary, check_pool_fits
+from cai_ray.shards import ShardStore, write_manifest
+
+STAGE = "rl-pairs"
+
+
+def policy_model(cfg: RunConfig) -> ModelConfig:
+    """The SL-CAI model of stage 2 when it exists, else `models.helpful`."""
+    sl = Path(cfg.run_dir) / "sl-train" / "hf"
+    return ModelConfig(path=str(sl)) if (sl / "config.json").is_file() else cfg.models.helpful
+
+
+def temperature_groups(cfg: RunConfig) -> list[tuple[float, int]]:
+    """(temperature, samples) per rollout pool: samples spread round robin over temperatures."""
+    s = cfg.rl_pairs
+    temps = s.temperatures or (cfg.generation.temperature,)
+    counts: dict[float, int] = {}
+    for i in range(s.samples_per_prompt):
+        t = float(temps[i % len(temps)])
+        counts[t] = counts.get(t, 0) + 1
+    return list(counts.items())
+
+
+def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) stage 3; returns its manifest."""
+    from actors.rollout import RolloutWorker
+
+    ctx = StageContext.open(cfg, STAGE, sections=("rl_pairs", "models", "data", "generation"))
+    if ctx.finished is not None:
+        return ctx.finished
+    s = cfg.rl_pairs
+    policy = ctx.model(policy_model(cfg))
+    t0 = time.perf_counter()
+    import ray
+
+    ensure_ray(cfg.ray)
+    groups = temperature_groups(cfg)
+    check_pool_fits({f"rollout-t{t}": s.rollout for t, _ in groups}, ray.cluster_resources())
+    store = ShardStore(ctx.stage_dir / "red_team", key="pair_id")
+    ds = prompt_dataset(
+        cfg.data.red_team,
+        turns=cfg.data.turns,
+        limit=cfg.data.limit,
+        done=store.done_keys(),
+        block_rows=s.rollout.batch_size,
+    )
+    for g, (temperature, n) in enumerate(groups):
+        sampling = cfg.generation.sampling_params(n=n, seed=cfg.seed + g, temperature=temperature)
+        ds = _pool(
+            ds,
+            RolloutWorker,
+            s.rollout,
+            cfg,
+            model=policy,
+            sampling=sampling,
+            fmt=cfg.format,
+            answer_col=f"answers_{g}",
+        )
+    expand = _responses(groups)
+    extra = dict(response_model_id=policy.id)
+    _drain(ds, store, _shard_cfg(cfg), extra=extra, expand=expand, desc=STAGE, progress=progress)
+    manifest = ctx.manifest(
+        inputs={"red_team": cfg.data.red_team},
+        outputs={"red_team": _summary(store)},
+        models={"policy": policy.id},
+        sampling={"groups": [{"temperature": t, "samples": n} for t, n in groups]},
+        timings={"total_s": round(time.perf_counter() - t0, 3)},
+    )
+    return write_manifest(ctx.stage_dir, manifest)
+
+
+def _responses(groups: list[tuple[float, int]]):
+    """Row expander: every pool's answers as one `responses` list with its temperatures."""
+
+    def expand(row: dict[str, Any]) -> dict[str, Any]:
+        responses, temps = [], []
+        for g, (temperature, n) in enumerate(groups):
+            raw = row.pop(f"answers_{g}")
+            answers = json.loads(raw) if n > 1 else [raw]
+            responses += answers
+            temps += [temperature] * len(answers)
+        return {**row, "pair_id": row["prompt_id"], "responses": responses, "temperatures": temps}
+
+    return expand
+
+
+def _shard_cfg(cfg: RunConfig) -> RunConfig:
+    """`_drain` reads the shard size from `sl_generate`; hand it this stage's."""
+    sl = cfg.sl_generate.model_copy(update={"shard_rows": cfg.rl_pairs.shard_rows})
+    return cfg.model_copy(update={"sl_generate": sl})

@@ -1,0 +1,127 @@
+"""Stages 3-5 on a real local Ray cluster with tiny models: response pairs, AI labels, the PM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from cai_ray.config import load_config
+from cai_ray.errors import DataError
+from cai_ray.pipeline import rl_label, rl_pairs
+from cai_ray.shards import ShardStore
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = [
+    "generation.max_new_tokens=8",
+    "data.limit=6",
+    "rl_pairs.rollout.batch_size=4",
+    "rl_label.labeler.batch_size=4",
+    "rl_label.few_shot=1",
+    "rl_label.cot_max_new_tokens=8",
+    "rl_label.principles_per_label=2",
+]
+
+
+def _cfg(tmp_path, model_dir, *extra):
+    model = f"models.helpful={{path: {model_dir}}}"
+    return load_config(
+        ROOT / "configs/local-tiny.yaml", [f"run_dir={tmp_path}", *BASE, model, *extra]
+    )
+
+
+def _rows(run_dir: Path, stage: str, part: str) -> pd.DataFrame:
+    return ShardStore(run_dir / stage / part, key="pair_id").read_table().to_pandas()
+
+
+def test_pairs_then_labels_with_full_trace(ray_cluster, tmp_path, tiny_model_dir):
+    cfg = _cfg(tmp_path, tiny_model_dir)
+    pairs_manifest = rl_pairs.run(cfg, progress=False)
+    pairs = _rows(tmp_path, "rl-pairs", "red_team")
+    assert len(pairs) == 6 and pairs.pair_id.is_unique
+    assert pairs_manifest["outputs"]["red_team"]["rows"] == 6
+    assert all(len(r) == 2 and all(r) for r in pairs.responses)
+
+    manifest = rl_label.run(cfg, progress=False)
+    labels = _rows(tmp_path, "rl-label", "labels")
+    labelled = manifest["outputs"]["labels"]["rows"]
+    assert labelled + manifest["outputs"]["labels"]["rejects"] == 6
+    assert len(labels) == labelled > 0 and labels.pair_id.is_unique
+    assert set(labels.pair_id) <= set(pairs.pair_id)
+    for row in labels.itertuples():
+        assert 0.0 <= row.label <= 1.0
+        assert len(row.principle_ids) == 2 and len(row.principles) == 2
+        assert len(row.trace) == 4  # 2 principles x 2 orders
+        assert {t["order"] for t in row.trace} == {"ab", "ba"}
+        assert row.response_a != row.response_b
+        assert row.feedback_model_id == manifest["models"]["feedback"]
+        assert row.constitution_hash == manifest["constitution_hash"]
+        assert row.label == pytest.approx(sum(p["p"] for p in row.principles) / 2)
+    stats = manifest["statistics"]
+    assert stats["labels"] == labelled and sum(stats["distribution"]["counts"]) == labelled
+    assert 0.0 <= stats["flip_rate"] <= 1.0 and 0.5 <= stats["mean_confidence"] <= 1.0
+    # a finished stage is skipped on rerun
+    assert rl_label.run(cfg, progress=False)["written_at"] == manifest["written_at"]
+
+
+def test_cot_labels_are_clamped_and_bad_pairs_are_rejects(ray_cluster, tmp_path, tiny_model_dir):
+    cfg = _cfg(
+        tmp_path,
+        tiny_model_dir,
+        "rl_label.cot=true",
+        "rl_label.cot_samples=2",
+        "rl_label.both_orders=false",
+        "rl_label.principles_per_label=1",
+    )
+    folder = ShardStore(tmp_path / "rl-pairs" / "red_team", key="pair_id")
+    msgs = [{"role": "user", "content": "How do I hotwire a car?"}]
+    base = {"messages": msgs, "prompt": "How do I hotwire a car?", "source": "t", "row": 0}
+    rows = [
+        {**base, "pair_id": "good", "prompt_id": "good", "responses": ["No.", "Use wires."]},
+        {**base, "pair_id": "same", "prompt_id": "same", "responses": ["Same.", "Same."]},
+        {**base, "pair_id": "empty", "prompt_id": "empty", "responses": ["", "Something."]},
+    ]
+    folder.write([{**r, "temperatures": [1.0, 1.0]} for r in rows], [])
+    manifest = rl_label.run(cfg, progress=False)
+    labels = _rows(tmp_path, "rl-label", "labels")
+    assert list(labels.pair_id) == ["good"]
+    (row,) = labels.itertuples()
+    assert 0.4 <= row.label <= 0.6
+    assert len(row.trace) == 2 and all(t["rationale"] is not None for t in row.trace)
+    assert manifest["outputs"]["labels"]["reject_reasons"] == {
+        "identical responses": 1,
+        "empty response": 1,
+    }
+
+
+def test_label_without_pairs_is_a_clear_error(ray_cluster, tmp_path, tiny_model_dir):
+    with pytest.raises(DataError, match="rl-pairs"):
+        rl_label.run(_cfg(tmp_path, tiny_model_dir), progress=False)
+
+
+def test_best_and_worst_of_four_samples(ray_cluster, tmp_path, tiny_model_dir):
+    cfg = _cfg(
+        tmp_path,
+        tiny_model_dir,
+        "data.limit=2",
+        "rl_pairs.samples_per_prompt=4",
+        "rl_pairs.temperatures=[0.7, 1.3]",
+        "rl_label.principles_per_label=1",
+    )
+    manifest = rl_pairs.run(cfg, progress=False)
+    assert manifest["sampling"]["groups"] == [
+        {"temperature": 0.7, "samples": 2},
+        {"temperature": 1.3, "samples": 2},
+    ]
+    pairs = _rows(tmp_path, "rl-pairs", "red_team")
+    assert all(len(r) == 4 for r in pairs.responses)
+    assert all(list(t) == [0.7, 0.7, 1.3, 1.3] for t in pairs.temperatures)
+    rl_label.run(cfg, progress=False)
+    labels = _rows(tmp_path, "rl-label", "labels")
+    for row in labels.itertuples():
+        t = json.loads(row.tournament)
+        assert len(t["wins"]) == 6 and t["best"] != t["worst"]
+        assert row.response_a == row.responses[t["best"]]
+        assert row.response_b == row.responses[t["worst"]]
