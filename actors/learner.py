@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from actors.checkpoint import checkpoints_dir, read_latest, tag_for
-from actors.learner_data import EpochPlan, check_dataset, dataset_shards, list_shards
+from actors.learner_data import EpochPlan, check_dataset, check_rows, dataset_shards, list_shards
 from actors.learner_worker import LearnerWorker
 from actors.metrics import MetricsSink, check_loggers, read_metrics
 from actors.objectives import Objective
@@ -160,8 +160,7 @@ class LearnerGroup:
         """
         if isinstance(dataset, Sequence):
             rows = list(dataset)
-            if any(not isinstance(r, Mapping) or "idx" not in r for r in rows):
-                raise DataError("learner rows must be mappings with an 'idx' column")
+            check_rows(rows)
             if self._local:
                 return rows, None, len(rows)
             import ray
@@ -294,8 +293,10 @@ class LearnerGroup:
                 raise user_error from None
             raise CaiRayError(f"a learner rank failed: {exc.cause!r}") from exc
         except RayActorError as exc:
+            lines = [line for line in str(exc).splitlines() if line.strip()] or [""]
+            reason = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1].strip()}"
             raise CaiRayError(
-                f"a learner rank died: {exc}".splitlines()[0],
+                f"a learner rank died: {reason}",
                 hint="fit(..., resume=True) continues from the last checkpoint",
             ) from None
 

@@ -69,6 +69,17 @@ def _positions(num_rows: int, seed: int, epoch: int, shuffle: bool) -> np.ndarra
     return positions
 
 
+def check_rows(rows: Sequence[Any]) -> int:
+    """Row count of a list of mappings numbered 0..N-1 by `idx`, else a DataError."""
+    if any(not isinstance(r, Mapping) or "idx" not in r for r in rows):
+        raise DataError(
+            "learner rows must be mappings with an integer 'idx' column",
+            hint="build rows with cai_ray.sft_data.build_sft_examples, which numbers them",
+        )
+    _check_idx(np.asarray([r["idx"] for r in rows]), len(rows))
+    return len(rows)
+
+
 def list_shards(rows: Sequence[Mapping[str, Any]], plan: EpochPlan, epoch: int) -> list[list]:
     """The epoch's shards of an in-memory list of rows, one list per rank, in training order."""
     idx = _check_idx(np.asarray([r["idx"] for r in rows]), plan.num_rows)

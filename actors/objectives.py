@@ -43,7 +43,10 @@ class Objective(Protocol):
     def loss(
         self, model: Any, batch: Mapping[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """(loss summed over the batch's units, extra metrics summed over the same units)."""
+        """(loss summed over the batch's units, extra metrics summed over the same units).
+
+        The extra metrics must have the same keys on every call: ranks all-reduce them in order.
+        """
         ...
 
     def tokens(self, batch: Mapping[str, torch.Tensor]) -> int:

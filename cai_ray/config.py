@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from cai_ray.errors import ConfigError
+from cai_ray.train_config import SFTConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,9 +96,10 @@ class GenerationConfig(Section):
 
 
 class ModelsConfig(Section):
-    """The roles' models. `feedback` and `critique` default to the helpful model."""
+    """The roles' models. `base`, `feedback` and `critique` default to the helpful model."""
 
     helpful: ModelConfig = ModelConfig(preset="tiny-1m")
+    base: ModelConfig | None = None  # the model SL-CAI fine-tunes (None: the helpful model)
     critique: ModelConfig | None = None
     feedback: ModelConfig | None = None
     reward: ModelConfig | None = None  # the PM to start from; None: preset tiny-1m, classification
@@ -286,6 +288,7 @@ class RunConfig(Section):
     data: DataConfig = DataConfig()
     ray: RayConfig = RayConfig()
     sl_generate: SLGenerateConfig = SLGenerateConfig()
+    sl_train: SFTConfig = SFTConfig()
     rl_pairs: RLPairsConfig = RLPairsConfig()
     rl_label: RLLabelConfig = RLLabelConfig()
     pm_train: PMTrainConfig = PMTrainConfig()

@@ -10,11 +10,19 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import Field, model_validator
-
-from cai_ray.config import ModelConfig, Section
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 LRSchedule = Literal["constant", "warmup_constant", "cosine", "linear"]
+
+
+class Section(BaseModel):
+    """The contract of `cai_ray.config.Section` (frozen, unknown keys are errors).
+
+    Defined here, not imported: `cai_ray.config` builds its tree from these sections while it
+    loads, so this module must not import it back (either import order then works).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 class LearnerConfig(Section):
@@ -110,7 +118,6 @@ class SFTConfig(Section):
     """
 
     learner: LearnerConfig = LearnerConfig()
-    model: ModelConfig | None = Field(None, description="model to fine-tune; None: models.helpful")
     pairs: Literal["final", "all_rounds", "up_to"] = "final"
     up_to: int | None = Field(None, ge=1)
     helpful_ratio: float = Field(1.0, ge=0)

@@ -13,8 +13,10 @@ from cai_ray.pipeline import STAGES
 # stage -> module with `run(cfg, *, progress) -> manifest`; the rest land with their issues.
 IMPLEMENTED = {
     "sl-generate": "cai_ray.pipeline.sl_generate",
+    "sl-train": "cai_ray.pipeline.sl_train",
     "rl-pairs": "cai_ray.pipeline.rl_pairs",
     "rl-label": "cai_ray.pipeline.rl_label",
+    "pm-train": "cai_ray.pipeline.pm_train",
 }
 
 

@@ -144,6 +144,18 @@ def test_a_model_that_is_not_a_causal_lm_is_a_model_error(tiny_reward_model_dir,
         LearnerGroup(cfg(), SFTObjective(), tmp_path / "nowhere", tmp_path)
 
 
+@pytest.mark.integration
+def test_rows_must_be_numbered_by_idx(ray_cluster, tiny_model_dir, rows16, tmp_path):
+    shifted = [{**row, "idx": row["idx"] + 1} for row in rows16]
+    group = LearnerGroup(cfg(max_steps=1), objective(tiny_model_dir), tiny_model_dir, tmp_path)
+    with pytest.raises(DataError, match="'idx' must number the 16 rows"):
+        group.fit(shifted, progress=False)
+    with pytest.raises(DataError, match="'idx' must number the 16 rows"):
+        group.fit(ray_cluster.data.from_items(shifted), progress=False)
+    with pytest.raises(DataError, match="no full global batch"):
+        group.fit(rows16[:3], progress=False)
+
+
 # -- 2 ranks -------------------------------------------------------------------------------------
 
 
@@ -171,10 +183,11 @@ def test_two_ranks_zero2_learn_and_save_a_loadable_model(
 @pytest.mark.integration
 def test_in_process_and_two_ranks_agree_step_by_step(ray_cluster, tiny_model_dir, rows16, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
+    dataset = ray_cluster.data.from_items(rows16)  # a Ray Dataset in-process, a list on 2 ranks
     with LearnerGroup(
         cfg(grad_accum=2, max_steps=4, epochs=2), objective(tiny_model_dir), tiny_model_dir, one
     ) as g:
-        g.fit(rows16, progress=False)
+        g.fit(dataset, progress=False)
     config = cfg(num_ranks=2, zero_stage=2, max_steps=4, epochs=2)  # 2 ranks x 4 rows = 8 rows too
     with LearnerGroup(config, objective(tiny_model_dir), tiny_model_dir, two) as g:
         g.fit(rows16, progress=False)

@@ -125,3 +125,70 @@ def test_best_and_worst_of_four_samples(ray_cluster, tmp_path, tiny_model_dir):
         assert len(t["wins"]) == 6 and t["best"] != t["worst"]
         assert row.response_a == row.responses[t["best"]]
         assert row.response_b == row.responses[t["worst"]]
+
+
+def _marker_labels(run_dir: Path, n: int) -> None:
+    """Synthetic stage-4 output a tiny PM can learn: response_a ends with a marker word."""
+    import random
+
+    rng = random.Random(0)
+    words = [
+        "the",
+        "a",
+        "cat",
+        "dog",
+        "river",
+        "stone",
+        "blue",
+        "green",
+        "runs",
+        "sleeps",
+        "under",
+        "over",
+        "tree",
+        "house",
+    ]
+    rows = []
+    for i in range(n):
+        prompt = " ".join(rng.choices(words, k=3))
+        rows.append(
+            {
+                "pair_id": f"m{i}",
+                "prompt_id": f"m{i}",
+                "messages": [{"role": "user", "content": prompt}],
+                "response_a": " ".join(rng.choices(words, k=4)) + " thanks",
+                "response_b": " ".join(rng.choices(words, k=5)),
+                "label": 0.9,
+            }
+        )
+    ShardStore(run_dir / "rl-label" / "labels", key="pair_id").write(rows, [])
+
+
+def test_pm_train_learns_ai_labels_and_resumes(ray_cluster, tmp_path, tiny_reward_model_dir):
+    from cai_ray.pipeline import pm_train
+    from cai_ray.reward import RewardScorer
+
+    _marker_labels(tmp_path, 120)
+    cfg = load_config(
+        ROOT / "configs/local-tiny.yaml",
+        [
+            f"run_dir={tmp_path}",
+            f"models.reward={{path: {tiny_reward_model_dir}}}",
+            "pm_train.helpful_ratio=0.1",
+            "pm_train.eval_fraction=0.25",
+            "pm_train.learner={num_ranks: 0, micro_batch_size: 8, epochs: 2, lr: 3.0e-3}",
+        ],
+    )
+    manifest = pm_train.run(cfg, progress=False)
+    out = manifest["outputs"]
+    assert out["by_source"]["human"] > 0 and out["by_source"]["ai"] > 60
+    assert out["train_pairs"] + out["held_out_pairs"] == 120 + 12
+    evals = manifest["held_out"]
+    assert [e["epoch"] for e in evals] == [1, 2]
+    assert evals[-1]["accuracy"] >= 0.9 and evals[-1]["ece"] is not None
+    scorer = RewardScorer(out["hf_dir"], device="cpu")
+    a, b = scorer.score(
+        ["\n\nHuman: hi\n\nAssistant: the cat thanks", "\n\nHuman: hi\n\nAssistant: the cat dog"]
+    )
+    assert a > b
+    assert pm_train.run(cfg, progress=False)["written_at"] == manifest["written_at"]

@@ -39,34 +39,58 @@ def _rows(run_dir: Path, part: str = "red_team") -> pd.DataFrame:
     return ShardStore(run_dir / "sl-generate" / part).read_table().to_pandas()
 
 
-def test_sixteen_prompts_four_rounds_every_field(ray_cluster, tmp_path, tiny_model_dir):
-    cfg = _cfg(tmp_path, "data.limit=16", "sl_generate.helpful_samples=2", model_dir=tiny_model_dir)
-    manifest = sl_generate.run(cfg, progress=False)
-    df = _rows(tmp_path)
+@pytest.fixture(scope="module")
+def stage1(ray_cluster, tmp_path_factory, tiny_model_dir):
+    """Stage 1 on 16 sample prompts (4 rounds) with helpfulness answers, run once per module."""
+    run_dir = tmp_path_factory.mktemp("stage1")
+    cfg = _cfg(run_dir, "data.limit=16", "sl_generate.helpful_samples=2", model_dir=tiny_model_dir)
+    return cfg, sl_generate.run(cfg, progress=False)
+
+
+def test_sixteen_prompts_four_rounds_every_field(stage1):
+    cfg, manifest = stage1
+    run_dir = Path(cfg.run_dir)
+    df = _rows(run_dir)
     assert len(df) == 16 and df.prompt_id.is_unique
     assert manifest["outputs"]["red_team"] == {"rows": 16, "rejects": 0, "reject_reasons": {}}
     for row in df.itertuples():
         assert row.prompt and row.initial_answer and row.final_revision
         assert len(row.rounds) == 4
         for rd in row.rounds:
-            assert all(
-                rd[k]
-                for k in (
-                    "principle_id",
-                    "critique_request",
-                    "critique",
-                    "revision_request",
-                    "revision",
-                )
-            )
+            keys = ("principle_id", "critique_request", "critique", "revision_request", "revision")
+            assert all(rd[k] for k in keys)
         assert row.final_revision == row.rounds[-1]["revision"]
         assert row.constitution_hash == manifest["constitution_hash"]
         assert row.response_model_id == row.critique_model_id == manifest["models"]["response"]
         assert row.messages[-1]["role"] == "user"
-    helpful = _rows(tmp_path, "helpful")
+    helpful = _rows(run_dir, "helpful")
     assert len(helpful) == 16 and all(len(a) == 2 and all(a) for a in helpful.answers)
     # a finished stage is skipped on rerun, with the same manifest
     assert sl_generate.run(cfg, progress=False)["written_at"] == manifest["written_at"]
+
+
+def test_sl_train_two_ranks_zero2_lowers_the_loss_and_saves_a_model(stage1):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cai_ray.models import load_tokenizer
+    from cai_ray.pipeline import sl_train
+
+    cfg, _ = stage1
+    cfg = cfg.model_copy(deep=True)  # the local-tiny learner: 2 ranks, ZeRO-2
+    assert (cfg.sl_train.learner.num_ranks, cfg.sl_train.learner.zero_stage) == (2, 2)
+    manifest = sl_train.run(cfg, progress=False)
+    out = manifest["outputs"]
+    assert out["revision_pairs"] == 16 and out["helpful_pairs"] == 16 and out["rejects"] == 0
+    steps = [json.loads(line) for line in Path(out["metrics"]).read_text().splitlines()]
+    assert len(steps) == out["steps"] > 2
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    model = AutoModelForCausalLM.from_pretrained(out["hf_dir"])
+    tok = load_tokenizer(out["hf_dir"])
+    ids = tok("\n\nHuman: hi\n\nAssistant:", return_tensors="pt")
+    with torch.no_grad():
+        gen = model.generate(**ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert gen.shape[1] == ids["input_ids"].shape[1] + 5
 
 
 def test_bad_rows_are_counted_rejects_and_the_rest_proceeds(ray_cluster, tmp_path, tiny_model_dir):

@@ -65,20 +65,36 @@ def test_collate_right_pads_a_then_b():
     assert obj.loss_units(batch) == 2 and obj.tokens(batch) == 7
 
 
-WORDS = (
-    ["the", "a", "cat", "dog", "river", "stone", "blue", "green", "runs", "sleeps", "under", "over", "quickly", "softly", "tree", "house"]
-)
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "river",
+    "stone",
+    "blue",
+    "green",
+    "runs",
+    "sleeps",
+    "under",
+    "over",
+    "quickly",
+    "softly",
+    "tree",
+    "house",
+]
 
 
 def _marker_pairs(tokenizer, n: int, seed: int, *, shuffled: bool) -> list[dict]:
     """The chosen reply ends with a marker word the rejected one lacks (labels p = 1).
 
-    With `shuffled`, which reply carries the marker is a coin flip: the label says nothing.
+    With `shuffled`, which reply carries the marker is a coin flip: the label is independent of
+    the texts, so no PM can beat chance on held-out pairs made the same way.
     """
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        prompt = " ".join(rng.choices(WORDS, k=5))
+        prompt = " ".join(rng.choices(WORDS, k=3))
         good = " ".join(rng.choices(WORDS, k=4)) + " thanks"
         bad = " ".join(rng.choices(WORDS, k=4)) + " " + rng.choice(WORDS)
         if shuffled and rng.random() < 0.5:
@@ -98,11 +114,11 @@ def _train_and_eval(model_dir, *, shuffled: bool) -> float:
     tokenizer = load_tokenizer(model_dir)
     obj = PreferenceObjective(pad_id=tokenizer.pad_token_id)
     model = obj.load_model(model_dir)
-    train = _marker_pairs(tokenizer, 192, seed=1, shuffled=shuffled)
-    held = _marker_pairs(tokenizer, 96, seed=2, shuffled=False)
+    train = _marker_pairs(tokenizer, 96, seed=1, shuffled=shuffled)
+    held = _marker_pairs(tokenizer, 96, seed=2, shuffled=shuffled)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    for _epoch in range(3):
+    for _epoch in range(2):
         for start in range(0, len(train), 16):
             batch = obj.collate(train[start : start + 16])
             loss, _ = obj.loss(model, batch)
