@@ -25,13 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
-        try:  # TEMP while the foundation lands module by module
-            module = importlib.import_module(f"cai_ray.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"cai_ray.cli.{name}":
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(f"cai_ray.cli.{name}").register(sub)
     return parser
 
 

@@ -4,7 +4,19 @@ import subprocess
 import sys
 
 HEAVY = ("ray", "vllm", "deepspeed", "torch", "transformers")
-CORE_MODULES = ("cai_ray", "cai_ray.config", "cai_ray.errors", "cai_ray.cli")
+CORE_MODULES = (
+    "cai_ray",
+    "cai_ray.config",
+    "cai_ray.errors",
+    "cai_ray.cli",
+    "cai_ray.constitution",
+    "cai_ray.conversation",
+    "cai_ray.sources",
+    "cai_ray.critique",
+    "cai_ray.feedback",
+    "cai_ray.engines",
+    "cai_ray.engines.base",
+)
 
 
 def test_import_cai_ray_imports_no_heavy_packages():
