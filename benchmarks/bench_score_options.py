@@ -120,8 +120,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="tiny-20m")
     ap.add_argument("--prefix-tokens", type=int, default=600)
-    ap.add_argument("--requests", type=int, default=4, help="requests per call")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--requests", type=int, default=2, help="requests per call")
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 

@@ -19,12 +19,11 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    field_validator,
     model_validator,
 )
 
 from cai_ray.errors import ConfigError
-from cai_ray.train_config import SFTConfig
+from cai_ray.train_config import LearnerConfig, SFTConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -243,36 +242,14 @@ class RLLabelConfig(Section):
 class PMTrainConfig(Section):
     """Stage 5: a preference model trained with the Bradley-Terry loss on soft labels.
 
-    `learner` is a `cai_ray.train_config.LearnerConfig` (validated here; that module builds on
-    this one, so it is imported lazily). `helpful_ratio` is human helpfulness comparisons per AI
+    `helpful_ratio` is human helpfulness comparisons per AI
     comparison (0 = none), read from `helpful_source` (hh-rlhf layout).
     """
 
-    learner: Any = None
+    learner: LearnerConfig = LearnerConfig()
     helpful_ratio: float = Field(0.0, ge=0)
     helpful_source: str = "sample:hh_helpful_pairs"
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="held-out share of comparisons")
-
-    @field_validator("learner", mode="before")
-    @classmethod
-    def _learner(cls, value: Any) -> Any:
-        from cai_ray.train_config import LearnerConfig
-
-        if isinstance(value, LearnerConfig):
-            return value
-        try:
-            return LearnerConfig.model_validate(value or {})
-        except ValidationError as exc:
-            issues = "; ".join(_learner_issue(e, LearnerConfig) for e in exc.errors())
-            raise ValueError(issues) from None
-
-
-def _learner_issue(err: Any, model: type[BaseModel]) -> str:
-    key = ".".join(str(p) for p in err["loc"])
-    if err["type"] != "extra_forbidden":
-        return f"{key}: {err['msg']}"
-    close = difflib.get_close_matches(str(err["loc"][-1]), list(model.model_fields), n=1)
-    return f"{key}: unknown key" + (f", did you mean '{close[0]}'?" if close else "")
 
 
 class RunConfig(Section):

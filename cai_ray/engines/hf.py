@@ -45,12 +45,14 @@ class HFEngine(Engine):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.batch_size = batch_size
-        self.tokenizer = load_tokenizer(path, padding_side="left")
         try:
+            self.tokenizer = load_tokenizer(path, padding_side="left")
             model = AutoModelForCausalLM.from_pretrained(str(path), **_dtype_kwarg(self.dtype))
-        except (OSError, ValueError) as err:
+        except Exception as err:  # corrupt files raise many types; all are the user's to fix
             raise ModelError(
-                f"transformers could not load the model: {err}", where=str(path)
+                f"transformers could not load the model ({type(err).__name__}: {err})",
+                where=str(path),
+                hint="check the directory is a complete, uncorrupted HF model (re-save or re-copy it)",
             ) from None
         self.model = model.to(self.device).eval()
         self.model_id = model_id or content_id(path)
@@ -131,10 +133,15 @@ class HFEngine(Engine):
         if getattr(self.model.config, "tie_word_embeddings", False):
             missing.discard("lm_head.weight")  # tied to the input embeddings, often not sent
         unexpected = set(state_dict) - set(own)
-        if missing or unexpected:
+        reshaped = [
+            n
+            for n in set(state_dict) & set(own)
+            if tuple(state_dict[n].shape) != tuple(own[n].shape)
+        ]
+        if missing or unexpected or reshaped:
             raise ModelError(
                 f"weights do not match the model: missing {sorted(missing)[:5]}, "
-                f"unexpected {sorted(unexpected)[:5]}",
+                f"unexpected {sorted(unexpected)[:5]}, wrong shape {sorted(reshaped)[:5]}",
                 where=f"{self.model_id} load_weights(version={version})",
                 hint="send the full state_dict of the same architecture (HF parameter names)",
             )

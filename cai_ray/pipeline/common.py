@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cai_ray.config import ModelConfig, RayConfig, RunConfig, resolve_path
-from cai_ray.errors import CaiRayError, ConfigError
-from cai_ray.shards import atomic_write_text, read_manifest
+from cai_ray.config import ModelConfig, PoolConfig, RayConfig, RunConfig, resolve_path
+from cai_ray.errors import CaiRayError, ConfigError, DataError
+from cai_ray.shards import ShardStore, atomic_write_text, read_manifest, reject_counts
 
 
 @dataclass(frozen=True)
@@ -256,3 +256,82 @@ def _user_error(exc: BaseException) -> CaiRayError | None:
             return exc
         exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
     return None
+
+
+def map_pool(ds, worker, pool: PoolConfig, cfg: RunConfig, *, model, **kwargs):
+    return ds.map_batches(
+        worker,
+        fn_constructor_kwargs=dict(
+            model_path=str(model.path),
+            engine=pool.engine or cfg.engine,
+            model_id=model.id,
+            **kwargs,
+        ),
+        **pool_args(pool),
+    )
+
+
+def pool_args(pool: PoolConfig) -> dict[str, Any]:
+    from ray.data import ActorPoolStrategy
+
+    return dict(
+        compute=ActorPoolStrategy(size=pool.size),
+        batch_size=pool.batch_size,
+        num_cpus=pool.num_cpus,
+        num_gpus=pool.num_gpus,
+        batch_format="pandas",
+    )
+
+
+def drain(
+    ds,
+    store: ShardStore,
+    cfg: RunConfig,
+    *,
+    shard_rows: int,
+    extra,
+    expand,
+    desc: str,
+    progress: bool,
+):
+    """Stream finished rows into shards of `shard_rows`; duplicate ids are rejects, never rows."""
+    from tqdm import tqdm
+
+    seen = store.done_keys()
+    bar = tqdm(desc=desc, unit="prompt", disable=not progress)
+    batches = ds.iter_batches(batch_size=shard_rows, batch_format="pandas")
+    for batch in stream_with_timeout(batches, cfg.ray.batch_timeout_s, what=desc):
+        rows, rejects = split_batch(batch, seen)
+        store.write([{**expand(r), **extra} for r in rows], rejects)
+        bar.update(len(batch))
+    bar.close()
+
+
+def summarize(store: ShardStore) -> dict[str, Any]:
+    rejects = store.rejects()
+    if rejects and store.count_rows() == 0:
+        reasons = "; ".join(f"{r['source']} row {r['row']}: {r['reason']}" for r in rejects[:3])
+        raise DataError(
+            f"no prompt made it through ({len(rejects)} rejected: {reasons})",
+            where=str(store.folder),
+            hint="see the rejects-*.jsonl files there; fix the source or the model/context",
+        )
+    return {
+        "rows": store.count_rows(),
+        "rejects": len(rejects),
+        "reject_reasons": reject_counts(rejects),
+    }
+
+
+def check_pool_fits(pools: dict[str, PoolConfig], cluster: dict[str, float]) -> None:
+    """A pool larger than the cluster can place is an error before anything starts."""
+    for resource, key in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
+        need = sum(p.size * getattr(p, key) for p in pools.values())
+        have = cluster.get(resource, 0.0)
+        if need > have:
+            detail = ", ".join(f"{n}: {p.size} x {getattr(p, key)}" for n, p in pools.items())
+            raise ConfigError(
+                f"the actor pools need {need:g} {resource} ({detail}) but the cluster has {have:g}",
+                where="actor pools",
+                hint="lower the pools' size or num_cpus/num_gpus, or add nodes",
+            )

@@ -14,8 +14,14 @@ from typing import Any
 from cai_ray.config import RunConfig
 from cai_ray.errors import DataError
 from cai_ray.labeling import LabelSettings, label_statistics
-from cai_ray.pipeline.common import StageContext, ensure_ray
-from cai_ray.pipeline.sl_generate import _drain, _pool_args, _summary, check_pool_fits
+from cai_ray.pipeline.common import (
+    StageContext,
+    check_pool_fits,
+    drain,
+    ensure_ray,
+    pool_args,
+    summarize,
+)
 from cai_ray.shards import ShardStore, write_manifest
 
 STAGE = "rl-label"
@@ -78,18 +84,24 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
             rationale_sampling=sampling,
             model_id=feedback.id,
         ),
-        **_pool_args(s.labeler),
+        **pool_args(s.labeler),
     )
     extra = dict(feedback_model_id=feedback.id, constitution_hash=constitution.content_hash)
-    shard_cfg = cfg.model_copy(
-        update={"sl_generate": cfg.sl_generate.model_copy(update={"shard_rows": s.shard_rows})}
+    drain(
+        ds,
+        store,
+        cfg,
+        shard_rows=s.shard_rows,
+        extra=extra,
+        expand=_expand,
+        desc=STAGE,
+        progress=progress,
     )
-    _drain(ds, store, shard_cfg, extra=extra, expand=_expand, desc=STAGE, progress=progress)
     table = store.read_table(["label", "flips", "order_checks", "principles", "split_options"])
     rows = table.to_pylist() if table is not None else []
     manifest = ctx.manifest(
         inputs={"pairs": str(pairs.folder), "pairs_available": pairs.count_rows()},
-        outputs={"labels": _summary(store)},
+        outputs={"labels": summarize(store)},
         statistics={
             **label_statistics(rows),
             "split_option_markers": sum(bool(r["split_options"]) for r in rows),

@@ -13,8 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from cai_ray.config import ModelConfig, RunConfig
-from cai_ray.pipeline.common import StageContext, ensure_ray, prompt_dataset
-from cai_ray.pipeline.sl_generate import _drain, _pool, _summary, check_pool_fits
+from cai_ray.pipeline.common import (
+    StageContext,
+    check_pool_fits,
+    drain,
+    ensure_ray,
+    map_pool,
+    prompt_dataset,
+    summarize,
+)
 from cai_ray.shards import ShardStore, write_manifest
 
 STAGE = "rl-pairs"
@@ -62,7 +69,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     )
     for g, (temperature, n) in enumerate(groups):
         sampling = cfg.generation.sampling_params(n=n, seed=cfg.seed + g, temperature=temperature)
-        ds = _pool(
+        ds = map_pool(
             ds,
             RolloutWorker,
             s.rollout,
@@ -74,10 +81,19 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         )
     expand = _responses(groups)
     extra = dict(response_model_id=policy.id)
-    _drain(ds, store, _shard_cfg(cfg), extra=extra, expand=expand, desc=STAGE, progress=progress)
+    drain(
+        ds,
+        store,
+        cfg,
+        shard_rows=cfg.rl_pairs.shard_rows,
+        extra=extra,
+        expand=expand,
+        desc=STAGE,
+        progress=progress,
+    )
     manifest = ctx.manifest(
         inputs={"red_team": cfg.data.red_team},
-        outputs={"red_team": _summary(store)},
+        outputs={"red_team": summarize(store)},
         models={"policy": policy.id},
         sampling={"groups": [{"temperature": t, "samples": n} for t, n in groups]},
         timings={"total_s": round(time.perf_counter() - t0, 3)},
@@ -98,9 +114,3 @@ def _responses(groups: list[tuple[float, int]]):
         return {**row, "pair_id": row["prompt_id"], "responses": responses, "temperatures": temps}
 
     return expand
-
-
-def _shard_cfg(cfg: RunConfig) -> RunConfig:
-    """`_drain` reads the shard size from `sl_generate`; hand it this stage's."""
-    sl = cfg.sl_generate.model_copy(update={"shard_rows": cfg.rl_pairs.shard_rows})
-    return cfg.model_copy(update={"sl_generate": sl})

@@ -11,17 +11,19 @@ import json
 import time
 from typing import Any
 
-from cai_ray.config import PoolConfig, RunConfig
+from cai_ray.config import RunConfig
 from cai_ray.critique import CritiqueSettings
-from cai_ray.errors import ConfigError, DataError
 from cai_ray.pipeline.common import (
     StageContext,
+    check_pool_fits,
+    drain,
     ensure_ray,
+    map_pool,
+    pool_args,
     prompt_dataset,
-    split_batch,
-    stream_with_timeout,
+    summarize,
 )
-from cai_ray.shards import ShardStore, reject_counts, write_manifest
+from cai_ray.shards import ShardStore, write_manifest
 
 STAGE = "sl-generate"
 
@@ -53,7 +55,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         block_rows=s.rollout.batch_size,
     )
     sampling = cfg.generation.sampling_params(seed=cfg.seed)
-    ds = _pool(
+    ds = map_pool(
         ds,
         RolloutWorker,
         s.rollout,
@@ -81,18 +83,25 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
             too_long=s.too_long,
             model_id=critic.id,
         ),
-        **_pool_args(s.critique),
+        **pool_args(s.critique),
     )
     extra = dict(
         response_model_id=helpful.id,
         critique_model_id=critic.id,
         constitution_hash=constitution.content_hash,
     )
-    _drain(
-        ds, store, cfg, extra=extra, expand=_expand_rounds, desc="sl-generate", progress=progress
+    drain(
+        ds,
+        store,
+        cfg,
+        shard_rows=s.shard_rows,
+        extra=extra,
+        expand=_expand_rounds,
+        desc="sl-generate",
+        progress=progress,
     )
 
-    outputs = {"red_team": _summary(store)}
+    outputs = {"red_team": summarize(store)}
     if s.helpful_samples > 0:
         outputs["helpful"] = _helpful_answers(cfg, ctx, helpful, progress=progress)
     manifest = ctx.manifest(
@@ -119,7 +128,7 @@ def _helpful_answers(cfg: RunConfig, ctx: StageContext, model, *, progress: bool
         block_rows=s.rollout.batch_size,
     )
     sampling = cfg.generation.sampling_params(n=s.helpful_samples, seed=cfg.seed)
-    ds = _pool(
+    ds = map_pool(
         ds,
         RolloutWorker,
         s.rollout,
@@ -131,55 +140,17 @@ def _helpful_answers(cfg: RunConfig, ctx: StageContext, model, *, progress: bool
         answer_col="answers",
     )
     extra = dict(response_model_id=model.id)
-    _drain(
+    drain(
         ds,
         store,
         cfg,
+        shard_rows=cfg.sl_generate.shard_rows,
         extra=extra,
         expand=_expand_answers,
         desc="helpful answers",
         progress=progress,
     )
-    return _summary(store)
-
-
-def _pool(ds, worker, pool: PoolConfig, cfg: RunConfig, *, model, **kwargs):
-    return ds.map_batches(
-        worker,
-        fn_constructor_kwargs=dict(
-            model_path=str(model.path),
-            engine=pool.engine or cfg.engine,
-            model_id=model.id,
-            **kwargs,
-        ),
-        **_pool_args(pool),
-    )
-
-
-def _pool_args(pool: PoolConfig) -> dict[str, Any]:
-    from ray.data import ActorPoolStrategy
-
-    return dict(
-        compute=ActorPoolStrategy(size=pool.size),
-        batch_size=pool.batch_size,
-        num_cpus=pool.num_cpus,
-        num_gpus=pool.num_gpus,
-        batch_format="pandas",
-    )
-
-
-def _drain(ds, store: ShardStore, cfg: RunConfig, *, extra, expand, desc: str, progress: bool):
-    """Stream finished rows into shards; duplicate ids are rejects, never second rows."""
-    from tqdm import tqdm
-
-    seen = store.done_keys()
-    bar = tqdm(desc=desc, unit="prompt", disable=not progress)
-    batches = ds.iter_batches(batch_size=cfg.sl_generate.shard_rows, batch_format="pandas")
-    for batch in stream_with_timeout(batches, cfg.ray.batch_timeout_s, what=desc):
-        rows, rejects = split_batch(batch, seen)
-        store.write([{**expand(r), **extra} for r in rows], rejects)
-        bar.update(len(batch))
-    bar.close()
+    return summarize(store)
 
 
 def _expand_rounds(row: dict[str, Any]) -> dict[str, Any]:
@@ -191,33 +162,3 @@ def _expand_rounds(row: dict[str, Any]) -> dict[str, Any]:
 def _expand_answers(row: dict[str, Any]) -> dict[str, Any]:
     answers = row.pop("answers")
     return {**row, "answers": json.loads(answers) if answers.startswith("[") else [answers]}
-
-
-def _summary(store: ShardStore) -> dict[str, Any]:
-    rejects = store.rejects()
-    if rejects and store.count_rows() == 0:
-        reasons = "; ".join(f"{r['source']} row {r['row']}: {r['reason']}" for r in rejects[:3])
-        raise DataError(
-            f"no prompt made it through ({len(rejects)} rejected: {reasons})",
-            where=str(store.folder),
-            hint="see the rejects-*.jsonl files there; fix the source or the model/context",
-        )
-    return {
-        "rows": store.count_rows(),
-        "rejects": len(rejects),
-        "reject_reasons": reject_counts(rejects),
-    }
-
-
-def check_pool_fits(pools: dict[str, PoolConfig], cluster: dict[str, float]) -> None:
-    """A pool larger than the cluster can place is an error before anything starts."""
-    for resource, key in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
-        need = sum(p.size * getattr(p, key) for p in pools.values())
-        have = cluster.get(resource, 0.0)
-        if need > have:
-            detail = ", ".join(f"{n}: {p.size} x {getattr(p, key)}" for n, p in pools.items())
-            raise ConfigError(
-                f"the actor pools need {need:g} {resource} ({detail}) but the cluster has {have:g}",
-                where=f"{STAGE} pools",
-                hint="lower sl_generate.<pool>.size or num_cpus/num_gpus, or add nodes",
-            )

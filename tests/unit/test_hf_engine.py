@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 
 import pytest
 import torch
@@ -236,6 +237,8 @@ def test_load_weights_changes_outputs_and_rejects_mismatches(tiny_model_dir):
     assert eng.score_options(REQUESTS[:1])[0].logprobs != pytest.approx(before, abs=1e-3)
     with pytest.raises(ModelError, match="missing"):
         eng.load_weights({"lm_head.weight": noisy["lm_head.weight"]}, version=6)
+    with pytest.raises(ModelError, match=r"wrong shape \['lm_head.weight'\]"):
+        eng.load_weights({**noisy, "lm_head.weight": noisy["lm_head.weight"][:10]}, version=6)
     assert eng.weight_version == 5
 
 
@@ -288,3 +291,12 @@ def test_not_a_model_directory_is_a_model_error(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ModelError, match=r"no config\.json"):
         HFEngine(tmp_path)
+
+
+def test_corrupt_weights_are_a_model_error(tmp_path, tiny_model_dir):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"definitely not safetensors")
+    with pytest.raises(ModelError, match="could not load the model") as info:
+        HFEngine(broken)
+    assert info.value.where == str(broken)

@@ -197,7 +197,7 @@ def test_shared_prefix_labels_equal_naive_per_option(tiny_model_dir, constitutio
     from cai_ray.engines.base import ScoreRequest
     from cai_ray.engines.hf import HFEngine
 
-    engine = HFEngine(tiny_model_dir, device="cpu", threads=2)
+    engine = HFEngine(tiny_model_dir, device="cpu", threads=1)
     queries = build_queries(
         constitution,
         pair_id="x",
@@ -237,7 +237,7 @@ def test_labeler_worker_in_process(tiny_model_dir):
     settings = LabelSettings(principles_per_label=4, few_shot=1)
     worker = LabelerWorker(
         str(tiny_model_dir),
-        EngineConfig(kind="hf", device="cpu"),
+        EngineConfig(kind="hf", device="cpu", threads=1),
         "constitutions/default.yaml",
         settings,
     )

@@ -95,8 +95,8 @@ def _marker_pairs(tokenizer, n: int, seed: int, *, shuffled: bool) -> list[dict]
     rows = []
     for _ in range(n):
         prompt = " ".join(rng.choices(WORDS, k=3))
-        good = " ".join(rng.choices(WORDS, k=4)) + " thanks"
-        bad = " ".join(rng.choices(WORDS, k=4)) + " " + rng.choice(WORDS)
+        good = " ".join(rng.choices(WORDS, k=3)) + " thanks"
+        bad = " ".join(rng.choices(WORDS, k=3)) + " " + rng.choice(WORDS)
         if shuffled and rng.random() < 0.5:
             good, bad = bad, good
         ids = [
@@ -110,12 +110,11 @@ def _train_and_eval(model_dir, *, shuffled: bool) -> float:
     from cai_ray.models import load_tokenizer
 
     torch.manual_seed(0)
-    torch.set_num_threads(2)
     tokenizer = load_tokenizer(model_dir)
     obj = PreferenceObjective(pad_id=tokenizer.pad_token_id)
     model = obj.load_model(model_dir)
-    train = _marker_pairs(tokenizer, 96, seed=1, shuffled=shuffled)
-    held = _marker_pairs(tokenizer, 96, seed=2, shuffled=shuffled)
+    train = _marker_pairs(tokenizer, 64, seed=1, shuffled=shuffled)
+    held = _marker_pairs(tokenizer, 64, seed=2, shuffled=shuffled)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for _epoch in range(2):
@@ -133,5 +132,10 @@ def _train_and_eval(model_dir, *, shuffled: bool) -> float:
 
 
 def test_pm_learns_the_marker_and_shuffled_labels_stay_near_chance(tiny_reward_model_dir):
-    assert _train_and_eval(tiny_reward_model_dir, shuffled=False) >= 0.9
-    assert 0.3 <= _train_and_eval(tiny_reward_model_dir, shuffled=True) <= 0.7
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: more threads only add contention on a busy machine
+    try:
+        assert _train_and_eval(tiny_reward_model_dir, shuffled=False) >= 0.9
+        assert 0.3 <= _train_and_eval(tiny_reward_model_dir, shuffled=True) <= 0.7
+    finally:
+        torch.set_num_threads(threads)
