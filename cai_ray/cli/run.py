@@ -16,6 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--preview", action="store_true", help="first run the quick generate+label preview"
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--serve", action="store_true", help="then serve the run's models over HTTP")
     run.set_defaults(func=_run)
 
     stage = sub.add_parser("stage", help="run (or resume) one pipeline stage")
@@ -52,6 +53,10 @@ def _run(args: argparse.Namespace) -> int:
 
         run_preview(cfg)
     run_pipeline(cfg, until=args.until, progress=not args.no_progress)
+    if args.serve:
+        from cai_ray.cli.serve import serve_and_wait
+
+        return serve_and_wait(cfg)
     return 0
 
 

@@ -29,10 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import time
-
     from cai_ray.config import load_config, resolve_path
-    from cai_ray.serve.launch import describe, plan_serve, serve_app, shutdown
 
     overrides = list(args.overrides)
     if args.host:
@@ -40,10 +37,19 @@ def _serve(args: argparse.Namespace) -> int:
     if args.port:
         overrides.append(f"serve.port={args.port}")
     cfg = load_config(resolve_path(args.config), overrides)
-    plan = plan_serve(cfg, policy=args.policy, reward=args.reward)
+    return serve_and_wait(cfg, policy=args.policy, reward=args.reward, detach=args.detach)
+
+
+def serve_and_wait(cfg, *, policy=None, reward=None, detach: bool = False) -> int:
+    """Deploy the Serve app for `cfg`, print its endpoints and block until Ctrl-C."""
+    import time
+
+    from cai_ray.serve.launch import describe, plan_serve, serve_app, shutdown
+
+    plan = plan_serve(cfg, policy=policy, reward=reward)
     url = serve_app(cfg, plan=plan)
     print(describe(url, plan), flush=True)
-    if args.detach:
+    if detach:
         return 0
     try:
         while True:  # the Serve app lives in Ray; this process only keeps it attached

@@ -120,46 +120,39 @@ def test_bad_rows_are_counted_rejects_and_the_rest_proceeds(ray_cluster, tmp_pat
 
 
 def test_kill_and_resume_processes_each_prompt_exactly_once(tmp_path, tiny_model_dir):
-    args = [
-        f"--set={s}"
-        for s in [
-            f"run_dir={tmp_path}",
-            *BASE,
-            f"models.helpful={{path: {tiny_model_dir}}}",
-            "data.limit=40",
-            "sl_generate.rounds=1",
-            "sl_generate.shard_rows=2",
-            "sl_generate.rollout.batch_size=2",
-            "sl_generate.critique.batch_size=2",
-        ]
+    n = 200  # enough batches of 2 that the kill lands mid-stream on any machine
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"question {i}?"}) + "\n" for i in range(n)))
+    sets = [
+        f"run_dir={tmp_path / 'run'}",
+        *BASE,
+        f"models.helpful={{path: {tiny_model_dir}}}",
+        f"data.red_team={src}",
+        "data.limit=null",
+        "sl_generate.rounds=1",
+        "sl_generate.shard_rows=2",
+        "sl_generate.rollout.batch_size=2",
+        "sl_generate.critique.batch_size=2",
     ]
-    cmd = [
-        sys.executable,
-        "-m",
-        "cai_ray",
-        "stage",
-        "sl-generate",
-        "configs/local-tiny.yaml",
-        "--no-progress",
-        *args,
-    ]
+    cmd = [sys.executable, "-m", "cai_ray", "stage", "sl-generate", "configs/local-tiny.yaml"]
+    cmd += ["--no-progress", *[f"--set={s}" for s in sets]]
     proc = subprocess.Popen(
         cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    shards = tmp_path / "sl-generate" / "red_team"
+    shards = tmp_path / "run" / "sl-generate" / "red_team"
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and len(list(shards.glob("shard-*.parquet"))) < 2:
+    while time.monotonic() < deadline and not list(shards.glob("shard-*.parquet")):
         assert proc.poll() is None, "the stage ended before it could be killed"
-        time.sleep(0.5)
+        time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver dies; its local Ray cluster goes with it
     proc.wait(timeout=60)
     first = ShardStore(shards).count_rows()
-    assert 0 < first < 40
-    assert not (tmp_path / "sl-generate" / "manifest.json").exists()
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert 0 < first < n
+    assert not (tmp_path / "run" / "sl-generate" / "manifest.json").exists()
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
-    df = _rows(tmp_path)
-    assert len(df) == 40 and df.prompt_id.is_unique
+    df = _rows(tmp_path / "run")
+    assert len(df) == n and df.prompt_id.is_unique
 
 
 def test_pools_that_cannot_be_placed_fail_before_starting(ray_cluster, tmp_path, tiny_model_dir):
