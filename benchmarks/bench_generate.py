@@ -14,12 +14,10 @@ import argparse
 import json
 import os
 import platform
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
+from timing import best_of
 
 from cai_ray.config import ModelConfig
 from cai_ray.engines.base import SamplingParams
@@ -70,22 +68,6 @@ def hf_generate(engine: HFEngine, prompts: list[str], params: SamplingParams) ->
 
 def ours(engine: HFEngine, prompts: list[str], params: SamplingParams) -> list[list[int]]:
     return [g.token_ids for gens in engine.generate(prompts, params) for g in gens]
-
-
-def best_of(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, tuple[float, Any]]:
-    """Best time and last result of each fn, run interleaved (A, B, A, B, ...) after a warm-up.
-
-    The minimum, not the median: on a shared machine contention only ever adds time, and
-    interleaving exposes every method to the same background load.
-    """
-    results = {name: fn() for name, fn in fns.items()}  # warm-up
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            results[name] = fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return {name: (best[name], results[name]) for name in fns}
 
 
 def main() -> None:

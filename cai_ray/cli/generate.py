@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cai_ray.cli.options import add_set_option
 from cai_ray.errors import DataError
 
 _EXCERPT = 40
@@ -70,14 +71,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--preset", metavar="NAME", help="a tiny preset (built once in $CAI_RAY_HOME)"
     )
     p.add_argument("--config", metavar="YAML", help="run config (engine, generation, models)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set engine.threads=2 (repeatable)",
-    )
+    add_set_option(p)
 
 
 def _load(args: argparse.Namespace):

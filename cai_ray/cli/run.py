@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from cai_ray.cli.options import add_set_option
 from cai_ray.pipeline import STAGES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", help="run the pipeline on a config (default: the local tiny run)")
     run.add_argument("config", nargs="?", default="configs/local-tiny.yaml")
-    _add_set(run)
+    add_set_option(run)
     run.add_argument("--until", choices=STAGES, help="stop after this stage")
     run.add_argument(
         "--preview", action="store_true", help="first run the quick generate+label preview"
@@ -22,20 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     stage = sub.add_parser("stage", help="run (or resume) one pipeline stage")
     stage.add_argument("stage", choices=STAGES)
     stage.add_argument("config", nargs="?", default="configs/local-tiny.yaml")
-    _add_set(stage)
+    add_set_option(stage)
     stage.add_argument("--no-progress", action="store_true", help="no progress bars")
     stage.set_defaults(func=_stage)
-
-
-def _add_set(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set engine.threads=2 (repeatable)",
-    )
 
 
 def _load(args: argparse.Namespace):

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from cai_ray.cli.options import add_set_option
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve the policy, PM and constitution over HTTP (Ray Serve)")
     p.add_argument("config", nargs="?", default="configs/local-tiny.yaml")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set serve.max_n=2 (repeatable)",
-    )
+    add_set_option(p)
     p.add_argument("--policy", help="an HF causal LM directory to serve as the policy")
     p.add_argument("--reward", help="an HF sequence-classification directory to serve as the PM")
     p.add_argument("--host", help="bind address (default serve.host, 127.0.0.1)")

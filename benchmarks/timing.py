@@ -1,0 +1,23 @@
+"""Timing shared by the benchmark scripts (imported as `timing`: scripts run from this folder)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def best_of(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, tuple[float, Any]]:
+    """Best time and last result of each fn, run interleaved (A, B, A, B, ...) after a warm-up.
+
+    The minimum, not the median: on a shared machine contention only ever adds time, and
+    interleaving exposes every method to the same background load.
+    """
+    results = {name: fn() for name, fn in fns.items()}  # warm-up
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            results[name] = fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: (best[name], results[name]) for name in fns}
