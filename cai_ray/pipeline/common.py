@@ -36,6 +36,9 @@ class StageContext:
     @classmethod
     def open(cls, cfg: RunConfig, stage: str, *, sections: tuple[str, ...]) -> StageContext:
         """Refuse to mix outputs of two configs in one folder; report a finished stage."""
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the stage draws its own bar; per-file bars are noise
         run_dir = Path(cfg.run_dir)
         stage_dir = run_dir / stage
         stage_dir.mkdir(parents=True, exist_ok=True)

@@ -43,4 +43,19 @@ def run_pipeline(
         t0 = time.perf_counter()
         manifests[name] = run_stage(name, cfg, progress=progress)
         print(f"{name}: done in {time.perf_counter() - t0:.1f}s -> {cfg.run_dir}/{name}")
+    _print_summary(manifests)
     return manifests
+
+
+def _print_summary(manifests: dict[str, dict[str, Any]]) -> None:
+    """One line per stage: its outputs' counts, from the manifests."""
+    print(f"\n{'stage':<12} outputs")
+    for name, manifest in manifests.items():
+        outputs = manifest.get("outputs", {})
+        parts = []
+        for key, value in outputs.items():
+            if isinstance(value, dict) and "rows" in value:  # a streamed part
+                parts.append(f"{key}: {value.get('rows')} rows, {value.get('rejects')} rejects")
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                parts.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
+        print(f"{name:<12} {'; '.join(parts)}")
