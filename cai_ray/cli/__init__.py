@@ -13,7 +13,7 @@ import sys
 from cai_ray.errors import CaiRayError
 
 # module name -> registers its sub-commands on the shared sub-parser
-COMMAND_MODULES = ("constitution", "model", "generate", "run", "serve", "eval")
+COMMAND_MODULES = ("constitution", "model", "generate", "run", "serve", "eval", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
