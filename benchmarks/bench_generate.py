@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 from pathlib import Path
 
 import torch
-from timing import best_of
+from timing import best_of, engine_run_info
 
 from cai_ray.config import ModelConfig
 from cai_ray.engines.base import SamplingParams
@@ -119,15 +117,9 @@ def main() -> None:
         engine.close()
     report = {
         "benchmark": "generate",
-        "model": engine.model_id,
         "max_new_tokens": args.max_new_tokens,
         "repeats": args.repeats,
-        "device": str(engine.device),
-        "dtype": str(engine.dtype),
-        "threads": args.threads,
-        "torch": torch.__version__,
-        "machine": f"{platform.machine()} {os.cpu_count()} cpus",
-        "load_average_1m": os.getloadavg()[0],  # other work on the machine while measuring
+        **engine_run_info(engine, threads=args.threads),
         "results": rows,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

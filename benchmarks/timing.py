@@ -21,3 +21,21 @@ def best_of(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, tuple[
             results[name] = fn()
             best[name] = min(best[name], time.perf_counter() - start)
     return {name: (best[name], results[name]) for name in fns}
+
+
+def engine_run_info(engine: Any, *, threads: int) -> dict[str, Any]:
+    """What every engine benchmark records beside its figures: model, device, machine, load."""
+    import os
+    import platform
+
+    import torch
+
+    return {
+        "model": engine.model_id,
+        "device": str(engine.device),
+        "dtype": str(engine.dtype),
+        "threads": threads,
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+        "load_average_1m": os.getloadavg()[0],  # other work on the machine while measuring
+    }

@@ -34,6 +34,7 @@ class ShardStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.key = key
         self._next = self._next_index()
+        self._done = self._read_done_keys()  # read once; `write` keeps it current
 
     def _next_index(self) -> int:
         indexes = [int(p.stem.split("-")[1]) for p in self._files(SHARD_GLOB, REJECTS_GLOB)]
@@ -44,6 +45,9 @@ class ShardStore:
 
     def done_keys(self) -> set[str]:
         """Keys already written (output rows and rejects): what a resumed run must skip."""
+        return set(self._done)
+
+    def _read_done_keys(self) -> set[str]:
         import pyarrow.parquet as pq
 
         keys: set[str] = set()
@@ -60,6 +64,8 @@ class ShardStore:
 
         index = self._next
         self._next += 1
+        self._done.update(r[self.key] for r in rows)
+        self._done.update(r["key"] for r in rejects)
         if rejects:
             text = "".join(json.dumps(r, default=str) + "\n" for r in rejects)
             atomic_write_text(self.folder / f"rejects-{index:05d}.jsonl", text)

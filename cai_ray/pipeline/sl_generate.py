@@ -19,7 +19,6 @@ from cai_ray.pipeline.common import (
     drain,
     ensure_ray,
     map_pool,
-    pool_args,
     prompt_dataset,
     summarize,
 )
@@ -73,17 +72,15 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         seed=cfg.seed,
         sampling=sampling,
     )
-    ds = ds.map_batches(
+    ds = map_pool(
+        ds,
         CritiqueWorker,
-        fn_constructor_kwargs=dict(
-            model_path=str(critic.path),
-            engine=s.critique.engine or cfg.engine,
-            constitution_path=str(ctx.constitution_path),
-            settings=settings,
-            too_long=s.too_long,
-            model_id=critic.id,
-        ),
-        **pool_args(s.critique),
+        s.critique,
+        cfg,
+        model=critic,
+        constitution_path=str(ctx.constitution_path),
+        settings=settings,
+        too_long=s.too_long,
     )
     extra = dict(
         response_model_id=helpful.id,
