@@ -25,7 +25,7 @@ from actors.objectives import Objective
 from cai_ray.errors import CaiRayError, ConfigError, DataError
 from cai_ray.train_config import LearnerConfig
 
-__all__ = ["LearnerGroup", "LearnerWorker", "TrainResult"]
+__all__ = ["LearnerGroup", "LearnerWorker", "LocalHandle", "TrainResult"]
 
 log = logging.getLogger(__name__)
 CHUNK_SECONDS = 2.0  # aim for one remote call per ~2 s of training: a live bar, little overhead
@@ -202,7 +202,7 @@ class LearnerGroup:
         if not self._handles:
             if self._local:
                 worker = LearnerWorker(self.config, self.objective, self.model_path, self.out_dir)
-                self._handles = [_LocalHandle(worker)]
+                self._handles = [LocalHandle(worker)]
             else:
                 self._handles = self._start_actors()
             addr, port = self._gather([self._handles[0].address.remote()])[0]
@@ -244,9 +244,7 @@ class LearnerGroup:
         from ray.util.placement_group import placement_group, remove_placement_group
 
         cfg = self.config
-        bundle = {"CPU": cfg.cpus_per_rank} | (
-            {"GPU": cfg.gpus_per_rank} if cfg.gpus_per_rank else {}
-        )
+        bundle = self._bundle()
         pg = placement_group([dict(bundle) for _ in range(cfg.num_ranks)], strategy="PACK")
         ready, _ = ray.wait([pg.ready()], timeout=cfg.placement_timeout_s)
         if not ready:
@@ -262,6 +260,13 @@ class LearnerGroup:
                 hint="lower num_ranks, cpus_per_rank or gpus_per_rank, or add nodes",
             )
         return pg
+
+    def _bundle(self) -> dict[str, float]:
+        """The resources of one rank's bundle in the placement group."""
+        cfg = self.config
+        return {"CPU": cfg.cpus_per_rank} | (
+            {"GPU": cfg.gpus_per_rank} if cfg.gpus_per_rank else {}
+        )
 
     def _gather(self, refs: list[Any], *, timeout: float | None = None) -> list[Any]:
         """Results of one call on every rank; the first failing rank raises at once."""
@@ -392,7 +397,7 @@ class LearnerGroup:
         self._gather([h.save_hf.remote(self.out_dir / "hf") for h in self._handles])
 
 
-class _LocalHandle:
+class LocalHandle:
     """Gives an in-process worker the `handle.method.remote(...)` shape of an actor handle;
     `.remote` runs the method at once and returns its value in place of an ObjectRef."""
 

@@ -218,6 +218,58 @@ class LearnerWorker:
             **{k: v / max(units, 1.0) for k, v in zip(extra, totals[2:], strict=True)},
         }
 
+    # -- the RL loop's calls: train on rows it sends, forward passes, weights for sync --------
+
+    def update(self, rows: list[Mapping[str, Any]], *, epochs: int, seed: int) -> list[dict]:
+        """`epochs` seeded passes over this rank's `rows` in mini-batches of
+        micro_batch_size * grad_accum; returns each optimizer step's group-wide metrics."""
+        import random
+
+        per_step = self.config.micro_batch_size * self.config.grad_accum
+        if not rows or len(rows) % per_step:
+            raise CaiRayError(
+                f"rank {self.rank} got {len(rows)} rows: not a whole number of mini-batches "
+                f"of {per_step}"
+            )
+        rng = random.Random(seed * 1_000_003 + self.rank)
+        out = []
+        for _ in range(epochs):
+            order = list(range(len(rows)))
+            rng.shuffle(order)
+            self._rows = iter([rows[i] for i in order])
+            out.extend(self._train_step() for _ in range(len(rows) // per_step))
+        return out
+
+    def infer(self, rows: list[Mapping[str, Any]]) -> list[Any]:
+        """The objective's no-grad pass (`objective.infer`) over `rows`, micro-batch by micro-batch.
+
+        Under ZeRO-3 a forward gathers parameters from every rank, so the group sends every
+        rank the same number of rows.
+        """
+        import torch
+
+        out: list[Any] = []
+        size = self.config.micro_batch_size
+        with torch.no_grad():
+            for start in range(0, len(rows), size):
+                batch = self.objective.collate(rows[start : start + size])
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                out.extend(self.objective.infer(self.engine, batch))
+        return out
+
+    def full_state_dict(self) -> dict[str, Any] | None:
+        """The full weights (HF names, CPU tensors) on rank 0, None elsewhere: for weight sync.
+
+        Under ZeRO-3 every rank takes part in gathering the partitioned parameters.
+        """
+        if self.config.zero_stage == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            state = self.engine.module.state_dict()
+        if self.rank != 0:
+            return None
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
     def _take(self) -> list[Mapping[str, Any]]:
         rows = list(itertools.islice(self._rows, self.config.micro_batch_size))
         if len(rows) < self.config.micro_batch_size:

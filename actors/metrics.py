@@ -25,11 +25,19 @@ SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s")
 class MetricsSink:
     """Appends one JSON line per optimizer step and mirrors the scalars to the enabled loggers."""
 
-    def __init__(self, out_dir: str | Path, config: LearnerConfig, *, resume_step: int = 0):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        config: LearnerConfig,
+        *,
+        resume_step: int = 0,
+        scalars: tuple[str, ...] = SCALARS,
+    ):
         self.path = Path(out_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _truncate_after(self.path, resume_step)
         self._file = self.path.open("a")
+        self._scalars = scalars
         self._tb = _tensorboard(Path(out_dir) / "tensorboard") if config.tensorboard else None
         self._wandb = _wandb(Path(out_dir)) if config.wandb else None
         self._mlflow = _mlflow() if config.mlflow else None
@@ -38,7 +46,7 @@ class MetricsSink:
         for row in rows:
             self._file.write(json.dumps(row, sort_keys=True) + "\n")
             step = int(row["step"])
-            scalars = {k: float(row[k]) for k in SCALARS if row.get(k) is not None}
+            scalars = {k: float(row[k]) for k in self._scalars if row.get(k) is not None}
             if self._tb is not None:
                 for key, value in scalars.items():
                     self._tb.add_scalar(f"train/{key}", value, step)

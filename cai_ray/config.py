@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from cai_ray.errors import ConfigError
+from cai_ray.rl_config import RLTrainConfig
 from cai_ray.train_config import LearnerConfig, SFTConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -269,6 +270,7 @@ class RunConfig(Section):
     rl_pairs: RLPairsConfig = RLPairsConfig()
     rl_label: RLLabelConfig = RLLabelConfig()
     pm_train: PMTrainConfig = PMTrainConfig()
+    rl_train: RLTrainConfig = RLTrainConfig()
     serve: ServeConfig = ServeConfig()
 
     def content_hash(self) -> str:

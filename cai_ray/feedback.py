@@ -67,3 +67,22 @@ def combine_orders(p_a_first: float, p_a_second: float) -> float:
 def clamp(p: float, low: float = 0.4, high: float = 0.6) -> float:
     """Chain-of-thought labels are near 0/1; the paper clamps them to [0.4, 0.6]."""
     return min(max(p, low), high)
+
+
+# Direct RLAIF (Lee et al. 2023, sec. 2.3): the feedback model rates one response, no PM.
+RATING_OPTIONS = tuple(f" {k}" for k in range(1, 11))
+RATING_CUE = "Rating (1-10):"
+
+
+def build_rating_prompt(conversation: str, response: str, *, criterion: str) -> str:
+    """Ask the feedback model to rate `response` under `criterion`; score `RATING_OPTIONS` after it.
+
+    `conversation` is the transcript up to the assistant's turn, as in `build_feedback_prompt`.
+    """
+    convo = conversation.rstrip()
+    if convo.endswith("Assistant:"):
+        convo = convo[: -len("Assistant:")].rstrip()
+    return (
+        f"{HEADER}\n{convo.strip()}\n\nAssistant: {response.strip()}\n\n"
+        f"{criterion.strip()}\n{RATING_CUE}"
+    )

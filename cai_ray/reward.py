@@ -7,10 +7,18 @@ to a conversation ending in the assistant's response).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from cai_ray.errors import CaiRayError, ModelError
+
+
+def pm_text(messages: Sequence[Mapping[str, str]], response: str) -> str:
+    """The conversation ending in the response, as a PM reads it (hh-rlhf transcript layout)."""
+    from cai_ray.conversation import Conversation
+
+    convo = Conversation.from_messages(list(messages)).append("assistant", response)
+    return convo.render_transcript(add_generation_prompt=False)
 
 
 class RewardScorer:
@@ -59,11 +67,14 @@ class RewardScorer:
         """Token counts as scored (BOS included)."""
         return [len(ids) for ids in self.tokenizer(list(texts))["input_ids"]]
 
-    def score(self, texts: Sequence[str]) -> list[float]:
-        """One scalar per text, `batch_size` texts per forward; over-long texts are an error."""
+    def score(self, texts: Sequence[str], *, truncate: bool = False) -> list[float]:
+        """One scalar per text, `batch_size` texts per forward. Over-long texts are an error,
+        or with `truncate` keep their last tokens (the response, which the head reads)."""
         import torch
 
         encoded = self.tokenizer(list(texts))["input_ids"]
+        if truncate:
+            encoded = [ids[-self.max_context :] for ids in encoded]
         for i, ids in enumerate(encoded):
             if len(ids) > self.max_context:
                 raise CaiRayError(

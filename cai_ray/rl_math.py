@@ -8,7 +8,7 @@ below (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, KL_CONTROLLERS) via `pick`.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from cai_ray.errors import CaiRayError
+
+# Monitoring helpers live in the torch-free rule_rewards (the config reads the phrases).
+from cai_ray.rule_rewards import DEFAULT_BOILERPLATE_PHRASES, phrase_rate  # noqa: F401
 
 # ---------------------------------------------------------------- masked reductions
 
@@ -455,28 +458,3 @@ def expected_score(option_logprobs: torch.Tensor, score_values: torch.Tensor) ->
     """
     probs = torch.softmax(option_logprobs.float(), dim=-1)  # (B, K)
     return probs @ score_values.float()  # (B,)
-
-
-DEFAULT_BOILERPLATE_PHRASES: tuple[str, ...] = (
-    "i'm sorry",
-    "i am sorry",
-    "i cannot",
-    "i can't",
-    "as an ai",
-    "you are valid, valued, and cared for",
-)
-
-
-def phrase_rate(
-    responses: Sequence[str], phrases: Sequence[str] = DEFAULT_BOILERPLATE_PHRASES
-) -> float:
-    """Fraction of responses containing any phrase (case-insensitive): refusal/boilerplate rate.
-
-    CAI §4.3 warns that over-optimised policies drift into boilerplate; log this during training.
-    Curly apostrophes are folded to straight ones so "I’m sorry" matches "i'm sorry".
-    """
-    if not responses:
-        return 0.0
-    needles = [p.lower().replace("\u2019", "'") for p in phrases if p]
-    hits = sum(any(n in r.lower().replace("\u2019", "'") for n in needles) for r in responses)
-    return hits / len(responses)

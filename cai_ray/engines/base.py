@@ -105,8 +105,12 @@ class Engine(abc.ABC):
         """The longest prompt + generation the model accepts, in tokens."""
 
     @abc.abstractmethod
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids exactly as `generate` sends each prompt (special tokens included)."""
+
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Token counts, for length checks before a request is sent."""
+        return [len(ids) for ids in self.tokenize(texts)]
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the model's memory."""

@@ -155,9 +155,9 @@ class HFEngine(Engine):
         """`max_position_embeddings` of the model config."""
         return int(self.model.config.max_position_embeddings)
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        """Token counts as the engine sends them (BOS included)."""
-        return [len(self._encode(t)) for t in texts]
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids as the engine sends them (BOS included)."""
+        return [self._encode(t) for t in texts]
 
     def close(self) -> None:
         """Drop the model and free its (GPU) memory."""

@@ -345,9 +345,9 @@ class VLLMEngine(Engine):
         """vLLM's `max_model_len` (the model's context, or the `max_model_len` given)."""
         return int(self.llm.model_config.max_model_len)
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        """Token counts as sent to the model (special tokens included)."""
-        return [len(self._encode(t)) for t in texts]
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids as the engine sends them (BOS included)."""
+        return [self._encode(t) for t in texts]
 
     def close(self) -> None:
         """Shut the engine core down and free GPU memory."""

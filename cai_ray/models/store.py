@@ -106,8 +106,9 @@ def ensure_model(cfg: ModelConfig, *, run_dir: str | Path, head: Head = "causal"
     return check_model_dir(final, head=head)
 
 
-def check_model_dir(path: str | Path, *, head: Head = "causal") -> Path:
-    """`path` if it is a loadable HF model directory with the wanted head, else a ModelError."""
+def check_model_dir(path: str | Path, *, head: Head | None = "causal") -> Path:
+    """`path` if it is a loadable HF model directory with the wanted head (None: any head),
+    else a ModelError."""
     p = Path(path)
     hint = "pass an HF model directory (config.json, *.safetensors, tokenizer files) or a preset, e.g. tiny-1m"
     if not p.exists():
@@ -126,7 +127,7 @@ def check_model_dir(path: str | Path, *, head: Head = "causal") -> Path:
             "no tokenizer (tokenizer.json) in the model directory", where=str(p), hint=hint
         )
     archs = config.get("architectures") or []
-    if archs and not any(str(a).endswith(ARCH_SUFFIX[head]) for a in archs):
+    if head is not None and archs and not any(str(a).endswith(ARCH_SUFFIX[head]) for a in archs):
         want = "a causal language model" if head == "causal" else "a sequence-classification model"
         raise ModelError(
             f"expected {want} (*{ARCH_SUFFIX[head]}), found {', '.join(map(str, archs))}",

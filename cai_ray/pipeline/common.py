@@ -89,6 +89,13 @@ class StageContext:
         }
 
 
+def policy_model(cfg: RunConfig) -> ModelConfig:
+    """The policy of stages 3 and 6: the SL-CAI model of stage 2 when it exists, else
+    `models.helpful`."""
+    sl = Path(cfg.run_dir) / "sl-train" / "hf"
+    return ModelConfig(path=str(sl)) if (sl / "config.json").is_file() else cfg.models.helpful
+
+
 def ensure_ray(cfg: RayConfig) -> None:
     """Join the configured cluster, or start a local one; quiet, no dashboard."""
     import ray

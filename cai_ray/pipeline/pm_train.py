@@ -17,6 +17,7 @@ from typing import Any
 from cai_ray.config import ModelConfig, RunConfig
 from cai_ray.errors import DataError
 from cai_ray.pipeline.common import StageContext
+from cai_ray.reward import pm_text
 from cai_ray.shards import ShardStore, atomic_write_text, write_manifest
 
 STAGE = "pm-train"
@@ -106,18 +107,10 @@ def _held_out(pair_id: str, fraction: float, seed: int) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
-def transcript(messages: list[dict[str, str]], response: str) -> str:
-    """The conversation ending in the response, as the PM reads it (hh-rlhf layout)."""
-    from cai_ray.conversation import Conversation
-
-    convo = Conversation.from_messages(messages).append("assistant", response)
-    return convo.render_transcript(add_generation_prompt=False)
-
-
 def _encode(tokenizer: Any, c: dict[str, Any], max_len: int) -> dict[str, Any]:
     """Token ids of both transcripts; too long keeps the end, where the responses differ."""
     ids = [
-        tokenizer(transcript(c["messages"], c[k]))["input_ids"][-max_len:]
+        tokenizer(pm_text(c["messages"], c[k]))["input_ids"][-max_len:]
         for k in ("response_a", "response_b")
     ]
     return {"ids_a": ids[0], "ids_b": ids[1], "label": float(c["label"])}
@@ -158,9 +151,7 @@ def _evaluate(cfg: RunConfig, out: Path, held: list[dict], learner: Any, rows: i
         if hf is None:
             continue
         scorer = RewardScorer(hf, device=cfg.engine.device, threads=cfg.engine.threads)
-        texts = [
-            transcript(c["messages"], c[k]) for c in held for k in ("response_a", "response_b")
-        ]
+        texts = [pm_text(c["messages"], c[k]) for c in held for k in ("response_a", "response_b")]
         scores = scorer.score(texts)
         metrics = pair_metrics(scores[0::2], scores[1::2], [float(c["label"]) for c in held])
         results.append({"epoch": epoch, "step": step, **metrics})

@@ -9,28 +9,22 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
-from cai_ray.config import ModelConfig, RunConfig
+from cai_ray.config import RunConfig
 from cai_ray.pipeline.common import (
     StageContext,
     check_pool_fits,
     drain,
     ensure_ray,
     map_pool,
+    policy_model,
     prompt_dataset,
     summarize,
 )
 from cai_ray.shards import ShardStore, write_manifest
 
 STAGE = "rl-pairs"
-
-
-def policy_model(cfg: RunConfig) -> ModelConfig:
-    """The SL-CAI model of stage 2 when it exists, else `models.helpful`."""
-    sl = Path(cfg.run_dir) / "sl-train" / "hf"
-    return ModelConfig(path=str(sl)) if (sl / "config.json").is_file() else cfg.models.helpful
 
 
 def temperature_groups(cfg: RunConfig) -> list[tuple[float, int]]:

@@ -17,6 +17,7 @@ IMPLEMENTED = {
     "rl-pairs": "cai_ray.pipeline.rl_pairs",
     "rl-label": "cai_ray.pipeline.rl_label",
     "pm-train": "cai_ray.pipeline.pm_train",
+    "rl-train": "cai_ray.pipeline.rl_train",
 }
 
 

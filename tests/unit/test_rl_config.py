@@ -1,0 +1,39 @@
+"""rl_train config: algorithm defaults and the combinations that cannot run."""
+
+from __future__ import annotations
+
+import pytest
+
+from cai_ray.config import load_config
+from cai_ray.errors import ConfigError
+
+
+def test_defaults_follow_the_paper():
+    s = load_config(None).rl_train
+    assert s.algorithm == "ppo" and s.samples_per_prompt == 1
+    assert s.kl_mode == "reward" and s.kl_estimator == "k1" and s.kl.beta == 0.001
+
+
+def test_grpo_defaults_to_groups_and_kl_as_a_loss():
+    s = load_config(
+        None, ["rl_train.algorithm=grpo", "rl_train.policy.micro_batch_size=8"]
+    ).rl_train
+    assert s.samples_per_prompt == 4 and s.samples_per_step == 32
+    assert s.kl_mode == "loss" and s.kl_estimator == "k3"
+    assert s.updates_per_step() == 4
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["rl_train.algorithm=rloo", "rl_train.group_size=1"], "group_size >= 2"),
+        (["rl_train.prompts_per_step=3"], "mini-batches"),
+        (["rl_train.placement=colocated"], "colocated"),
+        (["rl_train.reward.kind=function"], "reward.function"),
+        (["rl_train.reward.function=nocolon"], "module:fn"),
+        (["rl_train.kl.estimator=k9"], "kl.estimator"),
+    ],
+)
+def test_impossible_combinations_are_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
