@@ -146,6 +146,9 @@ class RLTrainConfig(Section):
     checkpoint_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     rollout_log: bool = Field(True, description="write every sample to rollouts/step-*.parquet")
+    snapshots: bool = Field(
+        True, description="the policy as an HF dir at every checkpoint (snapshots/step-N)"
+    )
     call_timeout_s: float = Field(600, gt=0, description="per role call (generate, score, sync)")
     dpo: DPOConfig = DPOConfig()
 

@@ -7,6 +7,8 @@ rl-train/policy/checkpoints/step-N/    the policy group's DeepSpeed state (weigh
 rl-train/value/checkpoints/step-N/     scheduler, RNG per rank); the critic's for PPO
 rl-train/rollouts/step-N.parquet       every sample of step N: prompt, response, score, reward,
                                        KL, weight version
+rl-train/snapshots/step-N/             the policy at step N as an HF dir (never pruned: stage 7
+                                       compares checkpoints); rl-train/hf is the final policy
 ```
 The loop's `latest` is written only after both groups saved step N, so a kill while saving
 resumes from the step before.
@@ -42,6 +44,9 @@ class RLCheckpoints:
         write_trainer_state(self.dir, tag, state)
         write_latest(self.dir, tag)
         prune(self.dir, keep=self.keep)
+
+    def snapshot(self, step: int) -> Path:
+        return self.dir / "snapshots" / tag_for(step)
 
     def write_rollouts(self, step: int, rows: list[dict[str, Any]]) -> None:
         import pyarrow as pa

@@ -15,6 +15,7 @@ KL controller; a rerun resumes from there. `algorithm: dpo` trains offline inste
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -140,6 +141,9 @@ class RLLoop:
             **worker_options(s.reference, s),
         )
         self.pools += [self.rollout, self.reward, self.reference]
+        # Which process holds which role: for `kill -9` drills and for reading worker logs.
+        pids = {p.name: p.pids() for p in self.pools}
+        atomic_write_text(self.dir / "workers.json", json.dumps(pids, indent=1) + "\n")
 
     def _reload(self, handle: Any) -> None:
         """A restarted rollout worker holds the initial weights: give it the current ones."""
@@ -185,6 +189,8 @@ class RLLoop:
                 bar.update(1)
                 bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.3f}")
                 if step % s.checkpoint_every == 0 or step == s.steps:
+                    if s.snapshots:  # kept for evaluation at several steps (stage 7)
+                        self.policy.save_hf(ckpt.snapshot(step))
                     ckpt.save(step, self._state(step), self.groups)
         finally:
             bar.close()
@@ -388,8 +394,6 @@ class RLLoop:
         }
 
     def _manifest(self, history: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
-        import json
-
         rejects = self.stream.rejects()
         atomic_write_text(
             self.dir / "rejects.jsonl", "".join(json.dumps(r) + "\n" for r in rejects)
