@@ -22,7 +22,7 @@ from actors.learner_data import EpochPlan, check_dataset, check_rows, dataset_sh
 from actors.learner_worker import LearnerWorker
 from actors.metrics import MetricsSink, check_loggers, read_metrics
 from actors.objectives import Objective
-from cai_ray.errors import CaiRayError, ConfigError, DataError
+from cai_ray.errors import CaiRayError, ConfigError, DataError, find_user_error
 from cai_ray.train_config import LearnerConfig
 
 __all__ = ["LearnerGroup", "LearnerWorker", "LocalHandle", "TrainResult"]
@@ -293,7 +293,7 @@ class LearnerGroup:
                 hint="raise learner.step_timeout_s, or check the ranks' logs for a hang",
             ) from None
         except RayTaskError as exc:
-            user_error = _user_error(exc)
+            user_error = find_user_error(exc)
             if user_error is not None:
                 raise user_error from None
             raise CaiRayError(f"a learner rank failed: {exc.cause!r}") from exc
@@ -406,15 +406,3 @@ class LocalHandle:
 
     def __getattr__(self, name: str) -> SimpleNamespace:
         return SimpleNamespace(remote=getattr(self._worker, name))
-
-
-def _user_error(exc: BaseException) -> CaiRayError | None:
-    """The CaiRayError a Ray task raised, from under the exceptions Ray wraps it in."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, CaiRayError):
-            return current
-        seen.add(id(current))
-        current = getattr(current, "cause", None) or current.__cause__
-    return None

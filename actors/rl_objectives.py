@@ -61,15 +61,10 @@ def _policy_logits(model: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tenso
 
 
 @dataclass(frozen=True)
-class PolicyObjective:
-    """PPO's clipped surrogate on per-token advantages (GRPO/RLOO: one advantage per response),
-    plus beta * KL(policy || ref) as a loss term when rows carry `kl_coef` > 0, minus an entropy
-    bonus. Summed over response tokens, so the group normalises by tokens (a token mean)."""
+class _PolicyModel:
+    """What the objectives that train the policy itself share: the causal LM loaded as in SFT."""
 
     pad_id: int = 0
-    clip_eps: float = 0.2
-    kl_estimator: str = "k3"
-    entropy_coef: float = 0.0
     head: Literal["causal", "classification"] = "causal"
 
     def check_model(self, model_path: str | Path) -> None:
@@ -77,6 +72,20 @@ class PolicyObjective:
 
     def load_model(self, model_path: str | Path) -> torch.nn.Module:
         return SFTObjective(self.pad_id).load_model(model_path)
+
+    def tokens(self, batch: Mapping[str, torch.Tensor]) -> int:
+        return int(batch["attention_mask"].sum())
+
+
+@dataclass(frozen=True)
+class PolicyObjective(_PolicyModel):
+    """PPO's clipped surrogate on per-token advantages (GRPO/RLOO: one advantage per response),
+    plus beta * KL(policy || ref) as a loss term when rows carry `kl_coef` > 0, minus an entropy
+    bonus. Summed over response tokens, so the group normalises by tokens (a token mean)."""
+
+    clip_eps: float = 0.2
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
 
     def collate(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         import torch
@@ -124,9 +133,6 @@ class PolicyObjective:
 
         logp = rl_math.token_logprobs(_policy_logits(model, batch), batch["input_ids"][:, 1:])
         return _response_values(logp, batch["response_mask"])
-
-    def tokens(self, batch: Mapping[str, torch.Tensor]) -> int:
-        return int(batch["attention_mask"].sum())
 
 
 @dataclass(frozen=True)
@@ -204,23 +210,15 @@ class ValueObjective:
 
 
 @dataclass(frozen=True)
-class DPOObjective:
+class DPOObjective(_PolicyModel):
     """DPO on (chosen, rejected) rows with the reference's summed log-probs precomputed.
 
     Rows: `chosen_ids`, `rejected_ids`, `chosen_prompt_len`, `rejected_prompt_len`,
     `ref_chosen`, `ref_rejected`. One forward of 2B sequences; the loss is summed over pairs.
     """
 
-    pad_id: int = 0
     beta: float = 0.1
     label_smoothing: float = 0.0
-    head: Literal["causal", "classification"] = "causal"
-
-    def check_model(self, model_path: str | Path) -> None:
-        SFTObjective(self.pad_id).check_model(model_path)
-
-    def load_model(self, model_path: str | Path) -> torch.nn.Module:
-        return SFTObjective(self.pad_id).load_model(model_path)
 
     def collate(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         import torch
@@ -260,6 +258,3 @@ class DPOObjective:
 
         logp = rl_math.token_logprobs(_policy_logits(model, batch), batch["input_ids"][:, 1:])
         return rl_math.sequence_logprobs(logp, batch["response_mask"]).tolist()
-
-    def tokens(self, batch: Mapping[str, torch.Tensor]) -> int:
-        return int(batch["attention_mask"].sum())

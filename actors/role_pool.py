@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from actors.learner import LocalHandle, _user_error
-from cai_ray.errors import CaiRayError
+from actors.learner import LocalHandle
+from cai_ray.errors import CaiRayError, find_user_error
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ class PendingMap:
                     self.pool._revive(i, str(exc).splitlines()[0] if str(exc) else "died")
                     self._send(i, share)
                 except RayTaskError as exc:
-                    user = _user_error(exc)
+                    user = find_user_error(exc)
                     raise user or CaiRayError(
                         f"{self.pool.name} worker failed: {exc.cause!r}"
                     ) from None

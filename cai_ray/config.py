@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from cai_ray.errors import ConfigError
+from cai_ray.eval_config import EvaluateConfig
 from cai_ray.rl_config import RLTrainConfig
 from cai_ray.train_config import LearnerConfig, SFTConfig
 
@@ -271,6 +272,7 @@ class RunConfig(Section):
     rl_label: RLLabelConfig = RLLabelConfig()
     pm_train: PMTrainConfig = PMTrainConfig()
     rl_train: RLTrainConfig = RLTrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     serve: ServeConfig = ServeConfig()
 
     def content_hash(self) -> str:

@@ -34,3 +34,15 @@ class DataError(CaiRayError):
 
 class ModelError(CaiRayError):
     """A model path or preset that cannot be loaded."""
+
+
+def find_user_error(exc: BaseException | None) -> CaiRayError | None:
+    """The CaiRayError under the exceptions Ray wraps a task's failure in (`cause`, `__cause__`,
+    `__context__`), so the user sees their own error without a traceback; None if there is none."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, CaiRayError):
+            return exc
+        seen.add(id(exc))
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None

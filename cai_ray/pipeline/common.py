@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import queue
 import threading
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cai_ray.config import ModelConfig, PoolConfig, RayConfig, RunConfig, resolve_path
-from cai_ray.errors import CaiRayError, ConfigError, DataError
+from cai_ray.errors import CaiRayError, ConfigError, DataError, find_user_error
 from cai_ray.shards import ShardStore, atomic_write_text, read_manifest, reject_counts
 
 
@@ -114,6 +115,8 @@ def ensure_ray(cfg: RayConfig) -> None:
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
+    # Ray Data logs every dataset's start and plan at INFO; the stages draw their own bars.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def prompt_dataset(spec: str, *, turns: str, limit: int | None, done: set[str], block_rows: int):
@@ -253,19 +256,8 @@ def stream_with_timeout(items: Iterable[Any], timeout_s: float, *, what: str) ->
         if kind == "done":
             return
         if kind == "error":
-            raise _user_error(value) or value
+            raise find_user_error(value) or value
         yield value
-
-
-def _user_error(exc: BaseException) -> CaiRayError | None:
-    """The CaiRayError inside a Ray task failure, so the user sees it without a traceback."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, CaiRayError):
-            return exc
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
-    return None
 
 
 def map_pool(ds, worker, pool: PoolConfig, cfg: RunConfig, *, model, **kwargs):

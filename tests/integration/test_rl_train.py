@@ -111,6 +111,27 @@ def test_pm_reward_with_a_deepspeed_rank_colocated(
     assert set(workers) == {"rollout", "reward_workers", "reference"}
 
 
+def test_direct_rlaif_with_rloo_rewards_lie_in_minus_one_to_one(
+    ray_cluster, tmp_path, tiny_model_dir
+):
+    cfg = _cfg(
+        tmp_path,
+        tiny_model_dir,
+        "rl_train.algorithm=rloo",
+        "rl_train.group_size=2",
+        "rl_train.prompts_per_step=4",
+        "rl_train.reward.kind=rlaif",
+        "rl_train.reward.kwargs={}",
+        "rl_train.steps=2",
+    )
+    manifest = rl_train.run(cfg, progress=False)
+    assert manifest["models"]["reward"] == manifest["models"]["policy"]  # the helpful model judges
+    rollouts = read_rollouts(tmp_path / "rl-train")
+    assert len(rollouts) == 2 * 8
+    assert rollouts.score.between(-1.0, 1.0).all() and rollouts.score.nunique() > 1
+    assert all(r["value_loss"] is None for r in _metrics(tmp_path))
+
+
 def test_nan_rewards_skip_batches_then_stop(ray_cluster, tmp_path, tiny_model_dir):
     reward = tmp_path / "flaky_reward.py"
     reward.write_text(

@@ -41,3 +41,12 @@ def test_load_by_module_and_by_file(tmp_path):
 def test_bad_specs_are_config_errors(spec, message):
     with pytest.raises(ConfigError, match=message):
         rr.load_reward_function(spec)
+
+
+def test_rating_prompt_shows_the_response_and_ends_in_the_cue():
+    from cai_ray.feedback import RATING_CUE, RATING_OPTIONS, build_rating_prompt
+
+    text = build_rating_prompt("\n\nHuman: hi\n\nAssistant:", " hello ", criterion="Rate it.")
+    assert text.endswith("Rate it.\n" + RATING_CUE)
+    assert "Human: hi\n\nAssistant: hello\n\n" in text
+    assert RATING_OPTIONS[0] == " 1" and RATING_OPTIONS[-1] == " 10" and len(RATING_OPTIONS) == 10
