@@ -270,6 +270,30 @@ class LearnerWorker:
             return None
         return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
+    def weight_group_address(self) -> tuple[str, int]:
+        """Where rank 0 hosts the NCCL weight group (actors.weight_sync)."""
+        from actors.weight_sync import TrainerSide
+
+        return TrainerSide.address()
+
+    def open_weight_group(self, address: str, port: int, world_size: int) -> list[Any] | None:
+        """Rank 0 joins the NCCL weight group (blocks until the engines join); returns the
+        metadata of what each sync broadcasts. Other ranks only take part in the gather."""
+        from actors.weight_sync import TrainerSide, metadata
+
+        state = self.full_state_dict()
+        if self.rank != 0:
+            return None
+        self._sender = TrainerSide()
+        self._sender.open(address, port, world_size)
+        return list(metadata(state))
+
+    def broadcast_weights(self) -> None:
+        """Gather the full weights (every rank, for ZeRO-3) and broadcast them from rank 0."""
+        state = self.full_state_dict()
+        if self.rank == 0:
+            self._sender.broadcast(state)
+
     def _take(self) -> list[Mapping[str, Any]]:
         rows = list(itertools.islice(self._rows, self.config.micro_batch_size))
         if len(rows) < self.config.micro_batch_size:

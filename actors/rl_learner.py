@@ -97,6 +97,19 @@ class RLLearnerGroup(LearnerGroup):
         self._gather(refs[1:])  # surfaces a failed rank; rank 0's tensors stay in the store
         return refs[0]
 
+    # -- NCCL weight sync into vLLM engines (actors.weight_sync) ------------------------------
+
+    def weight_group_address(self) -> tuple[str, int]:
+        return self._gather([self._handles[0].weight_group_address.remote()])[0]
+
+    def open_weight_group(self, address: str, port: int, world_size: int) -> list[Any]:
+        """Rank 0 joins the group the engines are joining; returns the broadcast metadata."""
+        refs = [h.open_weight_group.remote(address, port, world_size) for h in self._handles]
+        return self._gather(refs)[0]
+
+    def broadcast_weights(self) -> None:
+        self._gather([h.broadcast_weights.remote() for h in self._handles])
+
     def save(self, tag: str, state: dict[str, Any]) -> None:
         """Checkpoint `tag` on every rank (weights, optimizer, scheduler, RNG, `state`)."""
         self._gather([h.save.remote(tag, state=state) for h in self._handles])

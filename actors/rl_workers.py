@@ -43,6 +43,10 @@ class RLRolloutWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def engine_kind(self) -> str:
+        """'vllm' or 'hf', as resolved on this worker's node (it may differ from the driver's)."""
+        return "vllm" if type(self.engine).__name__ == "VLLMEngine" else "hf"
+
     def generate(
         self, conversations: list[list[dict[str, str]]], params: SamplingParams
     ) -> list[list[dict[str, Any]]]:
@@ -70,6 +74,16 @@ class RLRolloutWorker:
     def load_weights(self, state_dict: Mapping[str, Any], *, version: int) -> int:
         """Take the learner's weights (resets any prefix cache); returns the new version."""
         self.engine.load_weights(state_dict, version=version)
+        return version
+
+    def join_weight_group(self, address: str, port: int, rank_offset: int, world_size: int) -> None:
+        """Join learner rank 0's NCCL weight group (vLLM engines only; actors.weight_sync)."""
+        self.engine.init_weight_update_group(address, port, rank_offset, world_size)
+
+    def receive_weights(self, metadata: list[Any], *, version: int) -> int:
+        """Receive one NCCL broadcast of the weights; returns the new version."""
+        names, dtypes, shapes = metadata
+        self.engine.update_weights_from_group(names, dtypes, shapes, version=version)
         return version
 
 

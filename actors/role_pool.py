@@ -76,7 +76,11 @@ class RolePool:
 
     def broadcast(self, call: Call) -> list[Any]:
         """`call(handle, [])` on every worker; one result per worker."""
-        return PendingMap(self, call, [[] for _ in self.handles], flatten=False).result()
+        return self.submit_all(call).result()
+
+    def submit_all(self, call: Call) -> PendingMap:
+        """`call(handle, [])` on every worker, not waited for yet."""
+        return PendingMap(self, call, [[] for _ in self.handles], flatten=False)
 
     def pids(self) -> list[int]:
         return self.broadcast(lambda h, _: h.pid.remote())

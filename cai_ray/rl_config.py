@@ -143,6 +143,9 @@ class RLTrainConfig(Section):
     placement: Literal["separate", "colocated"] = Field(
         "separate", description="colocated: rollout worker i shares learner rank i's bundle"
     )
+    weight_sync: Literal["auto", "object_store", "nccl"] = Field(
+        "auto", description="nccl: GPU to GPU into vLLM engines; auto picks it when possible"
+    )
     checkpoint_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     rollout_log: bool = Field(True, description="write every sample to rollouts/step-*.parquet")

@@ -64,6 +64,7 @@ class RLLoop:
         self.models = role_models(cfg, ctx)
         check_placement(self.s, ray.cluster_resources())
         self.version, self.weights, self.bad_batches = 0, None, 0
+        self.sync_mode = "object_store"
         self.pools: list[Any] = []
         self.groups: list[Any] = []
 
@@ -141,12 +142,43 @@ class RLLoop:
             **worker_options(s.reference, s),
         )
         self.pools += [self.rollout, self.reward, self.reference]
+        self._open_weight_sync()
         # Which process holds which role: for `kill -9` drills and for reading worker logs.
         pids = {p.name: p.pids() for p in self.pools}
         atomic_write_text(self.dir / "workers.json", json.dumps(pids, indent=1) + "\n")
 
+    def _open_weight_sync(self) -> None:
+        """Object store everywhere; NCCL from rank 0 into vLLM engines where both are on GPUs."""
+        from actors.weight_sync import resolve_weight_sync
+
+        s = self.s
+        kinds = set(self.rollout.broadcast(lambda h, _: h.engine_kind.remote()))
+        self.sync_mode = resolve_weight_sync(
+            s.weight_sync,
+            rollout_engine="vllm" if kinds == {"vllm"} else "hf",
+            policy_gpus=s.policy.gpus_per_rank,
+            ranks=s.policy.num_ranks,
+        )
+        if self.sync_mode != "nccl":
+            return
+        tp = self.cfg.engine.vllm.tensor_parallel_size
+        world = 1 + len(self.rollout) * tp
+        addr, port = self.policy.weight_group_address()
+        index = {id(h): i for i, h in enumerate(self.rollout.handles)}  # worker i: ranks 1 + i*tp..
+        joins = self.rollout.submit_all(
+            lambda h, _: h.join_weight_group.remote(addr, port, 1 + index[id(h)] * tp, world)
+        )
+        self.weight_meta = self.policy.open_weight_group(addr, port, world)
+        joins.result()
+
     def _reload(self, handle: Any) -> None:
         """A restarted rollout worker holds the initial weights: give it the current ones."""
+        if self.sync_mode == "nccl":
+            raise CaiRayError(
+                "a rollout worker restarted and cannot rejoin the NCCL weight group",
+                where="rl_train.weight_sync",
+                hint="rerun the same command: the run resumes from its last checkpoint",
+            )
         if self.version:
             self.rollout._wait(
                 handle.load_weights.remote(self.weights, version=self.version), what="weights"
@@ -307,9 +339,16 @@ class RLLoop:
 
     def _sync(self, version: int) -> None:
         """The policy's weights to every rollout worker, tagged with `version` (the step)."""
-        self.weights = self.policy.weights()
         self.version = version
-        weights = self.weights
+        if self.sync_mode == "nccl":
+            meta = self.weight_meta
+            received = self.rollout.submit_all(
+                lambda h, _: h.receive_weights.remote(meta, version=version)
+            )
+            self.policy.broadcast_weights()
+            received.result()
+            return
+        self.weights = weights = self.policy.weights()
         self.rollout.broadcast(lambda h, _: h.load_weights.remote(weights, version=version))
 
     def _bad_batch(self, step: int, exc: BaseException) -> None:

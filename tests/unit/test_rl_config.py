@@ -37,3 +37,17 @@ def test_grpo_defaults_to_groups_and_kl_as_a_loss():
 def test_impossible_combinations_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_weight_sync_resolution():
+    from actors.weight_sync import resolve_weight_sync
+
+    assert resolve_weight_sync("auto", rollout_engine="vllm", policy_gpus=1, ranks=2) == "nccl"
+    assert resolve_weight_sync("auto", rollout_engine="vllm", policy_gpus=0, ranks=2) == (
+        "object_store"
+    )
+    assert resolve_weight_sync("object_store", rollout_engine="vllm", policy_gpus=1, ranks=1) == (
+        "object_store"
+    )
+    with pytest.raises(ConfigError, match="weight_sync=nccl needs vLLM"):
+        resolve_weight_sync("nccl", rollout_engine="hf", policy_gpus=1, ranks=1)

@@ -1,0 +1,72 @@
+"""NCCL weight sync from learner rank 0 into vLLM rollout engines (GPU clusters).
+
+The object-store path (`RLLearnerGroup.weights` -> `load_weights`) works everywhere; on GPUs it
+copies every tensor to host memory and back. With `rl_train.weight_sync: nccl` rank 0 instead
+forms one NCCL group with the rollout engines' workers through vLLM's weight-transfer engine
+(`cai_ray.engines.vllm_worker_ext`) and broadcasts each tensor GPU to GPU: rank 0 is rank 0 of
+that group, rollout worker i takes ranks 1 + i * tp .. (i + 1) * tp.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cai_ray.errors import ConfigError
+
+
+def resolve_weight_sync(mode: str, *, rollout_engine: str, policy_gpus: float, ranks: int) -> str:
+    """`auto` is NCCL when vLLM rollouts and GPU learner ranks (Ray actors) are both in play.
+
+    >>> resolve_weight_sync("auto", rollout_engine="hf", policy_gpus=0, ranks=2)
+    'object_store'
+    """
+    nccl_ok = rollout_engine == "vllm" and policy_gpus > 0 and ranks >= 1
+    if mode == "auto":
+        return "nccl" if nccl_ok else "object_store"
+    if mode == "nccl" and not nccl_ok:
+        raise ConfigError(
+            "weight_sync=nccl needs vLLM rollout engines and policy ranks on GPUs "
+            f"(rollout engine {rollout_engine!r}, policy.gpus_per_rank={policy_gpus}, "
+            f"policy.num_ranks={ranks})",
+            where="rl_train.weight_sync",
+            hint="use weight_sync: object_store (or auto)",
+        )
+    return mode
+
+
+class TrainerSide:
+    """Rank 0's end of the group: opened once, then one broadcast per sync."""
+
+    def __init__(self) -> None:
+        self.group: Any = None
+
+    @staticmethod
+    def address() -> tuple[str, int]:
+        import socket
+
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def open(self, address: str, port: int, world_size: int) -> None:
+        from cai_ray.engines.vllm_worker_ext import open_trainer_group
+
+        self.group = open_trainer_group(
+            master_address=address, master_port=port, world_size=world_size
+        )
+
+    def broadcast(self, state: dict[str, Any]) -> None:
+        from cai_ray.engines.vllm_worker_ext import broadcast_named_tensors
+
+        named = [(k, v.to("cuda")) for k, v in state.items()]
+        broadcast_named_tensors(self.group, named)
+
+
+def metadata(state: dict[str, Any]) -> tuple[list[str], list[str], list[list[int]]]:
+    """Names, dtypes and shapes in broadcast order (what the engines expect to receive)."""
+    from cai_ray.engines.vllm_worker_ext import weight_update_metadata
+
+    return weight_update_metadata(list(state.items()))
