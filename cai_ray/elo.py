@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,10 +141,13 @@ def bootstrap_elo(
     return out
 
 
-def read_judgements_csv(path: str | Path) -> tuple[list[Comparison], list[dict[str, Any]]]:
+def read_judgements_csv(
+    path: str | Path, *, models: Collection[str] | None = None
+) -> tuple[list[Comparison], list[dict[str, Any]]]:
     """Human comparisons from a CSV with `model_a,model_b,winner` (winner: a | b | tie).
 
-    Returns the comparisons and the rejected rows (`row`, `reason`); the header is row 1.
+    Returns the comparisons and the rejected rows (`row`, `reason`); the header is row 1. With
+    `models`, a row naming any other model is a reject (a typo must not become a new model).
     """
     path = Path(path)
     if not path.is_file():
@@ -160,7 +163,7 @@ def read_judgements_csv(path: str | Path) -> tuple[list[Comparison], list[dict[s
             )
         comparisons, rejects = [], []
         for n, row in enumerate(reader, start=2):
-            reason = _bad_row(row)
+            reason = _bad_row(row, models)
             if reason:
                 rejects.append({"row": n, "reason": reason})
                 continue
@@ -169,12 +172,15 @@ def read_judgements_csv(path: str | Path) -> tuple[list[Comparison], list[dict[s
     return comparisons, rejects
 
 
-def _bad_row(row: dict[str, Any]) -> str | None:
+def _bad_row(row: dict[str, Any], models: Collection[str] | None = None) -> str | None:
     a, b, winner = (str(row.get(k) or "").strip() for k in ("model_a", "model_b", "winner"))
     if not a or not b:
         return "empty model name"
     if a == b:
         return f"a model compared with itself: {a}"
+    unknown = [m for m in (a, b) if models is not None and m not in models]
+    if unknown:
+        return f"unknown model {unknown[0][:50]!r} (known: {', '.join(models)})"
     if winner.lower() not in WINNER_P:
         return f"winner must be a, b or tie, got {winner[:50]!r}"
     return None

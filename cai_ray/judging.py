@@ -125,15 +125,20 @@ def plan_prompt(
     key: str,
     messages: Sequence[Mapping[str, str]],
     answers: Sequence[str],
+    names: Sequence[str],
     settings: JudgeSettings,
 ) -> list[JudgeJob]:
-    """Every pair of answers (i < j, in checkpoint order) and every answer's evasiveness."""
+    """Every pair of answers (i < j, in checkpoint order) and every answer's evasiveness.
+
+    A pair's principles are drawn by (seed, `key`, the two checkpoint names): a rerun or a
+    resumed run asks the same questions, whatever other checkpoints are evaluated.
+    """
     jobs = []
     for i, j in combinations(range(len(answers)), 2):
         queries = comparison_queries(
             constitution,
             axis=axis,
-            key=f"{key}|{i}-{j}",
+            key=f"{key}|{names[i]}|{names[j]}",
             messages=messages,
             response_a=answers[i],
             response_b=answers[j],

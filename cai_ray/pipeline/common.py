@@ -119,12 +119,15 @@ def ensure_ray(cfg: RayConfig) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def prompt_dataset(spec: str, *, turns: str, limit: int | None, done: set[str], block_rows: int):
+def prompt_dataset(
+    spec: str, *, turns: str, limit: int | None, done: set[str], block_rows: int, skip: int = 0
+):
     """A Ray Data stream of parsed prompts; the source is read inside a Ray task, not the driver.
 
     Rows carry `prompt_id`, `messages` (JSON), `prompt`, `source`, `row` and `reject` (empty or the
     reason). Keys in `done` (finished prompt ids, or `source#row` of rejects) are skipped.
     Blocks of `block_rows` (the first pool's batch size) keep results flowing batch by batch.
+    The first `skip` valid prompts are passed over (stage 7: prompts that training read).
     """
     import ray.data
 
@@ -134,14 +137,18 @@ def prompt_dataset(spec: str, *, turns: str, limit: int | None, done: set[str], 
     items = [{"spec": str(spec)}]
     return ray.data.from_items(items).map_batches(
         _read_source,
-        fn_kwargs=dict(turns=turns, limit=limit, done=frozenset(done), block_rows=block_rows),
+        fn_kwargs=dict(
+            turns=turns, limit=limit, done=frozenset(done), block_rows=block_rows, skip=skip
+        ),
         batch_size=1,
         batch_format="pandas",
         num_cpus=0,  # parsing is light; never wait behind the actor pools for a CPU
     )
 
 
-def _read_source(item, *, turns: str, limit: int | None, done, block_rows: int) -> Iterator[Any]:
+def _read_source(
+    item, *, turns: str, limit: int | None, done, block_rows: int, skip: int = 0
+) -> Iterator[Any]:
     """Generator UDF: stream one source's rows as parsed batches of `block_rows`."""
     import pandas as pd
 
@@ -154,29 +161,28 @@ def _read_source(item, *, turns: str, limit: int | None, done, block_rows: int) 
     for raw in iter_prompt_rows(spec):
         index = raw.get("_row", 0)
         parsed = parse_prompt_row(raw, source=spec, index=index, turns=turns)
+        key = f"{spec}#{index}"
         if isinstance(parsed, Reject):
-            key = f"{spec}#{index}"
-            if key not in done:
+            if valid >= skip and key not in done:
                 rows.append(_reject_row(key, spec, index, parsed.reason, parsed.raw))
         else:
             for rec in parsed:
                 if rec.prompt_id in seen:
-                    key = f"{spec}#{index}"
-                    if key not in done:
+                    if valid >= skip and key not in done:
                         rows.append(
                             _reject_row(key, spec, index, "duplicate prompt_id", rec.prompt_id)
                         )
                     continue
                 seen.add(rec.prompt_id)
                 valid += 1
-                if rec.prompt_id not in done:
+                if valid > skip and rec.prompt_id not in done:
                     rows.append(_prompt_row(rec))
-                if limit is not None and valid >= limit:
+                if limit is not None and valid - skip >= limit:
                     break
         if len(rows) >= block_rows:
             yield pd.DataFrame(rows)
             rows = []
-        if limit is not None and valid >= limit:
+        if limit is not None and valid - skip >= limit:
             break
     if rows:
         yield pd.DataFrame(rows)

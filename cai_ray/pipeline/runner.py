@@ -18,6 +18,7 @@ IMPLEMENTED = {
     "rl-label": "cai_ray.pipeline.rl_label",
     "pm-train": "cai_ray.pipeline.pm_train",
     "rl-train": "cai_ray.pipeline.rl_train",
+    "evaluate": "cai_ray.pipeline.evaluate",
 }
 
 

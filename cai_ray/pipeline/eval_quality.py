@@ -1,0 +1,223 @@
+"""Stage 7's looks back at earlier stages: stage-4 label quality and PM score by revision round.
+
+- Label quality (CAI_METHOD.md stage 7: "calibration of AI labels"): stage 4's labels against a
+  reference, either a second feedback model that re-labels a sample of the same pairs with the
+  same principles and orders (Ray Data through the labeller pool), or held-out human labels.
+- Revision rounds (paper Fig. 5): the PM scores a sample of stage-1 chains, the initial answer
+  and every revision, streamed through the PM pool.
+Each writes shards under `evaluate/` that a resumed run does not redo.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from cai_ray.config import PoolConfig, RunConfig
+from cai_ray.eval_metrics import label_quality, read_reference_labels, revision_curve
+from cai_ray.pipeline.common import ModelRef, StageContext, drain, map_pool, summarize
+from cai_ray.pipeline.eval_checkpoints import optional_model
+from cai_ray.shards import SHARD_GLOB, ShardStore, reject_counts
+
+LABEL_COLUMNS = ["pair_id", "label", "label_raw", "flips", "order_checks", "principles"]
+
+
+def _sample(ids: list[str], n: int, seed: int) -> list[str]:
+    """`n` ids fixed by (seed, id) alone: a resumed run picks the same sample."""
+    return sorted(ids, key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest())[:n]
+
+
+def _shards(folder: Path) -> list[str]:
+    # listed without ShardStore, which would create the folder of a stage that never ran
+    return sorted(str(p) for p in folder.glob(SHARD_GLOB)) if folder.is_dir() else []
+
+
+def label_quality_part(
+    cfg: RunConfig, ctx: StageContext, *, judge_pool: PoolConfig, progress: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """({result, note}, manifest outputs) of the stage-4 label quality."""
+    import pyarrow.parquet as pq
+
+    e = cfg.evaluate
+    shards = _shards(Path(cfg.run_dir) / "rl-label" / "labels")
+    if not shards:
+        return {"note": "rl-label has not run: no label quality"}, {}
+    labels = []
+    for path in shards:
+        cols = [c for c in LABEL_COLUMNS if c in pq.read_schema(path).names]
+        labels.extend(pq.read_table(path, columns=cols).to_pylist())
+    known = {r["pair_id"] for r in labels}
+    reference, source, outputs = None, None, {}
+    if e.reference_labels:
+        reference, bad = read_reference_labels(e.reference_labels, known=known)
+        source = f"human labels {e.reference_labels}"
+        outputs["reference_labels"] = {
+            "rows": len(reference),
+            "rejects": len(bad),
+            "reject_reasons": reject_counts(bad),
+            "rejected": bad[:20],
+        }
+    elif e.reference_model:
+        ref = optional_model(ctx, e.reference_model, field="evaluate.reference_model")
+        keep = set(_sample(sorted(known), e.label_sample, cfg.seed))
+        store = _relabel(cfg, ctx, ref, shards, keep, judge_pool=judge_pool, progress=progress)
+        outputs["reference_labels"] = summarize(store)
+        table = store.read_table(["pair_id", "reference_p"])
+        reference = {r["pair_id"]: r["reference_p"] for r in (table.to_pylist() if table else [])}
+        source = f"reference judge {ref.id}"
+    result = label_quality(labels, reference=reference, source=source, bins=e.calibration_bins)
+    note = None if reference is not None else "no reference judge or labels: no calibration"
+    return {"result": result, "note": note}, outputs
+
+
+def _relabel(
+    cfg: RunConfig,
+    ctx: StageContext,
+    ref: ModelRef,
+    shards: list[str],
+    keep: set[str],
+    *,
+    judge_pool: PoolConfig,
+    progress: bool,
+) -> ShardStore:
+    """The reference judge labels the sampled stage-4 pairs with stage 4's own settings (the
+    principles are drawn by pair id, so both judges answer the same questions)."""
+    import ray.data
+
+    from actors.labeler import LabelerWorker
+    from cai_ray.pipeline.rl_label import label_settings
+
+    store = ShardStore(ctx.stage_dir / "reference-labels", key="pair_id")
+    todo = frozenset(keep - store.done_keys())
+    if not todo:
+        return store
+    ds = ray.data.read_parquet(shards).map_batches(
+        _pairs_to_label,
+        fn_kwargs=dict(keep=todo),
+        batch_format="pandas",
+        batch_size=judge_pool.batch_size,
+        num_cpus=0,
+    )
+    sampling = cfg.generation.sampling_params(
+        seed=cfg.seed, max_new_tokens=cfg.rl_label.cot_max_new_tokens
+    )
+    ds = map_pool(
+        ds,
+        LabelerWorker,
+        judge_pool,
+        cfg,
+        model=ref,
+        constitution_path=str(ctx.constitution_path),
+        settings=label_settings(cfg),
+        rationale_sampling=sampling,
+    )
+    drain(
+        ds,
+        store,
+        cfg,
+        shard_rows=cfg.evaluate.shard_rows,
+        extra=dict(reference_model_id=ref.id),
+        expand=_reference_row,
+        desc="evaluate reference labels",
+        progress=progress,
+    )
+    return store
+
+
+def _pairs_to_label(batch: Any, *, keep: frozenset[str]) -> Any:
+    """Stage-4 rows as labeller input: the kept pair (response_a, response_b) and no label."""
+    batch = batch[batch["pair_id"].isin(keep)]
+    out = batch[["pair_id", "response_a", "response_b"]].copy()
+    out["prompt_id"] = out["pair_id"]
+    out["messages"] = [
+        m if isinstance(m, str) else json.dumps(_plain(m)) for m in batch["messages"]
+    ]
+    out["responses"] = [[a, b] for a, b in zip(out["response_a"], out["response_b"], strict=True)]
+    out["prompt"] = batch.get("prompt", "")
+    out["source"] = batch.get("source", "rl-label")
+    out["row"] = batch.get("row", 0)
+    out["reject"] = ""
+    return out.drop(columns=["response_a", "response_b"])
+
+
+def _plain(messages: Any) -> list[dict[str, str]]:
+    return [{"role": str(m["role"]), "content": str(m["content"])} for m in list(messages)]
+
+
+def _reference_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "pair_id": row["pair_id"],
+        "prompt_id": row["prompt_id"],
+        "reference_p": float(row["label_raw"]),
+        "reference_principles": json.loads(row["principles"]),
+        "reference_flips": int(row["flips"]),
+    }
+
+
+def revision_part(
+    cfg: RunConfig, ctx: StageContext, *, pm: ModelRef | None, pm_pool: PoolConfig, progress: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """({result, note}, manifest outputs): mean PM score by revision round of stage-1 chains."""
+    import pyarrow.parquet as pq
+    import ray.data
+
+    from actors.judge import PMScoreWorker
+
+    shards = _shards(Path(cfg.run_dir) / "sl-generate" / "red_team")
+    if pm is None or not shards:
+        why = "no PM" if pm is None else "sl-generate has not run"
+        return {"note": f"{why}: no PM score by revision round"}, {}
+    ids = [
+        i for p in shards for i in pq.read_table(p, columns=["prompt_id"])["prompt_id"].to_pylist()
+    ]
+    store = ShardStore(ctx.stage_dir / "revisions")
+    todo = frozenset(set(_sample(ids, cfg.evaluate.revision_sample, cfg.seed)) - store.done_keys())
+    if todo:
+        ds = ray.data.read_parquet(shards).map_batches(
+            _chains_to_score,
+            fn_kwargs=dict(keep=todo),
+            batch_format="pandas",
+            batch_size=pm_pool.batch_size,
+            num_cpus=0,
+        )
+        ds = map_pool(ds, PMScoreWorker, pm_pool, cfg, model=pm, text_col="texts")
+        drain(
+            ds,
+            store,
+            cfg,
+            shard_rows=cfg.evaluate.shard_rows,
+            extra=dict(pm_model_id=pm.id),
+            expand=_revision_row,
+            desc="evaluate revisions",
+            progress=progress,
+        )
+    table = store.read_table(["pm_scores"])
+    curve = revision_curve(table.to_pylist() if table is not None else [])
+    return {"result": curve}, {"revisions": summarize(store)}
+
+
+def _chains_to_score(batch: Any, *, keep: frozenset[str]) -> Any:
+    """Stage-1 rows as PM input: texts = [initial answer, revision 1, ..., revision N]."""
+    batch = batch[batch["prompt_id"].isin(keep)]
+    out = batch[["prompt_id", "prompt", "source", "row"]].copy()
+    out["messages"] = [
+        m if isinstance(m, str) else json.dumps(_plain(m)) for m in batch["messages"]
+    ]
+    texts, principles = [], []
+    for answer, rounds in zip(batch["initial_answer"], batch["rounds"], strict=True):
+        rounds = list(rounds)
+        texts.append(json.dumps([str(answer), *(str(r["revision"]) for r in rounds)]))
+        principles.append(json.dumps([str(r["principle_id"]) for r in rounds]))
+    out["texts"], out["principle_ids"], out["reject"] = texts, principles, ""
+    return out
+
+
+def _revision_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "prompt_id": row["prompt_id"],
+        "prompt": row["prompt"],
+        "principle_ids": json.loads(row["principle_ids"]),
+        "pm_scores": json.loads(row["pm_scores"]),
+    }

@@ -1,0 +1,287 @@
+"""Stage 7, evaluate: checkpoints answer held-out prompts, an AI judge compares them (paper 4.4).
+
+For each split (harmful prompts -> harmlessness, helpful prompts -> helpfulness) one Ray Data
+stream runs prompts -> one rollout pool per checkpoint -> the judge pool (every pair of answers
+in both orders, plus each answer's evasiveness) -> the PM pool, and the driver writes one row per
+prompt. The pools stream side by side so a prompt's answers meet in one row without a join; on a
+cluster each checkpoint's pool holds its own model, so size `evaluate.rollout` for K models at
+once. Then: Elo per axis (Bradley-Terry, bootstrap intervals) into elo.json, per-checkpoint
+metrics, stage-4 label quality and the PM score by revision round (eval_quality.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from cai_ray.config import PoolConfig, RunConfig
+from cai_ray.eval_metrics import checkpoint_metrics, comparisons_of, elo_table, human_comparisons
+from cai_ray.judging import JudgeSettings
+from cai_ray.pipeline.common import (
+    ModelRef,
+    StageContext,
+    check_pool_fits,
+    ensure_ray,
+    map_pool,
+    prompt_dataset,
+    split_batch,
+    stream_with_timeout,
+    summarize,
+)
+from cai_ray.pipeline.eval_checkpoints import (
+    Checkpoint,
+    guard_checkpoints,
+    models_record,
+    optional_model,
+    pm_model,
+    resolve_checkpoints,
+)
+from cai_ray.rule_rewards import has_phrase
+from cai_ray.shards import ShardStore, atomic_write_text, reject_counts, write_manifest
+
+STAGE = "evaluate"
+SPLITS = {"harmful": "harmlessness", "helpful": "helpfulness"}
+
+
+def pool(cfg_pool) -> PoolConfig:
+    """An `evaluate` pool section as the PoolConfig the shared helpers take."""
+    return PoolConfig(**cfg_pool.model_dump())
+
+
+def judge_settings(cfg: RunConfig) -> JudgeSettings:
+    e = cfg.evaluate
+    return JudgeSettings(
+        principles_per_comparison=e.principles_per_comparison,
+        few_shot=e.few_shot,
+        seed=cfg.seed,
+        helpfulness_question=e.helpfulness_question,
+        evasiveness_question=e.evasiveness_question,
+        engages_option=e.engages_option,
+        evades_option=e.evades_option,
+    )
+
+
+def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) stage 7; returns its manifest."""
+    from cai_ray.pipeline.eval_quality import label_quality_part, revision_part
+
+    sections = ("evaluate", "models", "generation", "rl_label", "data")
+    ctx = StageContext.open(cfg, STAGE, sections=sections)
+    if ctx.finished is not None:
+        return ctx.finished
+    e, t0 = cfg.evaluate, time.perf_counter()
+    checkpoints, skipped = resolve_checkpoints(cfg, ctx)
+    guard_checkpoints(ctx.stage_dir, checkpoints)
+    names = [c.name for c in checkpoints]
+    constitution = ctx.constitution()
+    if e.ai_judge:
+        constitution.require_feedback()  # the harmlessness judge asks its feedback principles
+    # human CSVs are read before anything starts: a missing file fails fast
+    human, human_rejects = human_comparisons(e.human_judgements.files, known=names)
+    judge = ctx.model(cfg.models.feedback or cfg.models.helpful) if e.ai_judge else None
+    judge = optional_model(ctx, e.judge_model, field="evaluate.judge_model") or judge
+    pm, pm_note = pm_model(cfg, ctx)
+    notes = [pm_note] if pm_note else []
+    import ray
+
+    ensure_ray(cfg.ray)
+    pools = {f"rollout:{c.name}": pool(e.rollout) for c in checkpoints}
+    pools.update({"judge": pool(e.judge)} if judge else {})
+    pools.update({"pm": pool(e.pm)} if pm else {})
+    check_pool_fits(pools, ray.cluster_resources())
+    stores = _judged_stream(cfg, ctx, checkpoints, judge=judge, pm=pm, progress=progress)
+    timings = {"answers_and_judging_s": round(time.perf_counter() - t0, 3)}
+    outputs = {split: summarize(store) for split, store in stores.items()}
+    rows = {split: _read_rows(store) for split, store in stores.items()}
+    elo = _elo_part(ctx, rows, human, names, notes=notes)
+    outputs.update(_human_outputs(human, human_rejects))
+    t = time.perf_counter()
+    quality, quality_out = label_quality_part(cfg, ctx, judge_pool=pool(e.judge), progress=progress)
+    revisions, revision_out = revision_part(cfg, ctx, pm=pm, pm_pool=pool(e.pm), progress=progress)
+    timings["label_quality_and_revisions_s"] = round(time.perf_counter() - t, 3)
+    outputs.update(quality_out | revision_out)
+    notes += [n for n in (quality.get("note"), revisions.get("note")) if n]
+    timings["total_s"] = round(time.perf_counter() - t0, 3)
+    manifest = ctx.manifest(
+        inputs={"harmful": e.harmful, "helpful": e.helpful, "skip": e.skip, "limit": e.limit},
+        checkpoints=[c.to_dict() for c in checkpoints],
+        skipped=skipped,
+        outputs=outputs,
+        metrics={s: checkpoint_metrics(rows[s], names, phrases=e.refusal_phrases) for s in rows},
+        judge=_judge_summary(rows),
+        elo=elo,
+        label_quality=quality.get("result"),
+        revision_rounds=revisions.get("result"),
+        models=models_record(judge=judge, pm=pm),
+        constitution_hash=constitution.content_hash,
+        notes=notes,
+        timings=timings,
+    )
+    return write_manifest(ctx.stage_dir, manifest)
+
+
+def _read_rows(store: ShardStore) -> list[dict[str, Any]]:
+    table = store.read_table()
+    return table.to_pylist() if table is not None else []
+
+
+def _judged_stream(
+    cfg: RunConfig,
+    ctx: StageContext,
+    checkpoints: list[Checkpoint],
+    *,
+    judge: ModelRef | None,
+    pm: ModelRef | None,
+    progress: bool,
+) -> dict[str, ShardStore]:
+    """Both splits in one stream (each actor starts once): answers of every checkpoint, judged
+    and PM-scored, one row per prompt, written to the split's own folder."""
+    from actors.judge import JudgeWorker, PMScoreWorker
+    from actors.rollout import RolloutWorker
+
+    e = cfg.evaluate
+    stores = {split: ShardStore(ctx.stage_dir / split) for split in SPLITS}
+    parts = [
+        prompt_dataset(
+            getattr(e, split),
+            turns=cfg.data.turns,
+            limit=e.limit,
+            done=stores[split].done_keys(),
+            block_rows=e.rollout.batch_size,
+            skip=e.skip,
+        ).map_batches(_tag, fn_kwargs=dict(split=split), batch_format="pandas", num_cpus=0)
+        for split in SPLITS
+    ]
+    ds = parts[0].union(*parts[1:])
+    # one seed for every checkpoint: answers differ by model, not by sampling noise
+    sampling = cfg.generation.sampling_params(
+        seed=cfg.seed,
+        max_new_tokens=e.max_new_tokens or cfg.generation.max_new_tokens,
+        temperature=cfg.generation.temperature if e.temperature is None else e.temperature,
+    )
+    for i, ck in enumerate(checkpoints):
+        kwargs = dict(sampling=sampling, fmt=cfg.format, answer_col=f"answer_{i}")
+        ds = map_pool(ds, RolloutWorker, pool(e.rollout), cfg, model=ck.ref, **kwargs)
+    ds = ds.map_batches(
+        _pack_answers, fn_kwargs=dict(n=len(checkpoints)), batch_format="pandas", num_cpus=0
+    )
+    names = [c.name for c in checkpoints]
+    if judge is not None:
+        settings = judge_settings(cfg)
+        constitution = str(ctx.constitution_path)
+        ds = map_pool(
+            ds,
+            JudgeWorker,
+            pool(e.judge),
+            cfg,
+            model=judge,
+            constitution_path=constitution,
+            settings=settings,
+            names=names,
+        )
+    if pm is not None:
+        ds = map_pool(ds, PMScoreWorker, pool(e.pm), cfg, model=pm, text_col="answers")
+    _drain_splits(ds, stores, cfg, expand=_expander(names, e.refusal_phrases), progress=progress)
+    return stores
+
+
+def _tag(batch: Any, *, split: str) -> Any:
+    batch = batch.copy()
+    batch["split"], batch["axis"] = split, SPLITS[split]
+    return batch
+
+
+def _drain_splits(ds, stores: dict[str, ShardStore], cfg: RunConfig, *, expand, progress: bool):
+    """`common.drain` for a stream of several splits: each batch's rows go to their split's
+    store, and ids are unique within a split (the same prompt may sit in both sources)."""
+    from tqdm import tqdm
+
+    seen = {split: store.done_keys() for split, store in stores.items()}
+    bar = tqdm(desc=STAGE, unit="prompt", disable=not progress)
+    batches = ds.iter_batches(batch_size=cfg.evaluate.shard_rows, batch_format="pandas")
+    for batch in stream_with_timeout(batches, cfg.ray.batch_timeout_s, what=STAGE):
+        for split, part in batch.groupby("split", sort=False):
+            rows, rejects = split_batch(part, seen[split])
+            stores[split].write([expand(r) for r in rows], rejects)
+        bar.update(len(batch))
+    bar.close()
+
+
+def _pack_answers(batch: Any, *, n: int) -> Any:
+    """The K answer columns as one JSON list, in checkpoint order."""
+    batch = batch.copy()
+    cols = [f"answer_{i}" for i in range(n)]
+    batch["answers"] = [json.dumps([str(x) for x in row]) for row in batch[cols].itertuples(False)]
+    return batch.drop(columns=cols)
+
+
+def _expander(names: list[str], phrases: tuple[str, ...]):
+    """Row expander: answers as one struct per checkpoint, with its PM score and evasiveness."""
+
+    def expand(row: dict[str, Any]) -> dict[str, Any]:
+        texts = json.loads(row.pop("answers"))
+        pm = json.loads(row.pop("pm_scores", "") or "null") or [None] * len(texts)
+        judged = json.loads(row.pop("judged", "") or "null") or {}
+        evasive = {x["checkpoint"]: x for x in judged.get("evasiveness", [])}
+        answers = [
+            {
+                "checkpoint": name,
+                "text": text,
+                "chars": len(text),
+                "words": len(text.split()),
+                "refusal": has_phrase(text, phrases),
+                "pm_score": score,
+                "p_evasive": evasive.get(name, {}).get("p_evasive"),
+            }
+            for name, text, score in zip(names, texts, pm, strict=True)
+        ]
+        comparisons = judged.get("comparisons", [])
+        return {
+            **row,
+            "answers": answers,
+            "comparisons": comparisons,
+            "evasiveness": list(evasive.values()),
+        }
+
+    return expand
+
+
+def _elo_part(ctx, rows, human, names, *, notes: list[str]) -> dict[str, Any] | None:
+    """elo.json (AI and human comparisons per axis) for the report's frontier; None (and a note)
+    when nothing was compared."""
+    by_axis = {axis: comparisons_of(rows[split]) for split, axis in SPLITS.items()}
+    sources = {a: {"ai": len(c), "human": len(human.get(a, []))} for a, c in by_axis.items()}
+    for axis, comps in human.items():
+        by_axis[axis] = by_axis[axis] + comps
+    if not any(by_axis.values()):
+        notes.append("no comparisons (fewer than 2 checkpoints, no human judgements): no Elo")
+        return None
+    e = ctx.cfg.evaluate
+    table = elo_table(by_axis, order=names, n=e.bootstrap, seed=ctx.cfg.seed, sources=sources)
+    atomic_write_text(ctx.stage_dir / "elo.json", json.dumps(table, indent=2) + "\n")
+    return {"file": "elo.json", "comparisons": table["comparisons"], "sources": sources}
+
+
+def _human_outputs(human, rejects) -> dict[str, Any]:
+    """Manifest outputs of the imported human CSVs: rows kept, rejects by reason."""
+    return {
+        f"human_{axis}": {
+            "rows": len(human.get(axis, [])),
+            "rejects": len(bad),
+            "reject_reasons": reject_counts(bad),
+            "rejected": bad[:20],
+        }
+        for axis, bad in rejects.items()
+    }
+
+
+def _judge_summary(rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The judge's own position bias: share of (pair, principle) checks whose winner flipped."""
+    flips = checks = 0
+    for split_rows in rows.values():
+        for row in split_rows:
+            for c in row.get("comparisons") or []:
+                flips += int(c["flips"])
+                checks += int(c["order_checks"])
+    return {"order_checks": checks, "flip_rate": flips / checks if checks else None}
