@@ -152,7 +152,22 @@ def read_judgements_csv(
     path = Path(path)
     if not path.is_file():
         raise DataError("judgements file not found", where=str(path), hint="pass a CSV file")
-    with path.open(newline="", encoding="utf-8") as fh:
+    try:
+        return _read_judgements(path, models)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        # not UTF-8, a NUL byte or an over-long field: no row after it can be trusted
+        raise DataError(
+            f"unreadable CSV: {exc}",
+            where=str(path),
+            hint="save it as UTF-8 CSV with the header model_a,model_b,winner",
+        ) from None
+
+
+def _read_judgements(
+    path: Path, models: Collection[str] | None
+) -> tuple[list[Comparison], list[dict[str, Any]]]:
+    # utf-8-sig: spreadsheet programs start their CSV exports with a byte-order mark
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         missing = {"model_a", "model_b", "winner"} - set(reader.fieldnames or [])
         if missing:

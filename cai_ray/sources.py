@@ -458,8 +458,8 @@ def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
                 continue
             try:
                 value = json.loads(line.decode("utf-8-sig" if number == 1 else "utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                yield _error_row(number, f"invalid JSON: {exc}", line)
+            except _JSON_ERRORS as exc:
+                yield _error_row(number, f"invalid JSON: {_json_problem(exc)}", line)
                 continue
             if isinstance(value, dict):
                 yield {**value, ROW_KEY: number}
@@ -475,13 +475,24 @@ def _iter_json(path: Path) -> Iterator[dict[str, Any]]:
         return
     try:
         items = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"not valid JSON: {exc}", where=str(path), hint="fix the file") from None
+    except _JSON_ERRORS as exc:
+        raise DataError(
+            f"not valid JSON: {_json_problem(exc)}", where=str(path), hint="fix the file"
+        ) from None
     for number, item in enumerate(items, start=1):
         if isinstance(item, dict):
             yield {**item, ROW_KEY: number}
         else:
             yield _error_row(number, f"invalid JSON: item is a {type(item).__name__}", repr(item))
+
+
+# ValueError covers JSONDecodeError, UnicodeDecodeError and Python's 4300-digit int limit;
+# RecursionError comes from deeply nested arrays such as `[[[[...]]]]`.
+_JSON_ERRORS = (ValueError, RecursionError)
+
+
+def _json_problem(exc: BaseException) -> str:
+    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
 
 
 def _error_row(number: int, reason: str, raw: bytes | str) -> dict[str, Any]:
@@ -585,8 +596,8 @@ def _arrow_batches(file: Path, pa: Any) -> Iterator[Any]:
 def _load_json(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"unreadable JSON: {exc}", where=str(path)) from None
+    except (OSError, *_JSON_ERRORS) as exc:
+        raise DataError(f"unreadable JSON: {_json_problem(exc)}", where=str(path)) from None
     if not isinstance(value, dict):
         raise DataError("expected a JSON object", where=str(path))
     return value

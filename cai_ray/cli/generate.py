@@ -74,20 +74,25 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     add_set_option(p)
 
 
-def _load(args: argparse.Namespace):
-    """(run config, model directory): --model, else --preset, else the config's helpful model."""
-    from cai_ray.config import ModelConfig, load_config, resolve_path
+def _config(args: argparse.Namespace):
+    from cai_ray.config import load_config, resolve_path
+
+    return load_config(resolve_path(args.config) if args.config else None, args.overrides)
+
+
+def _model_dir(args: argparse.Namespace, cfg) -> Path:
+    """--model, else --preset, else the config's helpful model."""
+    from cai_ray.config import ModelConfig, resolve_path
     from cai_ray.models import check_model_dir, default_cache_dir, ensure_model
 
-    cfg = load_config(resolve_path(args.config) if args.config else None, args.overrides)
     if args.model:
-        return cfg, check_model_dir(resolve_path(args.model))
+        return check_model_dir(resolve_path(args.model))
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a preset is built at most once: the bars are noise
     if args.preset:
-        return cfg, ensure_model(ModelConfig(preset=args.preset), run_dir=default_cache_dir())
-    return cfg, ensure_model(cfg.models.helpful, run_dir=cfg.run_dir)
+        return ensure_model(ModelConfig(preset=args.preset), run_dir=default_cache_dir())
+    return ensure_model(cfg.models.helpful, run_dir=cfg.run_dir)
 
 
 def _engine(cfg, path: Path):
@@ -105,8 +110,10 @@ def _engine(cfg, path: Path):
 def _generate(args: argparse.Namespace) -> int:
     from cai_ray.conversation import render
 
-    cfg, path = _load(args)
+    cfg = _config(args)
+    # Bad prompt files fail here, before a model is built or loaded.
     records, rejects = _read_prompts(args, turns=cfg.data.turns)
+    path = _model_dir(args, cfg)
     overrides = {
         k: v
         for k, v in (
@@ -216,8 +223,8 @@ def _score(args: argparse.Namespace) -> int:
         items, rejects = _read_score_file(Path(args.file))
     else:
         items, rejects = [(1, ScoreRequest(args.prefix, tuple(args.option)))], []
-    cfg, path = _load(args)
-    engine = _engine(cfg, path)
+    cfg = _config(args)
+    engine = _engine(cfg, _model_dir(args, cfg))
     try:
         scores = engine.score_options([req for _, req in items])
         rows = [
@@ -274,6 +281,8 @@ def _parse_score_row(line: str) -> tuple[str | None, dict[str, Any]]:
         row = json.loads(line)
     except json.JSONDecodeError as exc:
         return f"not JSON ({exc.msg})", {}
+    except (ValueError, RecursionError) as exc:  # a 5000-digit number; `[[[[...` nesting
+        return f"not JSON ({'nested too deeply' if isinstance(exc, RecursionError) else exc})", {}
     if not isinstance(row, dict):
         return f"not a JSON object (got {type(row).__name__})", {}
     if not isinstance(row.get("prefix"), str):

@@ -94,6 +94,9 @@ def _read_json(path: Path) -> Any:
         raise ConstitutionError(f"invalid JSON: {exc.msg}", where=f"{path}:{exc.lineno}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConstitutionError(f"cannot read the file: {exc}", where=str(path)) from None
+    except (ValueError, RecursionError) as exc:  # a 5000-digit number; `[[[[...` nesting
+        problem = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ConstitutionError(f"invalid JSON: {problem}", where=str(path)) from None
 
 
 def _expect(ok: bool, message: str, where: str) -> None:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from cai_ray.constitution.schema import Constitution, FieldIssue
 from cai_ray.errors import ConstitutionError
+from cai_ray.safe_yaml import TOO_DEEP, SafeLoader, problem_of
 
 Loc = tuple[str | int, ...]
 # The project's own constitution, beside the package in a source checkout.
@@ -63,8 +64,9 @@ def constitution_from_dict(
 
 
 def _read_yaml(text: str, where: str) -> tuple[Any, dict[Loc, int]]:
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = SafeLoader(text)  # rejects control characters at once
         node = loader.get_single_node()
         if node is None:
             raise ConstitutionError(
@@ -76,25 +78,38 @@ def _read_yaml(text: str, where: str) -> tuple[Any, dict[Loc, int]]:
         _map_lines(node, (), lines, where)
         return loader.construct_document(node), lines
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        at = f"{where}:{mark.line + 1}" if mark is not None else where
-        problem = getattr(exc, "problem", None) or str(exc)
+        line, problem = problem_of(exc, text)
+        at = f"{where}:{line}" if line is not None else where
         raise ConstitutionError(
             f"invalid YAML: {problem}",
             where=at,
             hint="check the indentation; write texts that contain ': ', end with ':' or start "
             "with a symbol as `>-` blocks or in quotes",
         ) from None
+    except RecursionError:
+        raise ConstitutionError(
+            f"invalid YAML: {TOO_DEEP}", where=where, hint="see constitutions/default.yaml"
+        ) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
-def _map_lines(node: yaml.Node, loc: Loc, lines: dict[Loc, int], where: str) -> None:
+def _map_lines(
+    node: yaml.Node, loc: Loc, lines: dict[Loc, int], where: str, done: set[int] | None = None
+) -> None:
     """Record the 1-based line of every field path; reject duplicate keys (safe_load keeps the last)."""
     lines.setdefault(loc, node.start_mark.line + 1)
+    # An alias shares its anchor's node: map it once, so `&a [*a]` cannot recurse forever.
+    done = set() if done is None else done
+    if id(node) in done:
+        return
+    done.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen: dict[Any, int] = {}
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue  # a list or mapping as a key: construction reports it with its line
             key = key_node.value
             line = key_node.start_mark.line + 1
             if key in seen:
@@ -105,10 +120,10 @@ def _map_lines(node: yaml.Node, loc: Loc, lines: dict[Loc, int], where: str) -> 
                 )
             seen[key] = line
             lines[(*loc, key)] = line
-            _map_lines(value_node, (*loc, key), lines, where)
+            _map_lines(value_node, (*loc, key), lines, where, done)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _map_lines(item, (*loc, i), lines, where)
+            _map_lines(item, (*loc, i), lines, where, done)
 
 
 def _line_of(loc: Loc, lines: dict[Loc, int]) -> int | None:

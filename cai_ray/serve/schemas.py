@@ -158,7 +158,9 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
     """Decode a JSON body into `model`; a 400 ApiError naming the bad field otherwise."""
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError:  # `[[[[...` deeper than Python's recursion limit
+        raise ApiError(400, "invalid JSON body: nested too deeply", code="invalid_json") from None
+    except ValueError as exc:  # bad JSON, bad UTF-8, an integer over Python's 4300 digits
         raise ApiError(400, f"invalid JSON body: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the JSON body must be an object", code="invalid_json")
