@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -279,6 +280,18 @@ class RunConfig(Section):
     rl_train: RLTrainConfig = RLTrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     serve: ServeConfig = ServeConfig()
+
+    @field_validator("run_dir")
+    @classmethod
+    def _local_run_dir(cls, value: str) -> str:
+        # Every stage reads and writes run_dir through local paths: a URI would silently become
+        # a local folder named "s3:". On a cluster, use a mount every node shares (NFS).
+        if "://" in value:
+            raise ValueError(
+                "run_dir must be a file system path: URIs (s3://, gs://) are not supported yet; "
+                "on a cluster mount shared storage (e.g. NFS) at the same path on every node"
+            )
+        return value
 
     def content_hash(self) -> str:
         """sha256 of the resolved config, recorded in every stage manifest."""
