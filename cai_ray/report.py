@@ -26,6 +26,9 @@ SECTIONS = {
     "calibration": "Calibration",
     "principles": "Principles",
     "elo": "Elo frontier",
+    "evaluation": "Checkpoint evaluation",
+    "label_quality": "Label quality",
+    "revisions": "PM score by revision round",
     "traces": "Traces",
 }
 # each <img> records its decoded size, so a headless browser's DOM dump shows it was drawn
@@ -183,7 +186,8 @@ def _curve(metrics: list[dict], key: str, title: str) -> Callable[[Any], None]:
 
 
 def _curves_section(page: _Page, manifests: dict[str, dict]) -> str:
-    wanted = {"sl-train": ("loss",), "pm-train": ("loss", "accuracy"), "rl-train": ("reward", "kl")}
+    rl = ("reward_mean", "score_mean", "kl", "entropy", "response_len", "refusal_rate")
+    wanted = {"sl-train": ("loss",), "pm-train": ("loss", "accuracy"), "rl-train": rl}
     parts = []
     for stage, keys in wanted.items():
         metrics = _jsonl(page.run_dir / stage / "metrics.jsonl")
@@ -290,6 +294,8 @@ def _elo_section(page: _Page, manifests: dict[str, dict]) -> str:
     models = [m for m in help_ if m in harm]
 
     def draw(ax):
+        # the checkpoints in training order (helpful -> SL-CAI -> RL steps): paper Fig. 2's path
+        ax.plot([help_[m]["elo"] for m in models], [harm[m]["elo"] for m in models], color="0.8")
         for m in models:
             h, s = help_[m], harm[m]
             xerr = [[h["elo"] - h.get("low", h["elo"])], [h.get("high", h["elo"]) - h["elo"]]]
@@ -311,7 +317,16 @@ def _elo_section(page: _Page, manifests: dict[str, dict]) -> str:
         for m in models
     ]
     fig = page.figure("elo-frontier", draw, size=(6.0, 5.0))
-    return fig + _table(["model", "harmlessness Elo [CI]", "helpfulness Elo [CI]"], rows)
+    counts = ", ".join(
+        f"{axis}: {n} comparisons ({', '.join(f'{k} {v}' for k, v in src.items())})"
+        for axis, n in (elo.get("comparisons") or {}).items()
+        for src in [(elo.get("sources") or {}).get(axis, {})]
+    )
+    note = (
+        f"<p>{html.escape(counts)}; intervals: {elo.get('bootstrap', '?')} bootstrap resamples.</p>"
+    )
+    table = _table(["model", "harmlessness Elo [CI]", "helpfulness Elo [CI]"], rows)
+    return fig + table + (note if counts else "")
 
 
 def _e(text: Any) -> str:
@@ -382,6 +397,8 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None, sample: 
         m = _json(run_dir / stage / "manifest.json")
         if isinstance(m, dict):
             manifests[stage] = m
+    from cai_ray import report_eval  # its sections import this module's helpers
+
     builders = {
         "run": _run_section,
         "manifests": _manifests_section,
@@ -389,6 +406,9 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None, sample: 
         "calibration": _calibration_section,
         "principles": _principles_section,
         "elo": _elo_section,
+        "evaluation": report_eval.evaluation_section,
+        "label_quality": report_eval.label_quality_section,
+        "revisions": report_eval.revisions_section,
         "traces": lambda p, m: _traces_section(p, m, sample=sample),
     }
     body = []

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 from cai_ray.config import PoolConfig, RunConfig
 from cai_ray.eval_metrics import label_quality, read_reference_labels, revision_curve
 from cai_ray.pipeline.common import ModelRef, StageContext, drain, map_pool, summarize
-from cai_ray.pipeline.eval_checkpoints import optional_model
 from cai_ray.shards import SHARD_GLOB, ShardStore, reject_counts
 
 LABEL_COLUMNS = ["pair_id", "label", "label_raw", "flips", "order_checks", "principles"]
@@ -34,53 +34,66 @@ def _shards(folder: Path) -> list[str]:
     return sorted(str(p) for p in folder.glob(SHARD_GLOB)) if folder.is_dir() else []
 
 
+def side_pools(
+    cfg: RunConfig, *, reference: ModelRef | None, pm: ModelRef | None
+) -> dict[str, PoolConfig]:
+    """The pools these parts start (beside the main stream's), for the cluster-fit check."""
+    run_dir = Path(cfg.run_dir)
+    pools = {}
+    if reference is not None and _shards(run_dir / "rl-label" / "labels"):
+        pools["reference-judge"] = _pool(cfg.evaluate.judge)
+    if pm is not None and _shards(run_dir / "sl-generate" / "red_team"):
+        pools["revisions-pm"] = _pool(cfg.evaluate.pm)
+    return pools
+
+
+def _pool(section: Any) -> PoolConfig:
+    return PoolConfig(**section.model_dump())
+
+
 def label_quality_part(
-    cfg: RunConfig, ctx: StageContext, *, judge_pool: PoolConfig, progress: bool
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """({result, note}, manifest outputs) of the stage-4 label quality."""
+    cfg: RunConfig, ctx: StageContext, *, reference: ModelRef | None
+) -> dict[str, Any]:
+    """Stage-4 label quality: `result`, manifest `outputs`, `timings`, or a `note` why not."""
     import pyarrow.parquet as pq
 
-    e = cfg.evaluate
+    e, t0 = cfg.evaluate, time.perf_counter()
     shards = _shards(Path(cfg.run_dir) / "rl-label" / "labels")
     if not shards:
-        return {"note": "rl-label has not run: no label quality"}, {}
+        return {"note": "rl-label has not run: no label quality"}
     labels = []
     for path in shards:
         cols = [c for c in LABEL_COLUMNS if c in pq.read_schema(path).names]
         labels.extend(pq.read_table(path, columns=cols).to_pylist())
     known = {r["pair_id"] for r in labels}
-    reference, source, outputs = None, None, {}
+    ref_p, source, outputs = None, None, {}
     if e.reference_labels:
-        reference, bad = read_reference_labels(e.reference_labels, known=known)
+        ref_p, bad = read_reference_labels(e.reference_labels, known=known)
         source = f"human labels {e.reference_labels}"
         outputs["reference_labels"] = {
-            "rows": len(reference),
+            "rows": len(ref_p),
             "rejects": len(bad),
             "reject_reasons": reject_counts(bad),
             "rejected": bad[:20],
         }
-    elif e.reference_model:
-        ref = optional_model(ctx, e.reference_model, field="evaluate.reference_model")
+    elif reference is not None:
         keep = set(_sample(sorted(known), e.label_sample, cfg.seed))
-        store = _relabel(cfg, ctx, ref, shards, keep, judge_pool=judge_pool, progress=progress)
+        store = _relabel(cfg, ctx, reference, shards, keep)
         outputs["reference_labels"] = summarize(store)
         table = store.read_table(["pair_id", "reference_p"])
-        reference = {r["pair_id"]: r["reference_p"] for r in (table.to_pylist() if table else [])}
-        source = f"reference judge {ref.id}"
-    result = label_quality(labels, reference=reference, source=source, bins=e.calibration_bins)
-    note = None if reference is not None else "no reference judge or labels: no calibration"
-    return {"result": result, "note": note}, outputs
+        ref_p = {r["pair_id"]: r["reference_p"] for r in (table.to_pylist() if table else [])}
+        source = f"reference judge {reference.id}"
+    result = label_quality(labels, reference=ref_p, source=source, bins=e.calibration_bins)
+    return {
+        "result": result,
+        "outputs": outputs,
+        "note": None if ref_p is not None else "no reference judge or labels: no calibration",
+        "timings": {"label_quality_s": round(time.perf_counter() - t0, 3)},
+    }
 
 
 def _relabel(
-    cfg: RunConfig,
-    ctx: StageContext,
-    ref: ModelRef,
-    shards: list[str],
-    keep: set[str],
-    *,
-    judge_pool: PoolConfig,
-    progress: bool,
+    cfg: RunConfig, ctx: StageContext, ref: ModelRef, shards: list[str], keep: set[str]
 ) -> ShardStore:
     """The reference judge labels the sampled stage-4 pairs with stage 4's own settings (the
     principles are drawn by pair id, so both judges answer the same questions)."""
@@ -93,7 +106,9 @@ def _relabel(
     todo = frozenset(keep - store.done_keys())
     if not todo:
         return store
-    ds = ray.data.read_parquet(shards).map_batches(
+    judge_pool = _pool(cfg.evaluate.judge)
+    # 0-CPU reads: the pools of the main stream may hold every CPU while this streams beside it
+    ds = ray.data.read_parquet(shards, num_cpus=0).map_batches(
         _pairs_to_label,
         fn_kwargs=dict(keep=todo),
         batch_format="pandas",
@@ -121,7 +136,7 @@ def _relabel(
         extra=dict(reference_model_id=ref.id),
         expand=_reference_row,
         desc="evaluate reference labels",
-        progress=progress,
+        progress=False,  # the main stream draws the stage's bar
     )
     return store
 
@@ -156,26 +171,27 @@ def _reference_row(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def revision_part(
-    cfg: RunConfig, ctx: StageContext, *, pm: ModelRef | None, pm_pool: PoolConfig, progress: bool
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """({result, note}, manifest outputs): mean PM score by revision round of stage-1 chains."""
+def revision_part(cfg: RunConfig, ctx: StageContext, *, pm: ModelRef | None) -> dict[str, Any]:
+    """Mean PM score by revision round of stage-1 chains: `result`, `outputs`, `timings`, or a
+    `note` why not."""
     import pyarrow.parquet as pq
     import ray.data
 
     from actors.judge import PMScoreWorker
 
+    t0 = time.perf_counter()
     shards = _shards(Path(cfg.run_dir) / "sl-generate" / "red_team")
     if pm is None or not shards:
         why = "no PM" if pm is None else "sl-generate has not run"
-        return {"note": f"{why}: no PM score by revision round"}, {}
+        return {"note": f"{why}: no PM score by revision round"}
     ids = [
         i for p in shards for i in pq.read_table(p, columns=["prompt_id"])["prompt_id"].to_pylist()
     ]
     store = ShardStore(ctx.stage_dir / "revisions")
     todo = frozenset(set(_sample(ids, cfg.evaluate.revision_sample, cfg.seed)) - store.done_keys())
     if todo:
-        ds = ray.data.read_parquet(shards).map_batches(
+        pm_pool = _pool(cfg.evaluate.pm)
+        ds = ray.data.read_parquet(shards, num_cpus=0).map_batches(
             _chains_to_score,
             fn_kwargs=dict(keep=todo),
             batch_format="pandas",
@@ -191,11 +207,14 @@ def revision_part(
             extra=dict(pm_model_id=pm.id),
             expand=_revision_row,
             desc="evaluate revisions",
-            progress=progress,
+            progress=False,
         )
     table = store.read_table(["pm_scores"])
-    curve = revision_curve(table.to_pylist() if table is not None else [])
-    return {"result": curve}, {"revisions": summarize(store)}
+    return {
+        "result": revision_curve(table.to_pylist() if table is not None else []),
+        "outputs": {"revisions": summarize(store)},
+        "timings": {"revisions_s": round(time.perf_counter() - t0, 3)},
+    }
 
 
 def _chains_to_score(batch: Any, *, keep: frozenset[str]) -> Any:

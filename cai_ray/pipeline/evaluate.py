@@ -64,7 +64,9 @@ def judge_settings(cfg: RunConfig) -> JudgeSettings:
 
 def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) stage 7; returns its manifest."""
-    from cai_ray.pipeline.eval_quality import label_quality_part, revision_part
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cai_ray.pipeline.eval_quality import label_quality_part, revision_part, side_pools
 
     sections = ("evaluate", "models", "generation", "rl_label", "data")
     ctx = StageContext.open(cfg, STAGE, sections=sections)
@@ -77,31 +79,32 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     constitution = ctx.constitution()
     if e.ai_judge:
         constitution.require_feedback()  # the harmlessness judge asks its feedback principles
-    # human CSVs are read before anything starts: a missing file fails fast
+    # every input is checked before anything starts: a missing file or model fails fast
     human, human_rejects = human_comparisons(e.human_judgements.files, known=names)
     judge = ctx.model(cfg.models.feedback or cfg.models.helpful) if e.ai_judge else None
     judge = optional_model(ctx, e.judge_model, field="evaluate.judge_model") or judge
+    reference = optional_model(ctx, e.reference_model, field="evaluate.reference_model")
     pm, pm_note = pm_model(cfg, ctx)
-    notes = [pm_note] if pm_note else []
     import ray
 
     ensure_ray(cfg.ray)
     pools = {f"rollout:{c.name}": pool(e.rollout) for c in checkpoints}
     pools.update({"judge": pool(e.judge)} if judge else {})
     pools.update({"pm": pool(e.pm)} if pm else {})
-    check_pool_fits(pools, ray.cluster_resources())
-    stores = _judged_stream(cfg, ctx, checkpoints, judge=judge, pm=pm, progress=progress)
-    timings = {"answers_and_judging_s": round(time.perf_counter() - t0, 3)}
+    check_pool_fits(pools | side_pools(cfg, reference=reference, pm=pm), ray.cluster_resources())
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix=STAGE) as side:
+        # the looks back at stages 1 and 4 need no answers: they stream alongside (own pools)
+        quality = side.submit(label_quality_part, cfg, ctx, reference=reference)
+        revisions = side.submit(revision_part, cfg, ctx, pm=pm)
+        stores = _judged_stream(cfg, ctx, checkpoints, judge=judge, pm=pm, progress=progress)
+        timings = {"answers_and_judging_s": round(time.perf_counter() - t0, 3)}
+        quality, revisions = quality.result(), revisions.result()
+    notes = [n for n in (pm_note, quality.get("note"), revisions.get("note")) if n]
     outputs = {split: summarize(store) for split, store in stores.items()}
+    outputs.update(quality.get("outputs", {}) | revisions.get("outputs", {}))
+    outputs.update(_human_outputs(human, human_rejects))
     rows = {split: _read_rows(store) for split, store in stores.items()}
     elo = _elo_part(ctx, rows, human, names, notes=notes)
-    outputs.update(_human_outputs(human, human_rejects))
-    t = time.perf_counter()
-    quality, quality_out = label_quality_part(cfg, ctx, judge_pool=pool(e.judge), progress=progress)
-    revisions, revision_out = revision_part(cfg, ctx, pm=pm, pm_pool=pool(e.pm), progress=progress)
-    timings["label_quality_and_revisions_s"] = round(time.perf_counter() - t, 3)
-    outputs.update(quality_out | revision_out)
-    notes += [n for n in (quality.get("note"), revisions.get("note")) if n]
     timings["total_s"] = round(time.perf_counter() - t0, 3)
     manifest = ctx.manifest(
         inputs={"harmful": e.harmful, "helpful": e.helpful, "skip": e.skip, "limit": e.limit},
@@ -113,10 +116,10 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         elo=elo,
         label_quality=quality.get("result"),
         revision_rounds=revisions.get("result"),
-        models=models_record(judge=judge, pm=pm),
+        models=models_record(judge=judge, pm=pm, reference=reference),
         constitution_hash=constitution.content_hash,
         notes=notes,
-        timings=timings,
+        timings={**timings, **quality.get("timings", {}), **revisions.get("timings", {})},
     )
     return write_manifest(ctx.stage_dir, manifest)
 
