@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.exceptions import RayActorError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cai_ray.errors import CaiRayError
@@ -55,6 +56,15 @@ def _as_api_error(exc: BaseException) -> ApiError:
             return cur
         if isinstance(cur, CaiRayError):
             return ApiError(400, str(cur), code="invalid_value")
+        if isinstance(cur, RayActorError):
+            # The replica died mid-request (killed, OOM): Serve is replacing it and routes new
+            # requests to the others, so this one is worth retrying (OpenAI clients retry 503s).
+            return ApiError(
+                503,
+                "the model replica handling this request died; retry it",
+                type="server_error",
+                code="replica_died",
+            )
         cur = getattr(cur, "cause", None) or cur.__cause__ or cur.__context__
     return ApiError(503, f"model backend failed: {type(exc).__name__}", type="server_error")
 

@@ -8,6 +8,7 @@ principle ids) raises an `ApiError` or a `CaiRayError`, which the ingress turns 
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -86,7 +87,8 @@ class PolicyBackend:
     def ping(self) -> dict[str, Any]:
         """A real one-token forward pass (health and readiness)."""
         out = self.generate(["Hello"], {"temperature": 0.0, "max_new_tokens": 1}, chat=False)
-        return {"model": self.name, "ok": bool(out[0]["choices"])}
+        # the pid of the replica that answered, for kill drills (tests/integration)
+        return {"model": self.name, "ok": bool(out[0]["choices"]), "pid": os.getpid()}
 
 
 class RewardBackend:

@@ -72,6 +72,8 @@ def _options(d: DeploymentConfig, name: str) -> dict[str, Any]:
         "max_ongoing_requests": d.max_ongoing_requests,
         "max_queued_requests": d.max_queued_requests,
         "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
+        "health_check_period_s": d.health_check_period_s,
+        "health_check_timeout_s": d.health_check_timeout_s,
     }
     if d.autoscaling is not None:
         opts["autoscaling_config"] = d.autoscaling.model_dump()

@@ -205,6 +205,8 @@ def test_auth_failures(server):
         _assert_error(anon.get("/v1/models"), 401, "missing_api_key")
         wrong = anon.post("/v1/score", json={}, headers={"Authorization": "Bearer nope"})
         _assert_error(wrong, 401, "invalid_api_key")
+        basic = anon.get("/v1/models", headers={"Authorization": "Basic dXNlcjpwdw=="})
+        _assert_error(basic, 401, "missing_api_key")
         assert anon.get("/health").status_code == 200  # probes need no token
     bad = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", timeout=30, max_retries=0)
     with pytest.raises(openai.AuthenticationError):
@@ -272,6 +274,42 @@ def test_auth_failures(server):
             None,
         ),
         ("/v1/nothing", {}, 404, None),
+        # the bad-input corpus (issue 8); the first two were 503s before parse_body caught
+        # RecursionError and Python's 4300-digit int limit
+        ("/v1/chat/completions", b"[" * 5000, 400, "invalid_json"),
+        (
+            "/v1/completions",
+            b'{"model": "policy", "prompt": "x", "n": ' + b"9" * 5000 + b"}",
+            400,
+            "invalid_json",
+        ),
+        ("/v1/chat/completions", b"\xff\xfe{}", 400, "invalid_json"),
+        ("/v1/chat/completions", b"", 400, "invalid_json"),
+        (
+            "/v1/chat/completions",
+            {"model": "policy", "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+            400,
+            "invalid_value",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "policy", "messages": [{"role": "user", "content": "   "}]},
+            400,
+            "invalid_value",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "policy", "messages": USER, "stop": list("abcde")},
+            400,
+            None,
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "policy", "messages": USER, "temperature": "hot"},
+            400,
+            None,
+        ),
+        ("/v1/score", {"conversations": [USER] * 40}, 400, None),
     ],
 )
 def test_invalid_requests_are_4xx_json(http, path, body, status, code):
@@ -283,6 +321,13 @@ def test_invalid_requests_are_4xx_json(http, path, body, status, code):
 def test_body_limit_and_survival(http, client):
     big = {"model": "policy", "prompt": "x" * 30000}
     _assert_error(http.post("/v1/completions", json=big), 413, "body_too_large")
+    # chunked, so no content-length: the limit holds while the body streams in
+    chunks = (b"x" * 4096 for _ in range(8))
+    chunked = http.post(
+        "/v1/completions", content=chunks, headers={"content-type": "application/json"}
+    )
+    assert "content-length" not in chunked.request.headers
+    _assert_error(chunked, 413, "body_too_large")
     # After every invalid request above, the replicas still answer.
     out = client.chat.completions.create(model="policy", messages=USER, max_tokens=2)
     assert out.choices and out.usage.total_tokens > 0
