@@ -25,10 +25,14 @@ from actors.objectives import Objective
 from cai_ray.errors import CaiRayError, ConfigError, DataError, find_user_error
 from cai_ray.train_config import LearnerConfig
 
-__all__ = ["LearnerGroup", "LearnerWorker", "LocalHandle", "TrainResult"]
+__all__ = ["LearnerGroup", "LearnerWorker", "LocalHandle", "RankDiedError", "TrainResult"]
 
 log = logging.getLogger(__name__)
 CHUNK_SECONDS = 2.0  # aim for one remote call per ~2 s of training: a live bar, little overhead
+
+
+class RankDiedError(CaiRayError):
+    """A rank's process died: the group cannot continue without restarting every rank."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class TrainResult:
     resumed_from: int
     rows: int
     rows_unused_per_epoch: int
+    restarts: int = 0  # group restarts after a rank died
 
 
 class LearnerGroup:
@@ -99,23 +104,34 @@ class LearnerGroup:
             )
         total = min(cfg.epochs * plan.steps, cfg.max_steps or math.inf)
         start, tag = self._resume_point(resume, plan, total)
-        hf_dir = self.out_dir / "hf"
-        try:
-            if start < total or not hf_dir.is_dir():
-                self._start(total, resume_tag=tag)
-                last = self._train(
-                    rows,
-                    blocks,
-                    plan,
-                    start=start,
-                    total=total,
-                    progress=progress,
-                    on_chunk=on_chunk,
-                )
-                self._finish(plan, total, saved=last == total)
-        except BaseException:
-            self.shutdown()
-            raise
+        first, hf_dir, restarts = start, self.out_dir / "hf", 0
+        while True:
+            try:
+                if start < total or not hf_dir.is_dir():
+                    self._start(total, resume_tag=tag)
+                    last = self._train(
+                        rows,
+                        blocks,
+                        plan,
+                        start=start,
+                        total=total,
+                        progress=progress,
+                        on_chunk=on_chunk,
+                    )
+                    self._finish(plan, total, saved=last == total)
+                break
+            except RankDiedError as exc:
+                self.shutdown()
+                restarts += 1
+                if restarts > cfg.max_restarts:
+                    raise
+                # A dead rank takes the collective with it: restart every rank from the last
+                # complete checkpoint (the steps after it are redone, their metrics replaced).
+                log.warning("%s; restarting the group (%d of %d)", exc, restarts, cfg.max_restarts)
+                start, tag = self._resume_point(True, plan, total)
+            except BaseException:
+                self.shutdown()
+                raise
         history = read_metrics(self.out_dir)
         return TrainResult(
             steps=total,
@@ -123,9 +139,10 @@ class LearnerGroup:
             metrics_path=self.out_dir / "metrics.jsonl",
             hf_dir=hf_dir,
             checkpoint=checkpoints_dir(self.out_dir) / tag_for(total),
-            resumed_from=start,
+            resumed_from=first,
             rows=num_rows,
             rows_unused_per_epoch=num_rows - plan.steps * plan.global_batch,
+            restarts=restarts,
         )
 
     def shutdown(self) -> None:
@@ -300,7 +317,7 @@ class LearnerGroup:
         except RayActorError as exc:
             lines = [line for line in str(exc).splitlines() if line.strip()] or [""]
             reason = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1].strip()}"
-            raise CaiRayError(
+            raise RankDiedError(
                 f"a learner rank died: {reason}",
                 hint="fit(..., resume=True) continues from the last checkpoint",
             ) from None

@@ -56,6 +56,9 @@ class LearnerWorker:
         self._epoch = 0
         self._threads_before: int | None = None
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def address(self) -> tuple[str, int]:
         """This node's IP and a free port: rank 0 hosts the torch.distributed rendezvous."""
         if self.world_size == 1:

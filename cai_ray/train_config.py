@@ -63,6 +63,9 @@ class LearnerConfig(Section):
     mlflow: bool = False
     cpus_per_rank: float = Field(1.0, gt=0, description="also the torch thread count (floor)")
     gpus_per_rank: float = Field(0.0, ge=0, le=1)
+    max_restarts: int = Field(
+        1, ge=0, description="group restarts from the last checkpoint after a rank dies"
+    )
     placement_timeout_s: float = Field(120.0, gt=0)
     step_timeout_s: float = Field(1800.0, gt=0, description="per call and per collective")
 

@@ -58,6 +58,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
             "steps": result.steps,
             "final_loss": result.final_loss,
             "resumed_from": result.resumed_from,
+            "learner_restarts": result.restarts,
         },
         held_out=evals,
         models={"init": pm.id},

@@ -62,6 +62,7 @@ def run(cfg: RunConfig, ctx: StageContext, *, progress: bool = True) -> dict[str
             "margin_last": mean_of(history[-tenth:], "margin"),
             "reward_accuracy_last": mean_of(history[-tenth:], "reward_accuracy"),
             "resumed_from": result.resumed_from,
+            "learner_restarts": result.restarts,
         },
         algorithm="dpo",
         models={"policy": policy.id, "reference": policy.id},

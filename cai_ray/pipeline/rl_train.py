@@ -43,18 +43,28 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         from cai_ray.pipeline import rl_dpo
 
         return rl_dpo.run(cfg, ctx, progress=progress)
+    from actors.learner import RankDiedError
+
     ensure_ray(cfg.ray)
-    loop = RLLoop(cfg, ctx)
-    try:
-        return loop.run(progress=progress)
-    finally:
-        loop.shutdown()
+    restarts = 0
+    while True:
+        loop = RLLoop(cfg, ctx, learner_restarts=restarts)
+        try:
+            return loop.run(progress=progress)
+        except RankDiedError as exc:
+            # Every role restarts with the groups: the run resumes from its last checkpoint.
+            restarts += 1
+            if restarts > cfg.rl_train.policy.max_restarts:
+                raise
+            log.warning("%s; restarting rl-train from its last checkpoint", exc)
+        finally:
+            loop.shutdown()
 
 
 class RLLoop:
     """The roles of one rl-train run and the step that drives them."""
 
-    def __init__(self, cfg: RunConfig, ctx: StageContext):
+    def __init__(self, cfg: RunConfig, ctx: StageContext, *, learner_restarts: int = 0):
         import ray
 
         from cai_ray.pipeline.rl_roles import check_placement, role_models
@@ -65,6 +75,7 @@ class RLLoop:
         check_placement(self.s, ray.cluster_resources())
         self.version, self.weights, self.bad_batches = 0, None, 0
         self.sync_mode = "object_store"
+        self.learner_restarts = learner_restarts
         self.pools: list[Any] = []
         self.groups: list[Any] = []
 
@@ -452,6 +463,7 @@ class RLLoop:
                 "kl_last": mean_of(last, "kl"),
                 "bad_batches": self.bad_batches,
                 "rollout_restarts": self.rollout.restarts,
+                "learner_restarts": self.learner_restarts,
                 "rejects": len(rejects),
                 "reject_reasons": reject_counts(rejects),
             },

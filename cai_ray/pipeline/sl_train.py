@@ -83,6 +83,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
             "rejects": len(rejects),
             "steps": result.steps,
             "resumed_from": result.resumed_from,
+            "learner_restarts": result.restarts,
             "final_loss": result.final_loss,
             "hf_dir": str(result.hf_dir),
             "metrics": str(result.metrics_path),

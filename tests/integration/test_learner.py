@@ -209,7 +209,7 @@ def test_killed_group_resumes_and_matches_an_uninterrupted_run(
     ) as g:
         g.fit(rows16, progress=False)
 
-    config = cfg(**shape, num_ranks=2, zero_stage=2)
+    config = cfg(**shape, num_ranks=2, zero_stage=2, max_restarts=0)
     group = LearnerGroup(config, objective(tiny_model_dir), tiny_model_dir, run)
 
     def kill_after_step_3(metrics: list[dict]) -> None:
@@ -226,6 +226,37 @@ def test_killed_group_resumes_and_matches_an_uninterrupted_run(
         result = group.fit(rows16, resume=True, progress=False)
     assert result.resumed_from == int(stopped_at.split("-")[1]) and result.steps == 6
     assert [row["step"] for row in read_metrics(run)] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose(losses(run), losses(ref), rtol=1e-5)
+    assert_same_weights(ref / "hf", run / "hf", atol=1e-5)
+
+
+@pytest.mark.integration
+def test_a_rank_killed_by_pid_restarts_the_group_from_its_checkpoint(
+    ray_cluster, tiny_model_dir, rows16, tmp_path
+):
+    import os
+    import signal
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    shape = dict(micro_batch_size=2, max_steps=6, epochs=2, checkpoint_every=2, keep_checkpoints=5)
+    with LearnerGroup(
+        cfg(**shape, grad_accum=2), objective(tiny_model_dir), tiny_model_dir, ref
+    ) as g:
+        g.fit(rows16, progress=False)
+    group = LearnerGroup(
+        cfg(**shape, num_ranks=2, zero_stage=2), objective(tiny_model_dir), tiny_model_dir, run
+    )
+    killed: list[int] = []
+
+    def kill_rank_1_after_step_3(metrics: list[dict]) -> None:
+        if metrics[-1]["step"] >= 3 and not killed:
+            killed.append(ray_cluster.get(group.handles[1].pid.remote(), timeout=60))
+            os.kill(killed[0], signal.SIGKILL)
+
+    with group:
+        result = group.fit(rows16, progress=False, on_chunk=kill_rank_1_after_step_3)
+    assert killed and result.restarts == 1 and result.steps == 6
+    assert [row["step"] for row in read_metrics(run)] == [1, 2, 3, 4, 5, 6]  # redone, not doubled
     np.testing.assert_allclose(losses(run), losses(ref), rtol=1e-5)
     assert_same_weights(ref / "hf", run / "hf", atol=1e-5)
 
