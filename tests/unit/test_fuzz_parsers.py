@@ -34,7 +34,7 @@ from cai_ray.sources import (
 )
 
 # A few seconds per property in the suite; CAI_RAY_FUZZ_EXAMPLES=5000 fuzzes for longer.
-EXAMPLES = int(os.environ.get("CAI_RAY_FUZZ_EXAMPLES", "120"))
+EXAMPLES = int(os.environ.get("CAI_RAY_FUZZ_EXAMPLES", "100"))
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
