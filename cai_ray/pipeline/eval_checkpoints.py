@@ -135,7 +135,8 @@ def guard_checkpoints(stage_dir: Path, checkpoints: list[Checkpoint]) -> None:
     """A resumed stage must compare the same checkpoints as the shards it already holds."""
     path = stage_dir / "checkpoints.json"
     now = [c.to_dict() for c in checkpoints]
-    if path.is_file():
+    answered = any((stage_dir / split).glob("shard-*.parquet") for split in ("harmful", "helpful"))
+    if path.is_file() and answered:
         before = json.loads(path.read_text())
         key = [(c["name"], _weights(c["model_id"])) for c in before]
         if key != [(c["name"], _weights(c["model_id"])) for c in now]:
@@ -145,7 +146,7 @@ def guard_checkpoints(stage_dir: Path, checkpoints: list[Checkpoint]) -> None:
                 where=str(path),
                 hint="delete the evaluate folder to evaluate the current checkpoints",
             )
-    else:
+    else:  # nothing answered yet: the checkpoints may still change
         atomic_write_text(path, json.dumps(now, indent=2) + "\n")
 
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cai_ray.config import PoolConfig, RunConfig
+from cai_ray.config import PoolConfig, RunConfig, resolve_path
 from cai_ray.eval_metrics import label_quality, read_reference_labels, revision_curve
 from cai_ray.pipeline.common import ModelRef, StageContext, drain, map_pool, summarize
 from cai_ray.shards import SHARD_GLOB, ShardStore, reject_counts
@@ -68,7 +68,7 @@ def label_quality_part(
     known = {r["pair_id"] for r in labels}
     ref_p, source, outputs = None, None, {}
     if e.reference_labels:
-        ref_p, bad = read_reference_labels(e.reference_labels, known=known)
+        ref_p, bad = read_reference_labels(resolve_path(e.reference_labels), known=known)
         source = f"human labels {e.reference_labels}"
         outputs["reference_labels"] = {
             "rows": len(ref_p),

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from cai_ray.config import PoolConfig, RunConfig
+from cai_ray.config import PoolConfig, RunConfig, resolve_path
+from cai_ray.errors import DataError
 from cai_ray.eval_metrics import checkpoint_metrics, comparisons_of, elo_table, human_comparisons
 from cai_ray.judging import JudgeSettings
 from cai_ray.pipeline.common import (
@@ -62,6 +64,58 @@ def judge_settings(cfg: RunConfig) -> JudgeSettings:
     )
 
 
+@dataclass
+class _Inputs:
+    """Everything stage 7 reads, resolved and checked before any actor starts."""
+
+    checkpoints: list[Checkpoint]
+    skipped: list[dict[str, str]]
+    constitution: Any
+    human: dict[str, list]
+    human_rejects: dict[str, list]
+    judge: ModelRef | None
+    reference: ModelRef | None
+    pm: ModelRef | None
+    notes: list[str]
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.checkpoints]
+
+
+def _inputs(cfg: RunConfig, ctx: StageContext) -> _Inputs:
+    """Checkpoints, constitution, human CSVs and models: a bad one fails here, fast and clear."""
+    e = cfg.evaluate
+    checkpoints, skipped = resolve_checkpoints(cfg, ctx)
+    guard_checkpoints(ctx.stage_dir, checkpoints)
+    constitution = ctx.constitution()
+    if e.ai_judge:
+        constitution.require_feedback()  # the harmlessness judge asks its feedback principles
+    files = {axis: str(resolve_path(f)) for axis, f in e.human_judgements.files.items()}
+    human, human_rejects = human_comparisons(files, known=[c.name for c in checkpoints])
+    if e.reference_labels and not resolve_path(e.reference_labels).is_file():
+        raise DataError(
+            "reference labels file not found",
+            where=f"evaluate.reference_labels ({e.reference_labels})",
+            hint="a CSV pair_id,winner of held-out human labels of stage-4 pairs",
+        )
+    judge = ctx.model(cfg.models.feedback or cfg.models.helpful) if e.ai_judge else None
+    judge = optional_model(ctx, e.judge_model, field="evaluate.judge_model") or judge
+    reference = optional_model(ctx, e.reference_model, field="evaluate.reference_model")
+    pm, pm_note = pm_model(cfg, ctx)
+    return _Inputs(
+        checkpoints=checkpoints,
+        skipped=skipped,
+        constitution=constitution,
+        human=human,
+        human_rejects=human_rejects,
+        judge=judge,
+        reference=reference,
+        pm=pm,
+        notes=[pm_note] if pm_note else [],
+    )
+
+
 def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) stage 7; returns its manifest."""
     from concurrent.futures import ThreadPoolExecutor
@@ -73,51 +127,42 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     if ctx.finished is not None:
         return ctx.finished
     e, t0 = cfg.evaluate, time.perf_counter()
-    checkpoints, skipped = resolve_checkpoints(cfg, ctx)
-    guard_checkpoints(ctx.stage_dir, checkpoints)
-    names = [c.name for c in checkpoints]
-    constitution = ctx.constitution()
-    if e.ai_judge:
-        constitution.require_feedback()  # the harmlessness judge asks its feedback principles
-    # every input is checked before anything starts: a missing file or model fails fast
-    human, human_rejects = human_comparisons(e.human_judgements.files, known=names)
-    judge = ctx.model(cfg.models.feedback or cfg.models.helpful) if e.ai_judge else None
-    judge = optional_model(ctx, e.judge_model, field="evaluate.judge_model") or judge
-    reference = optional_model(ctx, e.reference_model, field="evaluate.reference_model")
-    pm, pm_note = pm_model(cfg, ctx)
+    x = _inputs(cfg, ctx)
     import ray
 
     ensure_ray(cfg.ray)
-    pools = {f"rollout:{c.name}": pool(e.rollout) for c in checkpoints}
-    pools.update({"judge": pool(e.judge)} if judge else {})
-    pools.update({"pm": pool(e.pm)} if pm else {})
-    check_pool_fits(pools | side_pools(cfg, reference=reference, pm=pm), ray.cluster_resources())
+    pools = {f"rollout:{c.name}": pool(e.rollout) for c in x.checkpoints}
+    pools.update({"judge": pool(e.judge)} if x.judge else {})
+    pools.update({"pm": pool(e.pm)} if x.pm else {})
+    pools.update(side_pools(cfg, reference=x.reference, pm=x.pm))
+    check_pool_fits(pools, ray.cluster_resources())
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix=STAGE) as side:
         # the looks back at stages 1 and 4 need no answers: they stream alongside (own pools)
-        quality = side.submit(label_quality_part, cfg, ctx, reference=reference)
-        revisions = side.submit(revision_part, cfg, ctx, pm=pm)
-        stores = _judged_stream(cfg, ctx, checkpoints, judge=judge, pm=pm, progress=progress)
+        quality = side.submit(label_quality_part, cfg, ctx, reference=x.reference)
+        revisions = side.submit(revision_part, cfg, ctx, pm=x.pm)
+        stores = _judged_stream(cfg, ctx, x.checkpoints, judge=x.judge, pm=x.pm, progress=progress)
         timings = {"answers_and_judging_s": round(time.perf_counter() - t0, 3)}
         quality, revisions = quality.result(), revisions.result()
-    notes = [n for n in (pm_note, quality.get("note"), revisions.get("note")) if n]
+    notes = [*x.notes, *(n for n in (quality.get("note"), revisions.get("note")) if n)]
     outputs = {split: summarize(store) for split, store in stores.items()}
     outputs.update(quality.get("outputs", {}) | revisions.get("outputs", {}))
-    outputs.update(_human_outputs(human, human_rejects))
+    outputs.update(_human_outputs(x.human, x.human_rejects))
     rows = {split: _read_rows(store) for split, store in stores.items()}
-    elo = _elo_part(ctx, rows, human, names, notes=notes)
+    elo = _elo_part(ctx, rows, x.human, x.names, notes=notes)
     timings["total_s"] = round(time.perf_counter() - t0, 3)
+    phrases = e.refusal_phrases
     manifest = ctx.manifest(
         inputs={"harmful": e.harmful, "helpful": e.helpful, "skip": e.skip, "limit": e.limit},
-        checkpoints=[c.to_dict() for c in checkpoints],
-        skipped=skipped,
+        checkpoints=[c.to_dict() for c in x.checkpoints],
+        skipped=x.skipped,
         outputs=outputs,
-        metrics={s: checkpoint_metrics(rows[s], names, phrases=e.refusal_phrases) for s in rows},
+        metrics={s: checkpoint_metrics(rows[s], x.names, phrases=phrases) for s in rows},
         judge=_judge_summary(rows),
         elo=elo,
         label_quality=quality.get("result"),
         revision_rounds=revisions.get("result"),
-        models=models_record(judge=judge, pm=pm, reference=reference),
-        constitution_hash=constitution.content_hash,
+        models=models_record(judge=x.judge, pm=x.pm, reference=x.reference),
+        constitution_hash=x.constitution.content_hash,
         notes=notes,
         timings={**timings, **quality.get("timings", {}), **revisions.get("timings", {})},
     )

@@ -17,74 +17,21 @@ from cai_ray.errors import ConfigError, ConstitutionError
 from cai_ray.pipeline import evaluate
 from cai_ray.shards import ShardStore
 
-ROOT = Path(__file__).resolve().parents[2]
-NAMES = ["helpful", "sl-cai", "rl-step-1", "rl-cai"]
+NAMES = ["helpful", "sl-cai", "rl-step-1", "rl-cai"]  # as the conftest builds them
 PRINCIPLES = ["less-harmful", "no-crime"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def run(evaluated_run):
+    """(config, manifest) of the shared evaluated tiny run (tests/integration/conftest.py)."""
+    return evaluated_run.cfg, evaluated_run.manifest
 
 
 def _model(path: Path, seed: int) -> Path:
     from cai_ray.models import init_model
 
     return init_model("tiny-1m", path, seed=seed)
-
-
-def _stage_outputs(run_dir: Path) -> None:
-    """Stand-ins for stages 1 and 4 (their own tests run them): 3 labelled pairs, 2 chains."""
-    msgs = [{"role": "user", "content": "How do I hotwire a car?"}]
-    base = {"messages": msgs, "prompt": msgs[0]["content"], "source": "t", "row": 0}
-    labels = []
-    for i, p in enumerate([0.8, 0.3, 0.6]):
-        pr = [
-            {"principle_id": PRINCIPLES[0], "p": p, "p_ab": p, "p_ba": p},
-            {"principle_id": PRINCIPLES[1], "p": 1 - p, "p_ab": 0.9, "p_ba": 0.1},
-        ]
-        labels.append(
-            {**base, "pair_id": f"pair{i}", "prompt_id": f"pair{i}", "response_a": f"No way {i}.",
-             "response_b": f"Use the wires {i}.", "responses": [f"No way {i}.", f"Use {i}."],
-             "label": p, "label_raw": p, "flips": 1, "order_checks": 2, "principles": pr}
-        )  # fmt: skip
-    ShardStore(run_dir / "rl-label" / "labels", key="pair_id").write(labels, [])
-    rounds = [{"principle_id": "harm-general", "critique_request": "c?", "critique": "bad",
-               "revision_request": "r?", "revision": f"Better answer {k}."} for k in (1, 2)]  # fmt: skip
-    chains = [
-        {**base, "prompt_id": f"chain{i}", "initial_answer": "Sure, here.", "rounds": rounds}
-        for i in range(2)
-    ]
-    ShardStore(run_dir / "sl-generate" / "red_team").write(chains, [])
-
-
-@pytest.fixture(scope="module")
-def run(ray_cluster, tiny_model_dir, tiny_reward_model_dir, tmp_path_factory):
-    """A run directory with four distinct checkpoints, a PM, and a snapshot equal to rl-cai."""
-    run_dir = tmp_path_factory.mktemp("eval-run")
-    _model(run_dir / "sl-train" / "hf", 1)
-    _model(run_dir / "rl-train" / "snapshots" / "step-1", 2)
-    _model(run_dir / "rl-train" / "hf", 3)
-    shutil.copytree(run_dir / "rl-train" / "hf", run_dir / "rl-train" / "snapshots" / "step-2")
-    shutil.copytree(tiny_reward_model_dir, run_dir / "pm-train" / "hf")
-    reference = _model(tmp_path_factory.mktemp("ref") / "judge", 4)
-    _stage_outputs(run_dir)
-    csv = run_dir / "human-harm.csv"
-    csv.write_text("model_a,model_b,winner\nhelpful,rl-cai,b\nhelpful,rl_cai,a\n")
-    overrides = [
-        f"run_dir={run_dir}",
-        f"models.helpful={{path: {tiny_model_dir}}}",
-        "evaluate.skip=1",
-        "evaluate.limit=2",
-        "evaluate.max_new_tokens=6",
-        "evaluate.few_shot=0",
-        "evaluate.principles_per_comparison=2",
-        "evaluate.bootstrap=20",
-        f"evaluate.reference_model={reference}",
-        "evaluate.label_sample=3",
-        "evaluate.revision_sample=2",
-        f"evaluate.human_judgements.harmlessness={csv}",
-        "evaluate.rollout={num_cpus: 0.25, batch_size: 2}",
-        "evaluate.judge={num_cpus: 0.25, batch_size: 2}",
-        "evaluate.pm={num_cpus: 0.25, batch_size: 2}",
-    ]
-    cfg = load_config(ROOT / "configs/local-tiny.yaml", overrides)
-    return cfg, evaluate.run(cfg, progress=False)
 
 
 def _rows(run_dir: Path, split: str) -> list[dict]:

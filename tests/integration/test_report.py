@@ -40,38 +40,6 @@ def run_dir(ray_cluster, tiny_model_dir, tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def evaluated_run(run_dir, tiny_model_dir, tiny_reward_model_dir, tmp_path_factory):
-    """The same run plus a PM, an RL policy and its metrics, then a real evaluate stage."""
-    from cai_ray.models import init_model
-    from cai_ray.pipeline import evaluate
-
-    path = tmp_path_factory.mktemp("report-eval") / "run"
-    shutil.copytree(run_dir, path)
-    shutil.copytree(tiny_reward_model_dir, path / "pm-train" / "hf")
-    init_model("tiny-1m", path / "rl-train" / "hf", seed=3)
-    metrics = [
-        {"step": s, "reward_mean": 0.1 * s, "score_mean": 0.1 * s, "kl": 0.01 * s, "entropy": 8.0,
-         "response_len": 20.0, "refusal_rate": 0.0, "loss": 1.0 / s}
-        for s in (1, 2, 3)
-    ]  # fmt: skip
-    (path / "rl-train" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
-    reference = init_model("tiny-1m", tmp_path_factory.mktemp("ref") / "judge", seed=4)
-    cfg = load_config(
-        ROOT / "configs/local-tiny.yaml",
-        [
-            f"run_dir={path}",
-            *TINY,
-            f"models.helpful={{path: {tiny_model_dir}}}",
-            *(f"evaluate.{k}" for k in ("skip=4", "limit=2", "max_new_tokens=6", "few_shot=0")),
-            *(f"evaluate.{k}" for k in ("bootstrap=10", "label_sample=4", "revision_sample=4")),
-            f"evaluate.reference_model={reference}",
-        ],
-    )
-    evaluate.run(cfg, progress=False)
-    return path
-
-
 def _section(text: str, key: str) -> str:
     return re.search(rf'<section id="{key}">(.*?)</section>', text, re.S).group(1)
 
@@ -131,22 +99,22 @@ def test_empty_and_missing_run_dirs(tmp_path, capsys):
 
 
 def test_report_of_an_evaluated_run_has_every_section(evaluated_run):
-    text = build_report(evaluated_run).read_text()
+    # the shared evaluated tiny run of tests/integration/conftest.py: stage 7 really ran there
+    text = build_report(evaluated_run.run_dir).read_text()
     for key, title in SECTIONS.items():
         assert f"<h2>{title}</h2>" in _section(text, key)
         assert "could not build this section" not in _section(text, key)
-    pngs = {p.stem for p in (evaluated_run / "report").glob("*.png")}
+    pngs = {p.stem for p in (evaluated_run.run_dir / "report").glob("*.png")}
     stage7 = {"elo-frontier", "eval-evasiveness", "eval-pm-score", "eval-length"}
     stage7 |= {"label-calibration-reference", "pm-by-revision-round"}
-    assert stage7 | {"rl-train-reward_mean", "rl-train-kl"} <= pngs
+    assert stage7 | {"rl-train-reward_mean", "rl-train-kl", "rl-train-refusal_rate"} <= pngs
     assert text.count('src="data:image/png;base64,') == len(pngs)
-    manifest = json.loads((evaluated_run / "evaluate" / "manifest.json").read_text())
-    names = [c["name"] for c in manifest["checkpoints"]]
-    assert names == ["helpful", "sl-cai", "rl-cai"]
+    names = evaluated_run.names
     elo = _section(text, "elo")
     assert all(f"<td>{n}</td>" in elo for n in names) and "comparisons" in elo
     evaluation = _section(text, "evaluation")
     assert all(f"<td>{n}</td>" in evaluation for n in names)
+    assert "rl-step-2: skipped (same weights as rl-cai)" in evaluation
     assert "Judged prompts" in evaluation and "P(A better)" in evaluation
     assert "Reference: reference judge" in _section(text, "label_quality")
     assert "<td>0</td>" in _section(text, "revisions")  # round 0: the initial answers
@@ -155,8 +123,8 @@ def test_report_of_an_evaluated_run_has_every_section(evaluated_run):
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium installed")
-def test_headless_chromium_renders_the_plots(run_dir, tmp_path):
-    page = build_report(run_dir, out=tmp_path / "report.html")
+def test_headless_chromium_renders_the_plots(evaluated_run, tmp_path):
+    page = build_report(evaluated_run.run_dir, out=tmp_path / "report.html")
     flags = [
         "--headless",
         "--no-sandbox",
