@@ -82,6 +82,12 @@ class RolePool:
         """`call(handle, [])` on every worker, not waited for yet."""
         return PendingMap(self, call, [[] for _ in self.handles], flatten=False)
 
+    def ready(self, timeout_s: float) -> list[int]:
+        """Wait (up to `timeout_s`) until every worker has loaded its model; their pids."""
+        patient = PendingMap(self, lambda h, _: h.pid.remote(), [[] for _ in self.handles],
+                             flatten=False, timeout_s=timeout_s)  # fmt: skip
+        return patient.result()
+
     def pids(self) -> list[int]:
         return self.broadcast(lambda h, _: h.pid.remote())
 
@@ -96,17 +102,18 @@ class RolePool:
 
     # -- waiting ------------------------------------------------------------------------------
 
-    def _wait(self, ref: Any, *, what: str) -> Any:
+    def _wait(self, ref: Any, *, what: str, timeout_s: float | None = None) -> Any:
         if self._local:
             return ref
         import ray
         from ray.exceptions import GetTimeoutError
 
+        timeout = timeout_s or self.timeout_s
         try:
-            return ray.get(ref, timeout=self.timeout_s)
+            return ray.get(ref, timeout=timeout)
         except GetTimeoutError:
             raise CaiRayError(
-                f"{self.name} worker did not answer {what} within {self.timeout_s:g} s",
+                f"{self.name} worker did not answer {what} within {timeout:g} s",
                 hint="raise rl_train.call_timeout_s for slow models, or check the worker's logs",
             ) from None
 
@@ -143,8 +150,17 @@ class RolePool:
 class PendingMap:
     """Shares already sent to the workers; `result()` waits, resending a dead worker's share."""
 
-    def __init__(self, pool: RolePool, call: Call, shares: list[list], *, flatten: bool = True):
+    def __init__(
+        self,
+        pool: RolePool,
+        call: Call,
+        shares: list[list],
+        *,
+        flatten: bool = True,
+        timeout_s: float | None = None,
+    ):
         self.pool, self.call, self.shares, self.flatten = pool, call, shares, flatten
+        self.timeout_s = timeout_s
         self.refs: list[Any] = [None] * len(shares)
         self.errors: list[BaseException | None] = [None] * len(shares)
         for i, share in enumerate(shares):
@@ -171,7 +187,8 @@ class PendingMap:
                     value = []
                     break
                 try:
-                    value = self.pool._wait(self.refs[i], what=f"a batch of {len(share)}")
+                    what = f"a batch of {len(share)}" if share else "a call"
+                    value = self.pool._wait(self.refs[i], what=what, timeout_s=self.timeout_s)
                     break
                 except RayActorError as exc:
                     self.pool._revive(i, str(exc).splitlines()[0] if str(exc) else "died")

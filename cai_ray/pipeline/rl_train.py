@@ -153,10 +153,12 @@ class RLLoop:
             **worker_options(s.reference, s),
         )
         self.pools += [self.rollout, self.reward, self.reference]
-        self._open_weight_sync()
+        # Model loading is start-up, not a call: it gets the placement timeout, not the call's.
+        wait = s.policy.placement_timeout_s + s.call_timeout_s
+        pids = {p.name: p.ready(wait) for p in self.pools}
         # Which process holds which role: for `kill -9` drills and for reading worker logs.
-        pids = {p.name: p.pids() for p in self.pools}
         atomic_write_text(self.dir / "workers.json", json.dumps(pids, indent=1) + "\n")
+        self._open_weight_sync()
 
     def _open_weight_sync(self) -> None:
         """Object store everywhere; NCCL from rank 0 into vLLM engines where both are on GPUs."""
