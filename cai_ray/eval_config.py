@@ -96,6 +96,11 @@ class EvaluateConfig(Section):
     revision_sample: int = Field(64, ge=1, description="stage-1 chains scored per revision round")
     bootstrap: int = Field(200, ge=0, description="Elo bootstrap resamples")
     calibration_bins: int = Field(10, ge=2)
+    colocate: bool = Field(
+        False,
+        description="one pool (sized by `rollout`) whose actors hold every checkpoint, the judge "
+        "and the PM: small models on one machine; False: a pool per checkpoint and role",
+    )
     rollout: EvalPoolConfig = EvalPoolConfig()
     judge: EvalPoolConfig = EvalPoolConfig()
     pm: EvalPoolConfig = EvalPoolConfig()

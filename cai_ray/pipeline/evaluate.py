@@ -1,12 +1,13 @@
 """Stage 7, evaluate: checkpoints answer held-out prompts, an AI judge compares them (paper 4.4).
 
-For each split (harmful prompts -> harmlessness, helpful prompts -> helpfulness) one Ray Data
-stream runs prompts -> one rollout pool per checkpoint -> the judge pool (every pair of answers
-in both orders, plus each answer's evasiveness) -> the PM pool, and the driver writes one row per
-prompt. The pools stream side by side so a prompt's answers meet in one row without a join; on a
-cluster each checkpoint's pool holds its own model, so size `evaluate.rollout` for K models at
-once. Then: Elo per axis (Bradley-Terry, bootstrap intervals) into elo.json, per-checkpoint
-metrics, stage-4 label quality and the PM score by revision round (eval_quality.py).
+One Ray Data stream carries both splits (harmful prompts -> harmlessness, helpful prompts ->
+helpfulness): prompts -> one rollout pool per checkpoint -> the judge pool (every pair of answers
+in both orders, plus each answer's evasiveness) -> the PM pool; the driver writes one row per
+prompt into the split's folder. The pools stream side by side so a prompt's answers meet in one
+row without a join; on a cluster each checkpoint's pool holds its own model, so size
+`evaluate.rollout` for K models at once. Beside it stream the looks back at stages 1 and 4
+(eval_quality.py). Then: Elo per axis (Bradley-Terry, bootstrap intervals) into elo.json and
+per-checkpoint metrics into the manifest.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from cai_ray.pipeline.common import (
     StageContext,
     check_pool_fits,
     ensure_ray,
-    map_pool,
+    pool_args,
     prompt_dataset,
     split_batch,
     stream_with_timeout,
@@ -131,9 +132,12 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     import ray
 
     ensure_ray(cfg.ray)
-    pools = {f"rollout:{c.name}": pool(e.rollout) for c in x.checkpoints}
-    pools.update({"judge": pool(e.judge)} if x.judge else {})
-    pools.update({"pm": pool(e.pm)} if x.pm else {})
+    if e.colocate:
+        pools = {"evaluate (every model)": pool(e.rollout)}
+    else:
+        pools = {f"rollout:{c.name}": pool(e.rollout) for c in x.checkpoints}
+        pools.update({"judge": pool(e.judge)} if x.judge else {})
+        pools.update({"pm": pool(e.pm)} if x.pm else {})
     pools.update(side_pools(cfg, reference=x.reference, pm=x.pm))
     check_pool_fits(pools, ray.cluster_resources())
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix=STAGE) as side:
@@ -145,6 +149,14 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         quality, revisions = quality.result(), revisions.result()
     notes = [*x.notes, *(n for n in (quality.get("note"), revisions.get("note")) if n)]
     outputs = {split: summarize(store) for split, store in stores.items()}
+    empty = [s for s, out in outputs.items() if out["rows"] == 0 and out["rejects"] == 0]
+    if len(empty) == len(outputs):
+        raise DataError(
+            f"no held-out prompts: skip={e.skip} passes over every prompt of both sources",
+            where="evaluate.skip",
+            hint="lower evaluate.skip, or point evaluate.harmful / evaluate.helpful at more prompts",
+        )
+    notes += [f"evaluate.{s}: no prompts after skip={e.skip}" for s in empty]
     outputs.update(quality.get("outputs", {}) | revisions.get("outputs", {}))
     outputs.update(_human_outputs(x.human, x.human_rejects))
     rows = {split: _read_rows(store) for split, store in stores.items()}
@@ -185,9 +197,6 @@ def _judged_stream(
 ) -> dict[str, ShardStore]:
     """Both splits in one stream (each actor starts once): answers of every checkpoint, judged
     and PM-scored, one row per prompt, written to the split's own folder."""
-    from actors.judge import JudgeWorker, PMScoreWorker
-    from actors.rollout import RolloutWorker
-
     e = cfg.evaluate
     stores = {split: ShardStore(ctx.stage_dir / split) for split in SPLITS}
     parts = [
@@ -202,36 +211,62 @@ def _judged_stream(
         for split in SPLITS
     ]
     ds = parts[0].union(*parts[1:])
+    steps = _steps(cfg, ctx, checkpoints, judge=judge, pm=pm)
+    if e.colocate:  # one pool whose actors hold every model: K + 2 fewer process start-ups
+        from actors.chain import ChainWorker
+
+        chain = dict(steps=[(fn, kwargs) for fn, kwargs, _ in steps])
+        ds = ds.map_batches(ChainWorker, fn_constructor_kwargs=chain, **pool_args(pool(e.rollout)))
+    else:
+        for fn, kwargs, section in steps:
+            if section is None:  # a light reshaping step: a 0-CPU task, never behind the pools
+                ds = ds.map_batches(fn, fn_kwargs=kwargs, batch_format="pandas", num_cpus=0)
+            else:
+                ds = ds.map_batches(fn, fn_constructor_kwargs=kwargs, **pool_args(pool(section)))
+    names = [c.name for c in checkpoints]
+    _drain_splits(ds, stores, cfg, expand=_expander(names, e.refusal_phrases), progress=progress)
+    return stores
+
+
+def _steps(
+    cfg: RunConfig,
+    ctx: StageContext,
+    checkpoints: list[Checkpoint],
+    *,
+    judge: ModelRef | None,
+    pm: ModelRef | None,
+) -> list[tuple[Any, dict[str, Any], Any]]:
+    """The stream's steps after the prompts, in order: (worker class or function, its kwargs,
+    its pool section, None for a light function). One list for both layouts (`colocate`)."""
+    from actors.judge import JudgeWorker, PMScoreWorker
+    from actors.rollout import RolloutWorker
+
+    e = cfg.evaluate
+
+    def model(ref: ModelRef) -> dict[str, Any]:
+        return dict(model_path=str(ref.path), engine=cfg.engine, model_id=ref.id)
+
     # one seed for every checkpoint: answers differ by model, not by sampling noise
     sampling = cfg.generation.sampling_params(
         seed=cfg.seed,
         max_new_tokens=e.max_new_tokens or cfg.generation.max_new_tokens,
         temperature=cfg.generation.temperature if e.temperature is None else e.temperature,
     )
+    steps: list[tuple[Any, dict[str, Any], Any]] = []
     for i, ck in enumerate(checkpoints):
         kwargs = dict(sampling=sampling, fmt=cfg.format, answer_col=f"answer_{i}")
-        ds = map_pool(ds, RolloutWorker, pool(e.rollout), cfg, model=ck.ref, **kwargs)
-    ds = ds.map_batches(
-        _pack_answers, fn_kwargs=dict(n=len(checkpoints)), batch_format="pandas", num_cpus=0
-    )
-    names = [c.name for c in checkpoints]
+        steps.append((RolloutWorker, {**model(ck.ref), **kwargs}, e.rollout))
+    steps.append((_pack_answers, dict(n=len(checkpoints)), None))
     if judge is not None:
-        settings = judge_settings(cfg)
-        constitution = str(ctx.constitution_path)
-        ds = map_pool(
-            ds,
-            JudgeWorker,
-            pool(e.judge),
-            cfg,
-            model=judge,
-            constitution_path=constitution,
-            settings=settings,
-            names=names,
+        kwargs = dict(
+            constitution_path=str(ctx.constitution_path),
+            settings=judge_settings(cfg),
+            names=[c.name for c in checkpoints],
         )
+        steps.append((JudgeWorker, {**model(judge), **kwargs}, e.judge))
     if pm is not None:
-        ds = map_pool(ds, PMScoreWorker, pool(e.pm), cfg, model=pm, text_col="answers")
-    _drain_splits(ds, stores, cfg, expand=_expander(names, e.refusal_phrases), progress=progress)
-    return stores
+        steps.append((PMScoreWorker, {**model(pm), "text_col": "answers"}, e.pm))
+    return steps
 
 
 def _tag(batch: Any, *, split: str) -> Any:

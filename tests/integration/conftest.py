@@ -119,6 +119,7 @@ def evaluated_run(ray_cluster, tiny_model_dir, tiny_reward_model_dir, tmp_path_f
         "label_sample": 3,
         "revision_sample": 2,
         "human_judgements.harmlessness": csv,
+        "colocate": "true",  # one actor holds every model (test_evaluate checks the other layout)
         "rollout": "{num_cpus: 0.25, batch_size: 2}",
         "judge": "{num_cpus: 0.25, batch_size: 2}",
         "pm": "{num_cpus: 0.25, batch_size: 2}",
@@ -131,6 +132,7 @@ def evaluated_run(ray_cluster, tiny_model_dir, tiny_reward_model_dir, tmp_path_f
         cfg=cfg,
         manifest=manifest,
         run_dir=run_dir,
+        overrides=overrides,
         names=EVAL_CHECKPOINTS,
         principles=EVAL_PRINCIPLES,
     )

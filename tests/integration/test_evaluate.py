@@ -107,6 +107,32 @@ def test_elo_metrics_label_quality_and_revisions(run):
     assert evaluate.run(cfg, progress=False)["written_at"] == manifest["written_at"]
 
 
+def test_one_pool_per_role_matches_the_colocated_run(evaluated_run, tmp_path):
+    # the default layout (a pool per checkpoint, judge, PM) on two of the shared run's
+    # checkpoints: same seed, prompts and batches, so the same answers and judgements
+    sl = evaluated_run.run_dir / "sl-train" / "hf"
+    layout = [
+        f"run_dir={tmp_path}",
+        "evaluate.colocate=false",
+        f"evaluate.checkpoints=[helpful, 'sl-cai={sl}']",
+        "evaluate.reference_model=null",
+        "evaluate.human_judgements.harmlessness=null",
+    ]
+    cfg = load_config(ROOT / "configs/local-tiny.yaml", [*evaluated_run.overrides, *layout])
+    manifest = evaluate.run(cfg, progress=False)
+    assert [c["name"] for c in manifest["checkpoints"]] == ["helpful", "sl-cai"]
+    assert "no PM" in " ".join(manifest["notes"])  # this run dir has no pm-train/hf
+    for split in ("harmful", "helpful"):
+        both = {r["prompt_id"]: r for r in _rows(evaluated_run.run_dir, split)}
+        for row in _rows(tmp_path, split):
+            ref = both[row["prompt_id"]]
+            texts = [a["text"] for a in ref["answers"][:2]]
+            assert [a["text"] for a in row["answers"]] == texts
+            assert all(a["pm_score"] is None for a in row["answers"])
+            (c,) = row["comparisons"]
+            assert c["p"] == pytest.approx(ref["comparisons"][0]["p"], abs=1e-4)
+
+
 def test_a_resumed_stage_keeps_its_checkpoints(run, tmp_path):
     cfg, _ = run
     run_dir = Path(cfg.run_dir)
