@@ -1,0 +1,115 @@
+"""The driver (`cai-ray run`) killed with SIGKILL during each stage in turn: the same command
+resumes every time, and the final outputs equal those of an uninterrupted run (counts, ids)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cai_ray.pipeline.runner import IMPLEMENTED
+from cai_ray.shards import ShardStore
+
+ROOT = Path(__file__).resolve().parents[2]
+SETS = [  # the default local run, cut to what still gives every stage work to interrupt
+    "data.limit=8",
+    "generation.max_new_tokens=8",
+    "sl_generate.rounds=1",
+    "sl_generate.helpful_samples=0",
+    "sl_train.helpful_ratio=0",
+    "evaluate.limit=2",
+    "evaluate.bootstrap=20",
+    "sl_generate.rollout.batch_size=2",
+    "sl_generate.critique.batch_size=2",
+    "sl_generate.shard_rows=2",
+    "rl_pairs.shard_rows=2",
+    "rl_label.shard_rows=2",
+    "rl_train.steps=4",
+    "rl_train.checkpoint_every=1",
+    "ray.num_cpus=4",
+]
+# Folders of rows keyed by id, per stage: what "the same outputs" compares.
+KEYED = {
+    "sl-generate": [("red_team", "prompt_id")],
+    "rl-pairs": [("red_team", "pair_id")],
+    "rl-label": [("labels", "pair_id")],
+}
+
+
+def _cmd(run_dir: Path, model_dir: Path) -> list[str]:
+    sets = [f"run_dir={run_dir}", f"models.helpful={{path: {model_dir}}}", *SETS]
+    return [
+        sys.executable, "-m", "cai_ray", "run", "configs/local-tiny.yaml", "--no-progress",
+        *[f"--set={s}" for s in sets],
+    ]  # fmt: skip
+
+
+def _started_work(stage_dir: Path) -> bool:
+    """The stage opened its folder and wrote something beyond its stamp (a shard, a
+    checkpoint, a metrics line): killing now lands in the middle of its work."""
+    if not stage_dir.is_dir() or (stage_dir / "manifest.json").exists():
+        return False
+    return any(p.is_file() and p.name != "stage.json" for p in stage_dir.rglob("*"))
+
+
+def _summary(run_dir: Path) -> dict:
+    out: dict = {}
+    for stage in IMPLEMENTED:
+        manifest = json.loads((run_dir / stage / "manifest.json").read_text())
+        counts = {
+            k: v.get("rows") if isinstance(v, dict) else v
+            for k, v in manifest.get("outputs", {}).items()
+            if isinstance(v, int | dict) and not isinstance(v, bool)
+        }
+        ids = {
+            f"{part}/{key}": sorted(ShardStore(run_dir / stage / part, key=key).done_keys())
+            for part, key in KEYED.get(stage, [])
+        }
+        out[stage] = {"counts": counts, "ids": ids}
+    steps = [
+        json.loads(x)["step"]
+        for x in (run_dir / "rl-train/metrics.jsonl").read_text().split("\n")
+        if x
+    ]
+    out["rl-train"]["metric_steps"] = steps
+    return out
+
+
+@pytest.mark.slow
+def test_the_driver_killed_in_every_stage_resumes_to_the_same_outputs(tmp_path, tiny_model_dir):
+    reference = tmp_path / "reference"
+    done = subprocess.run(
+        _cmd(reference, tiny_model_dir), cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "run"
+    killed_in = []
+    for stage in IMPLEMENTED:
+        proc = subprocess.Popen(
+            _cmd(run, tiny_model_dir), cwd=ROOT, start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            if _started_work(run / stage):
+                killed_in.append(stage)
+                break
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
+        proc.wait(timeout=60)
+        assert not (run / stage / "manifest.json").exists() or stage not in killed_in
+    # Every stage was interrupted in the middle of its work (none finished in under a poll).
+    assert killed_in == list(IMPLEMENTED)
+    done = subprocess.run(
+        _cmd(run, tiny_model_dir), cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    want, got = _summary(reference), _summary(run)
+    for stage in IMPLEMENTED:
+        assert got[stage] == want[stage], stage
