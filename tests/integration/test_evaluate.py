@@ -133,6 +133,20 @@ def test_one_pool_per_role_matches_the_colocated_run(evaluated_run, tmp_path):
             assert c["p"] == pytest.approx(ref["comparisons"][0]["p"], abs=1e-4)
 
 
+def test_a_killed_stage_redoes_only_what_is_missing(evaluated_run, tmp_path):
+    # as after a kill: no manifest, the helpful split's shards lost; harmful stays as it was
+    copy = tmp_path / "run"
+    shutil.copytree(evaluated_run.run_dir, copy, ignore=shutil.ignore_patterns("manifest.json"))
+    shutil.rmtree(copy / "evaluate" / "helpful")
+    kept = {p: p.stat().st_mtime_ns for p in (copy / "evaluate").rglob("shard-*.parquet")}
+    cfg = evaluated_run.cfg.model_copy(update={"run_dir": str(copy)})
+    manifest = evaluate.run(cfg, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # nothing done twice
+    assert manifest["outputs"] == evaluated_run.manifest["outputs"]
+    before = {r["prompt_id"]: r["answers"] for r in _rows(evaluated_run.run_dir, "helpful")}
+    assert {r["prompt_id"]: r["answers"] for r in _rows(copy, "helpful")} == before
+
+
 def test_a_resumed_stage_keeps_its_checkpoints(run, tmp_path):
     cfg, _ = run
     run_dir = Path(cfg.run_dir)
