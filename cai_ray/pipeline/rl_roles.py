@@ -7,14 +7,16 @@ groups for the policy and, for PPO, the critic.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cai_ray.config import ModelConfig, PoolConfig, RunConfig
-from cai_ray.errors import ConfigError, DataError
+from cai_ray.errors import CaiRayError, ConfigError, DataError
 from cai_ray.pipeline.common import ModelRef, StageContext, check_pool_fits, policy_model
 from cai_ray.rl_config import RLTrainConfig, RLWorkersConfig
+from cai_ray.shards import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -117,3 +119,162 @@ def learner_config(s: RLTrainConfig, role: str) -> Any:
             "tensorboard": False,
         }
     )
+
+
+class RLRoles:
+    """The actors of one rl-train run: policy (and critic) learner groups, rollout, reward and
+    reference pools, and the weight sync from the policy group to the rollout workers."""
+
+    def __init__(self, cfg: RunConfig, models: RoleModels, stage_dir: Path):
+        self.cfg, self.s, self.models, self.dir = cfg, cfg.rl_train, models, Path(stage_dir)
+        self.version, self.weights, self.sync_mode = 0, None, "object_store"
+        self.pools: list[Any] = []
+        self.groups: list[Any] = []
+        self.value: Any = None
+
+    def start(self, resume_tag: str | None) -> None:
+        """Start the learner groups (loading `resume_tag`), then the worker pools."""
+        from actors.rl_learner import RLLearnerGroup
+        from actors.rl_objectives import PolicyObjective, ValueObjective
+        from actors.rl_workers import ReferenceWorker, RewardWorker, RLRolloutWorker
+        from actors.role_pool import RolePool
+        from cai_ray.models import load_tokenizer
+
+        s, cfg, m = self.s, self.cfg, self.models
+        self.pad_id = int(load_tokenizer(m.policy.path).pad_token_id or 0)
+        colocated = s.placement == "colocated"
+        extra = {"CPU": s.rollout.num_cpus, "GPU": s.rollout.num_gpus} if colocated else None
+        policy_obj = PolicyObjective(
+            pad_id=self.pad_id,
+            clip_eps=s.clip_eps,
+            kl_estimator=s.kl_estimator,
+            entropy_coef=s.entropy_coef,
+        )
+        self.policy = RLLearnerGroup(
+            learner_config(s, "policy"),
+            policy_obj,
+            m.policy.path,
+            self.dir / "policy",
+            extra_bundle=extra,
+        )
+        self.groups.append(self.policy)
+        total = s.steps * s.updates_per_step()
+        self.policy.start(total, resume_tag=resume_tag)
+        self.value = None
+        if s.algorithm == "ppo":
+            vcfg = learner_config(s, "value")
+            self.value = RLLearnerGroup(
+                vcfg,
+                ValueObjective(pad_id=self.pad_id, clip_eps=s.value_clip_eps),
+                m.value_init,
+                self.dir / "value",
+            )
+            self.groups.append(self.value)
+            steps = s.epochs * s.samples_per_step // vcfg.global_batch
+            self.value.start(s.steps * steps, resume_tag=resume_tag)
+        engine = cfg.engine
+        self.rollout = RolePool(
+            "rollout",
+            RLRolloutWorker,
+            str(m.policy.path),
+            engine.model_copy(update={"batch_size": s.rollout.batch_size}),
+            fmt=cfg.format,
+            model_id=m.policy.id,
+            scheduling=colocated_strategies(self.policy, s.rollout.size) if colocated else None,
+            **worker_options(s.rollout, s),
+        )
+        self.rollout.on_restart = self._reload
+        self.reward = RolePool(
+            "reward_workers",
+            RewardWorker,
+            s.reward,
+            model_path=str(m.reward.path) if m.reward else None,
+            engine=engine,
+            batch_size=s.reward_workers.batch_size,
+            refusal_phrases=s.refusal_phrases,
+            **worker_options(s.reward_workers, s),
+        )
+        self.reference = RolePool(
+            "reference",
+            ReferenceWorker,
+            str(m.policy.path),
+            engine,
+            batch_size=s.reference.batch_size,
+            pad_id=self.pad_id,
+            **worker_options(s.reference, s),
+        )
+        self.pools += [self.rollout, self.reward, self.reference]
+        # Model loading is start-up, not a call: it gets the placement timeout, not the call's.
+        wait = s.policy.placement_timeout_s + s.call_timeout_s
+        pids = {p.name: p.ready(wait) for p in self.pools}
+        # Which process holds which role: for `kill -9` drills and for reading worker logs.
+        atomic_write_text(self.dir / "workers.json", json.dumps(pids, indent=1) + "\n")
+        self._open_weight_sync()
+
+    def _open_weight_sync(self) -> None:
+        """Object store everywhere; NCCL from rank 0 into vLLM engines where both are on GPUs."""
+        from actors.weight_sync import resolve_weight_sync
+
+        s = self.s
+        kinds = set(self.rollout.broadcast(lambda h, _: h.engine_kind.remote()))
+        self.sync_mode = resolve_weight_sync(
+            s.weight_sync,
+            rollout_engine="vllm" if kinds == {"vllm"} else "hf",
+            policy_gpus=s.policy.gpus_per_rank,
+            ranks=s.policy.num_ranks,
+        )
+        if self.sync_mode != "nccl":
+            return
+        tp = self.cfg.engine.vllm.tensor_parallel_size
+        world = 1 + len(self.rollout) * tp
+        addr, port = self.policy.weight_group_address()
+        index = {id(h): i for i, h in enumerate(self.rollout.handles)}  # worker i: ranks 1 + i*tp..
+        joins = self.rollout.submit_all(
+            lambda h, _: h.join_weight_group.remote(addr, port, 1 + index[id(h)] * tp, world)
+        )
+        self.weight_meta = self.policy.open_weight_group(addr, port, world)
+        joins.result()
+
+    def _reload(self, handle: Any) -> None:
+        """A restarted rollout worker holds the initial weights: give it the current ones."""
+        if self.sync_mode == "nccl":
+            raise CaiRayError(
+                "a rollout worker restarted and cannot rejoin the NCCL weight group",
+                where="rl_train.weight_sync",
+                hint="rerun the same command: the run resumes from its last checkpoint",
+            )
+        if self.version:
+            self.rollout._wait(
+                handle.load_weights.remote(self.weights, version=self.version), what="weights"
+            )
+
+    def shutdown(self) -> None:
+        """Stop every actor (safe to call twice)."""
+        for part in [*self.pools, *self.groups]:
+            part.shutdown()
+        self.pools, self.groups = [], []
+
+    def sync(self, version: int) -> None:
+        """The policy's weights to every rollout worker, tagged with `version` (the step)."""
+        self.version = version
+        if self.sync_mode == "nccl":
+            meta = self.weight_meta
+            received = self.rollout.submit_all(
+                lambda h, _: h.receive_weights.remote(meta, version=version)
+            )
+            self.policy.broadcast_weights()
+            received.result()
+            return
+        self.weights = weights = self.policy.weights()
+        self.rollout.broadcast(lambda h, _: h.load_weights.remote(weights, version=version))
+
+
+def colocated_strategies(group: Any, n: int) -> list[Any]:
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return [
+        PlacementGroupSchedulingStrategy(
+            placement_group=group.placement_group, placement_group_bundle_index=i
+        )
+        for i in range(n)
+    ]

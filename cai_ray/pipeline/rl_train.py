@@ -73,134 +73,13 @@ class RLLoop:
         self.dir = ctx.stage_dir
         self.models = role_models(cfg, ctx)
         check_placement(self.s, ray.cluster_resources())
-        self.version, self.weights, self.bad_batches = 0, None, 0
-        self.sync_mode = "object_store"
+        self.bad_batches = 0
         self.learner_restarts = learner_restarts
-        self.pools: list[Any] = []
-        self.groups: list[Any] = []
-
-    # -- set-up ------------------------------------------------------------------------------
-
-    def _start(self, resume_tag: str | None) -> None:
-        from actors.rl_learner import RLLearnerGroup
-        from actors.rl_objectives import PolicyObjective, ValueObjective
-        from actors.rl_workers import ReferenceWorker, RewardWorker, RLRolloutWorker
-        from actors.role_pool import RolePool
-        from cai_ray.models import load_tokenizer
-        from cai_ray.pipeline.rl_roles import learner_config, worker_options
-
-        s, cfg, m = self.s, self.cfg, self.models
-        self.pad_id = int(load_tokenizer(m.policy.path).pad_token_id or 0)
-        colocated = s.placement == "colocated"
-        extra = {"CPU": s.rollout.num_cpus, "GPU": s.rollout.num_gpus} if colocated else None
-        policy_obj = PolicyObjective(
-            pad_id=self.pad_id,
-            clip_eps=s.clip_eps,
-            kl_estimator=s.kl_estimator,
-            entropy_coef=s.entropy_coef,
-        )
-        self.policy = RLLearnerGroup(
-            learner_config(s, "policy"),
-            policy_obj,
-            m.policy.path,
-            self.dir / "policy",
-            extra_bundle=extra,
-        )
-        self.groups.append(self.policy)
-        total = s.steps * s.updates_per_step()
-        self.policy.start(total, resume_tag=resume_tag)
-        self.value = None
-        if s.algorithm == "ppo":
-            vcfg = learner_config(s, "value")
-            self.value = RLLearnerGroup(
-                vcfg,
-                ValueObjective(pad_id=self.pad_id, clip_eps=s.value_clip_eps),
-                m.value_init,
-                self.dir / "value",
-            )
-            self.groups.append(self.value)
-            steps = s.epochs * s.samples_per_step // vcfg.global_batch
-            self.value.start(s.steps * steps, resume_tag=resume_tag)
-        engine = cfg.engine
-        self.rollout = RolePool(
-            "rollout",
-            RLRolloutWorker,
-            str(m.policy.path),
-            engine.model_copy(update={"batch_size": s.rollout.batch_size}),
-            fmt=cfg.format,
-            model_id=m.policy.id,
-            scheduling=_colocated(self.policy, s.rollout.size) if colocated else None,
-            **worker_options(s.rollout, s),
-        )
-        self.rollout.on_restart = self._reload
-        self.reward = RolePool(
-            "reward_workers",
-            RewardWorker,
-            s.reward,
-            model_path=str(m.reward.path) if m.reward else None,
-            engine=engine,
-            batch_size=s.reward_workers.batch_size,
-            refusal_phrases=s.refusal_phrases,
-            **worker_options(s.reward_workers, s),
-        )
-        self.reference = RolePool(
-            "reference",
-            ReferenceWorker,
-            str(m.policy.path),
-            engine,
-            batch_size=s.reference.batch_size,
-            pad_id=self.pad_id,
-            **worker_options(s.reference, s),
-        )
-        self.pools += [self.rollout, self.reward, self.reference]
-        # Model loading is start-up, not a call: it gets the placement timeout, not the call's.
-        wait = s.policy.placement_timeout_s + s.call_timeout_s
-        pids = {p.name: p.ready(wait) for p in self.pools}
-        # Which process holds which role: for `kill -9` drills and for reading worker logs.
-        atomic_write_text(self.dir / "workers.json", json.dumps(pids, indent=1) + "\n")
-        self._open_weight_sync()
-
-    def _open_weight_sync(self) -> None:
-        """Object store everywhere; NCCL from rank 0 into vLLM engines where both are on GPUs."""
-        from actors.weight_sync import resolve_weight_sync
-
-        s = self.s
-        kinds = set(self.rollout.broadcast(lambda h, _: h.engine_kind.remote()))
-        self.sync_mode = resolve_weight_sync(
-            s.weight_sync,
-            rollout_engine="vllm" if kinds == {"vllm"} else "hf",
-            policy_gpus=s.policy.gpus_per_rank,
-            ranks=s.policy.num_ranks,
-        )
-        if self.sync_mode != "nccl":
-            return
-        tp = self.cfg.engine.vllm.tensor_parallel_size
-        world = 1 + len(self.rollout) * tp
-        addr, port = self.policy.weight_group_address()
-        index = {id(h): i for i, h in enumerate(self.rollout.handles)}  # worker i: ranks 1 + i*tp..
-        joins = self.rollout.submit_all(
-            lambda h, _: h.join_weight_group.remote(addr, port, 1 + index[id(h)] * tp, world)
-        )
-        self.weight_meta = self.policy.open_weight_group(addr, port, world)
-        joins.result()
-
-    def _reload(self, handle: Any) -> None:
-        """A restarted rollout worker holds the initial weights: give it the current ones."""
-        if self.sync_mode == "nccl":
-            raise CaiRayError(
-                "a rollout worker restarted and cannot rejoin the NCCL weight group",
-                where="rl_train.weight_sync",
-                hint="rerun the same command: the run resumes from its last checkpoint",
-            )
-        if self.version:
-            self.rollout._wait(
-                handle.load_weights.remote(self.weights, version=self.version), what="weights"
-            )
+        self.roles: Any = None
 
     def shutdown(self) -> None:
-        for part in [*self.pools, *self.groups]:
-            part.shutdown()
-        self.pools, self.groups = [], []
+        if self.roles is not None:
+            self.roles.shutdown()
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -215,12 +94,19 @@ class RLLoop:
         state = ckpt.latest()
         start = int(state["step"]) if state else 0
         self.stream = self._stream(state)
-        self._start(state["tag"] if state else None)
+        from cai_ray.pipeline.rl_roles import RLRoles
+
+        self.roles = RLRoles(self.cfg, self.models, self.dir)
+        self.roles.start(state["tag"] if state else None)
+        self.policy, self.value = self.roles.policy, self.roles.value
+        self.rollout, self.reward, self.reference = (
+            self.roles.rollout, self.roles.reward, self.roles.reference,
+        )  # fmt: skip
         self.kl = self._kl_controller(state)
         self.bad_batches = int(state["bad_batches"]) if state else 0
         ckpt.drop_rollouts_after(start)
         if start:
-            self._sync(start)
+            self.roles.sync(start)
         sink = MetricsSink(self.dir, s.policy, resume_step=start, scalars=SCALARS)
         bar = tqdm(total=s.steps, initial=start, disable=not progress, unit="step", desc=STAGE)
         step = start
@@ -236,7 +122,7 @@ class RLLoop:
                 if step % s.checkpoint_every == 0 or step == s.steps:
                     if s.snapshots:  # kept for evaluation at several steps (stage 7)
                         self.policy.save_hf(ckpt.snapshot(step))
-                    ckpt.save(step, self._state(step), self.groups)
+                    ckpt.save(step, self._state(step), self.roles.groups)
         finally:
             bar.close()
             sink.close()
@@ -286,7 +172,7 @@ class RLLoop:
         v_metrics = value_p.result() if value_p is not None else []
         self.kl.update(exp.stats["kl"], len(samples))
         t_train = time.perf_counter()
-        self._sync(step)
+        self.roles.sync(step)
         t_sync = time.perf_counter()
         if s.rollout_log:
             ckpt.write_rollouts(step, _rollout_rows(step, samples, scores, exp))
@@ -349,20 +235,6 @@ class RLLoop:
             for i, (p, outs) in enumerate(zip(prompts, gens, strict=True))
             for j, out in enumerate(outs)
         ]
-
-    def _sync(self, version: int) -> None:
-        """The policy's weights to every rollout worker, tagged with `version` (the step)."""
-        self.version = version
-        if self.sync_mode == "nccl":
-            meta = self.weight_meta
-            received = self.rollout.submit_all(
-                lambda h, _: h.receive_weights.remote(meta, version=version)
-            )
-            self.policy.broadcast_weights()
-            received.result()
-            return
-        self.weights = weights = self.policy.weights()
-        self.rollout.broadcast(lambda h, _: h.load_weights.remote(weights, version=version))
 
     def _bad_batch(self, step: int, exc: BaseException) -> None:
         self.bad_batches += 1
@@ -485,17 +357,6 @@ class RLLoop:
             },
         )
         return write_manifest(self.dir, manifest)
-
-
-def _colocated(group: Any, n: int) -> list[Any]:
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    return [
-        PlacementGroupSchedulingStrategy(
-            placement_group=group.placement_group, placement_group_bundle_index=i
-        )
-        for i in range(n)
-    ]
 
 
 def _max_context(path: Path) -> int:
