@@ -121,6 +121,15 @@ def main() -> None:
         "repeats": args.repeats,
         **engine_run_info(engine, threads=args.threads),
         "results": rows,
+        "figures": [
+            {
+                "name": f"HF engine vs model.generate(): {r['scenario']}",
+                "value": round(r["ratio"], 3),
+                "unit": "ratio",
+                "target": ">= 1",
+            }
+            for r in rows
+        ],
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")

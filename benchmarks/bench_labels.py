@@ -163,6 +163,11 @@ def main() -> None:
         "principles": bench_principles(model, args),
         "pools": bench_pools(model, args) if args.pools else [],
     }
+    result["figures"] = [
+        {"name": f"labels/s shared prefix vs naive, K={r['k']}",
+         "value": round(r["speedup"], 2), "unit": "ratio", "target": "> 1"}
+        for r in result["principles"]
+    ]  # fmt: skip
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {RESULTS}")

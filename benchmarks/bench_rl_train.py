@@ -164,6 +164,25 @@ def main() -> None:
         "load_average_1m": os.getloadavg()[0],
         "loop": loop,
         "sync": sync,
+        "figures": [
+            *(
+                {
+                    "name": f"RL samples/s, {r['rollout_workers']} rollout x {r['learner_ranks']} ranks"
+                    " vs 1 x 1",
+                    "value": r["vs_1x1"],
+                    "unit": "ratio",
+                }
+                for r in loop
+            ),
+            *(
+                {
+                    "name": f"weight sync {r['model']} to {r['rollout_workers']} worker(s)",
+                    "value": r["total_s"],
+                    "unit": "s",
+                }
+                for r in sync
+            ),
+        ],
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

@@ -146,6 +146,15 @@ def main() -> None:
         "repeats": args.repeats,
         **engine_run_info(engine, threads=args.threads),
         "results": rows,
+        "figures": [
+            {
+                "name": f"score_options shared prefix vs naive loop, {r['options']} options",
+                "value": round(r["speedup_vs_loop"], 2),
+                "unit": "ratio",
+                "target": "> 1",
+            }
+            for r in rows
+        ],
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")

@@ -107,7 +107,12 @@ def main() -> None:
         ray.shutdown()
     OUT.parent.mkdir(exist_ok=True)
     meta = {"model": "tiny-1m", "device": "cpu", "replicas": 1, "max_tokens": args.max_tokens}
-    OUT.write_text(json.dumps({"meta": meta, "levels": rows}, indent=2) + "\n")
+    figures = [
+        {"name": f"serve req/s at concurrency {r['concurrency']} (1 replica)", "value": r["rps"],
+         "unit": "req/s"}
+        for r in rows
+    ]  # fmt: skip
+    OUT.write_text(json.dumps({"meta": meta, "levels": rows, "figures": figures}, indent=2) + "\n")
     print("| concurrency | ok | errors | req/s | p50 ms | p99 ms |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -89,6 +89,14 @@ def main() -> None:
         "max_new_tokens": args.max_new_tokens,
         "results": results,
         "note": "wall time includes actor start-up and model load (a fixed cost per pool)",
+        "figures": [
+            {
+                "name": f"sl-generate rows/s, pool {r['pool_size']} vs pool 1",
+                "value": r["speedup_vs_first"],
+                "unit": "ratio",
+            }
+            for r in results
+        ],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from flops import flops_per_token, matmul_peak
 
 from actors.learner import LearnerGroup
 from actors.metrics import read_metrics
@@ -30,29 +31,6 @@ from cai_ray.models import default_cache_dir, ensure_model
 from cai_ray.train_config import LearnerConfig
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sl_train.json"
-
-
-def matmul_peak(threads: int, n: int = 1024, repeats: int = 20) -> float:
-    """Measured fp32 matmul FLOP/s with `threads` torch threads (best of `repeats`)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    torch.set_num_threads(before)
-    return 2 * n**3 / best
-
-
-def flops_per_token(model_dir: Path, seq_len: int) -> float:
-    config = json.loads((model_dir / "config.json").read_text())
-    h, layers, ff = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]
-    kv = config["num_key_value_heads"] * config.get("head_dim", h // config["num_attention_heads"])
-    per_layer = 2 * h * h + 2 * h * kv + 3 * h * ff  # q, o, k, v, gate/up/down projections
-    n = layers * per_layer + h * config["vocab_size"]  # + the output head's matmul
-    return 6 * n + 12 * layers * h * seq_len
 
 
 def synthetic_rows(n: int, seq_len: int, vocab: int) -> list[dict]:
@@ -135,6 +113,14 @@ def main() -> None:
         "load_average_1m": os.getloadavg()[0],
         "torch": torch.__version__,
         "results": results,
+        "figures": [
+            {
+                "name": f"SFT MFU, {r['ranks']} rank(s), ZeRO {r['zero_stage']}",
+                "value": round(r["mfu"], 4),
+                "unit": "ratio",
+            }
+            for r in results
+        ],
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
