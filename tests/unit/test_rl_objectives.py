@@ -87,7 +87,7 @@ def test_critic_starts_from_the_pm_head(tiny_reward_model_dir):
     old = [{**r, "old_values": v} for r, v in zip(rows, values, strict=True)]
     loss, _ = obj.loss(critic, obj.collate(old))
     want = 0.5 * sum(x * x for v in values for x in v)  # 0.5 * (V - 0)^2 summed
-    assert float(loss) == pytest.approx(want, rel=1e-4)
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-4)
 
 
 def test_dpo_loss_is_log2_per_pair_when_the_policy_is_the_reference(policy):
