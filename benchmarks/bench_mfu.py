@@ -54,13 +54,13 @@ def main() -> None:
     flops = 0.0
     for gen in (g[0] for g in gens):
         p = gen.prompt_tokens
-        flops += p * forward_flops_per_token(model_dir, p)  # prefill (upper bound on context)
+        flops += p * forward_flops_per_token(model_dir, p // 2)  # prefill: mean context p / 2
         flops += sum(forward_flops_per_token(model_dir, p + t) for t in range(len(gen.token_ids)))
     new_tokens = sum(len(g[0].token_ids) for g in gens)
     score_s, scored = timed["score"]
     score_tokens = sum(s.prefix_tokens + sum(len(o) for o in s.option_token_ids) for s in scored)
     score_flops = sum(
-        s.prefix_tokens * forward_flops_per_token(model_dir, s.prefix_tokens) for s in scored
+        s.prefix_tokens * forward_flops_per_token(model_dir, s.prefix_tokens // 2) for s in scored
     )
     report = {
         **engine_run_info(engine, threads=args.threads),
