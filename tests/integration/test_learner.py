@@ -197,19 +197,26 @@ def test_in_process_and_two_ranks_agree_step_by_step(ray_cluster, tiny_model_dir
     assert_same_weights(one / "hf", two / "hf", atol=1e-5)
 
 
+# 16 rows / 4 per step = 4 steps per epoch: a resumed run crosses an epoch boundary.
+RESUME_SHAPE = dict(
+    micro_batch_size=2, max_steps=6, epochs=2, checkpoint_every=2, keep_checkpoints=5
+)
+
+
+def _uninterrupted(model_dir, rows, tmp_path):
+    """The reference run (in-process, the same global batch as 2 ranks x 2 rows)."""
+    ref = tmp_path / "ref"
+    with LearnerGroup(cfg(**RESUME_SHAPE, grad_accum=2), objective(model_dir), model_dir, ref) as g:
+        g.fit(rows, progress=False)
+    return ref
+
+
 @pytest.mark.integration
 def test_killed_group_resumes_and_matches_an_uninterrupted_run(
     ray_cluster, tiny_model_dir, rows16, tmp_path
 ):
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    # 16 rows / 4 per step = 4 steps per epoch: the run crosses an epoch boundary after resuming.
-    shape = dict(micro_batch_size=2, max_steps=6, epochs=2, checkpoint_every=2, keep_checkpoints=5)
-    with LearnerGroup(
-        cfg(**shape, grad_accum=2), objective(tiny_model_dir), tiny_model_dir, ref
-    ) as g:
-        g.fit(rows16, progress=False)
-
-    config = cfg(**shape, num_ranks=2, zero_stage=2, max_restarts=0)
+    ref, run = _uninterrupted(tiny_model_dir, rows16, tmp_path), tmp_path / "run"
+    config = cfg(**RESUME_SHAPE, num_ranks=2, zero_stage=2, max_restarts=0)
     group = LearnerGroup(config, objective(tiny_model_dir), tiny_model_dir, run)
 
     def kill_after_step_3(metrics: list[dict]) -> None:
@@ -237,14 +244,12 @@ def test_a_rank_killed_by_pid_restarts_the_group_from_its_checkpoint(
     import os
     import signal
 
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    shape = dict(micro_batch_size=2, max_steps=6, epochs=2, checkpoint_every=2, keep_checkpoints=5)
-    with LearnerGroup(
-        cfg(**shape, grad_accum=2), objective(tiny_model_dir), tiny_model_dir, ref
-    ) as g:
-        g.fit(rows16, progress=False)
+    ref, run = _uninterrupted(tiny_model_dir, rows16, tmp_path), tmp_path / "run"
     group = LearnerGroup(
-        cfg(**shape, num_ranks=2, zero_stage=2), objective(tiny_model_dir), tiny_model_dir, run
+        cfg(**RESUME_SHAPE, num_ranks=2, zero_stage=2),
+        objective(tiny_model_dir),
+        tiny_model_dir,
+        run,
     )
     killed: list[int] = []
 
