@@ -8,7 +8,7 @@ both orders; every probability below is P(response A is preferred), whatever ord
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from statistics import fmean
 from typing import Any, Literal
@@ -225,33 +225,39 @@ def scored(query: LabelQuery, logprobs: Sequence[float], token_ids, rationale=No
     return QueryResult(query, prob_first_preferred(logprobs[0], logprobs[1]), token_ids, rationale)
 
 
-def label_statistics(labels: Sequence[Mapping[str, Any]], *, bins: int = 10) -> dict[str, Any]:
+def label_statistics(labels: Iterable[Mapping[str, Any]], *, bins: int = 10) -> dict[str, Any]:
     """Manifest statistics over label rows (`label`, `flips`, `order_checks`, `principles`).
 
+    One pass, so `labels` may stream from disk shard by shard (memory stays flat at 100k+).
     - distribution: counts of the final label in `bins` equal bins of [0, 1];
     - flip_rate: share of (pair, principle) checks whose winner changed with the order;
     - mean_confidence: mean of max(p, 1 - p) of the final labels;
     - principle_agreement: share of principle pairs (within a pair) that pick the same winner.
     """
-    ps = [float(r["label"]) for r in labels]
     hist = [0] * bins
-    for p in ps:
-        hist[min(int(p * bins), bins - 1)] += 1
-    checks = sum(int(r["order_checks"]) for r in labels)
-    agree = total = 0
+    n = checks = flips = agree = total = prefers = 0
+    sum_p = sum_conf = 0.0
     for r in labels:
+        p = float(r["label"])
+        n += 1
+        hist[min(int(p * bins), bins - 1)] += 1
+        sum_p += p
+        sum_conf += max(p, 1 - p)
+        prefers += p > 0.5
+        checks += int(r["order_checks"])
+        flips += int(r["flips"])
         wins = [float(x["p"]) > 0.5 for x in r["principles"]]
         for i in range(len(wins)):
             for j in range(i + 1, len(wins)):
                 total += 1
                 agree += wins[i] == wins[j]
     return {
-        "labels": len(ps),
+        "labels": n,
         "distribution": {"bins": bins, "counts": hist},
-        "mean_label": fmean(ps) if ps else None,
-        "prefers_a": sum(p > 0.5 for p in ps) / len(ps) if ps else None,
-        "flip_rate": sum(int(r["flips"]) for r in labels) / checks if checks else None,
-        "mean_confidence": fmean(max(p, 1 - p) for p in ps) if ps else None,
+        "mean_label": sum_p / n if n else None,
+        "prefers_a": prefers / n if n else None,
+        "flip_rate": flips / checks if checks else None,
+        "mean_confidence": sum_conf / n if n else None,
         "principle_agreement": agree / total if total else None,
     }
 

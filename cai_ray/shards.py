@@ -12,7 +12,7 @@ import os
 import platform
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,13 @@ class ShardStore:
 
         tables = [pq.read_table(p, columns=columns) for p in self._files(SHARD_GLOB)]
         return pa.concat_tables(tables) if tables else None
+
+    def iter_rows(self, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
+        """Every row as a dict, one shard in memory at a time (for statistics over all rows)."""
+        import pyarrow.parquet as pq
+
+        for path in self._files(SHARD_GLOB):
+            yield from pq.read_table(path, columns=columns).to_pylist()
 
     def shard_paths(self) -> list[str]:
         return [str(p) for p in self._files(SHARD_GLOB)]

@@ -97,15 +97,19 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         desc=STAGE,
         progress=progress,
     )
-    table = store.read_table(["label", "flips", "order_checks", "principles", "split_options"])
-    rows = table.to_pylist() if table is not None else []
+    columns = ["label", "flips", "order_checks", "principles", "split_options"]
+    split = [0]
+
+    def rows():  # streamed shard by shard: the driver never holds every label at once
+        for row in store.iter_rows(columns):
+            split[0] += bool(row["split_options"])
+            yield row
+
+    statistics = label_statistics(rows())
     manifest = ctx.manifest(
         inputs={"pairs": str(pairs.folder), "pairs_available": pairs.count_rows()},
         outputs={"labels": summarize(store)},
-        statistics={
-            **label_statistics(rows),
-            "split_option_markers": sum(bool(r["split_options"]) for r in rows),
-        },
+        statistics={**statistics, "split_option_markers": split[0]},
         settings=label_settings(cfg).__dict__,
         models={"feedback": feedback.id},
         constitution_hash=constitution.content_hash,
