@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from cai_ray.errors import CaiRayError
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except CaiRayError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        # A stage that failed mid-stream leaves Ray Data's threads running; as the process
+        # exits they log shutdown warnings with tracebacks, which would bury the error above.
+        logging.getLogger("ray.data").setLevel(logging.CRITICAL)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -3,6 +3,7 @@ resumes every time, and the final outputs equal those of an uninterrupted run (c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -50,6 +51,29 @@ def _cmd(run_dir: Path, model_dir: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def _reap_session(sid: int, timeout: float = 60) -> None:
+    """Kill and wait out every process left in the killed driver's session (Ray workers run in
+    their own process groups): the rerun then starts its cluster on a quiet machine, as a user's
+    rerun would, instead of racing the old cluster's processes for ports."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = []
+        for p in psutil.process_iter(["pid", "status"]):
+            try:
+                if os.getsid(p.pid) == sid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                    left.append(p)
+            except (ProcessLookupError, PermissionError, psutil.Error):
+                continue
+        if not left:
+            return
+        for p in left:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        time.sleep(0.2)
+
+
 def _started_work(stage_dir: Path) -> bool:
     """The stage opened its folder and wrote something beyond its stamp (a shard, a
     checkpoint, a metrics line): killing now lands in the middle of its work."""
@@ -91,18 +115,24 @@ def test_the_driver_killed_in_every_stage_resumes_to_the_same_outputs(tmp_path, 
     run = tmp_path / "run"
     killed_in = []
     for stage in IMPLEMENTED:
-        proc = subprocess.Popen(
-            _cmd(run, tiny_model_dir), cwd=ROOT, start_new_session=True,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 300
-        while proc.poll() is None and time.monotonic() < deadline:
-            if _started_work(run / stage):
-                killed_in.append(stage)
-                break
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
-        proc.wait(timeout=60)
+        log = tmp_path / f"driver-{stage}.log"
+        with log.open("w") as err:
+            proc = subprocess.Popen(
+                _cmd(run, tiny_model_dir), cwd=ROOT, start_new_session=True,
+                stdout=subprocess.DEVNULL, stderr=err,
+            )  # fmt: skip
+            deadline = time.monotonic() + 300
+            while proc.poll() is None and time.monotonic() < deadline:
+                if _started_work(run / stage):
+                    killed_in.append(stage)
+                    break
+                time.sleep(0.02)
+            if proc.poll() is not None:  # it ended on its own: say how, with its log
+                pytest.fail(f"driver ended before {stage} (exit {proc.returncode}): "
+                            f"{log.read_text()[-3000:]}")  # fmt: skip
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
+            proc.wait(timeout=60)
+            _reap_session(proc.pid)
         assert not (run / stage / "manifest.json").exists() or stage not in killed_in
     # Every stage was interrupted in the middle of its work (none finished in under a poll).
     assert killed_in == list(IMPLEMENTED)
