@@ -28,7 +28,7 @@ class CritiqueWorker:
         from cai_ray.engines import make_engine
         from cai_ray.models import load_tokenizer
 
-        torch.set_num_threads(engine.threads)
+        torch.set_num_threads(engine.torch_threads())
         self.engine = make_engine(model_path, engine, model_id=model_id)
         tokenizer = load_tokenizer(model_path) if settings.fmt == "chat" else None
         constitution = load_constitution(constitution_path)

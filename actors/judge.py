@@ -43,7 +43,7 @@ class JudgeWorker:
         from cai_ray.constitution import load_constitution
         from cai_ray.engines import make_engine
 
-        torch.set_num_threads(engine.threads)
+        torch.set_num_threads(engine.torch_threads())
         self.engine = make_engine(model_path, engine, model_id=model_id)
         self.constitution = load_constitution(constitution_path)
         self.constitution.require_feedback()  # the harmlessness axis asks its principles
@@ -115,7 +115,7 @@ class PMScoreWorker:
             model_path,
             device=engine.device,
             dtype=engine.dtype,
-            threads=engine.threads,
+            threads=engine.torch_threads(),
             batch_size=engine.batch_size,
         )
         self.text_col = text_col

@@ -62,7 +62,7 @@ class LabelerWorker:
         from cai_ray.constitution import load_constitution
         from cai_ray.engines import make_engine
 
-        torch.set_num_threads(engine.threads)
+        torch.set_num_threads(engine.torch_threads())
         self.engine = make_engine(model_path, engine, model_id=model_id)
         self.constitution = load_constitution(constitution_path)
         self.constitution.require_feedback()

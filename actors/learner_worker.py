@@ -28,6 +28,7 @@ from actors.checkpoint import (
 )
 from actors.objectives import Objective
 from cai_ray.errors import CaiRayError, ConfigError
+from cai_ray.profiling import span
 from cai_ray.train_config import LearnerConfig
 
 
@@ -67,6 +68,7 @@ class LearnerWorker:
 
         return ray.util.get_node_ip_address(), _free_port()
 
+    @span("load")
     def setup(self, master_addr: str, master_port: int, *, total_steps: int) -> dict[str, Any]:
         """Join the process group and build the DeepSpeed engine; returns device facts."""
         import torch
@@ -177,6 +179,7 @@ class LearnerWorker:
         """Run `k` optimizer steps; each returns the group-wide metrics of that step."""
         return [self._train_step() for _ in range(k)]
 
+    @span("train")
     def _train_step(self) -> dict[str, Any]:
         import torch
 
@@ -243,6 +246,7 @@ class LearnerWorker:
             out.extend(self._train_step() for _ in range(len(rows) // per_step))
         return out
 
+    @span("infer")
     def infer(self, rows: list[Mapping[str, Any]]) -> list[Any]:
         """The objective's no-grad pass (`objective.infer`) over `rows`, micro-batch by micro-batch.
 

@@ -18,6 +18,7 @@ from typing import Any
 from cai_ray.config import EngineConfig
 from cai_ray.conversation import Conversation
 from cai_ray.engines.base import SamplingParams
+from cai_ray.profiling import span
 from cai_ray.rl_config import RewardConfig
 
 
@@ -35,7 +36,7 @@ class RLRolloutWorker:
         from cai_ray.engines import make_engine
         from cai_ray.models import load_tokenizer
 
-        torch.set_num_threads(engine.threads)
+        torch.set_num_threads(engine.torch_threads())
         self.engine = make_engine(model_path, engine, model_id=model_id)
         self.tokenizer = load_tokenizer(model_path) if fmt == "chat" else None
         self.fmt = fmt
@@ -101,7 +102,7 @@ class RewardWorker:
     ):
         import torch
 
-        torch.set_num_threads(engine.threads)
+        torch.set_num_threads(engine.torch_threads())
         self.cfg = reward
         self.phrases = tuple(refusal_phrases)
         self._fn = None
@@ -112,7 +113,7 @@ class RewardWorker:
                 model_path,  # type: ignore[arg-type]
                 device=engine.device,
                 dtype=engine.dtype,
-                threads=engine.threads,
+                threads=engine.torch_threads(),
                 batch_size=batch_size,
             )
         elif reward.kind == "rlaif":
@@ -182,6 +183,7 @@ class RewardWorker:
 class ReferenceWorker:
     """The frozen reference policy (the SL-CAI model): log-probs of each response's tokens."""
 
+    @span("load")
     def __init__(self, model_path: str, engine: EngineConfig, *, batch_size: int, pad_id: int):
         import torch
         from transformers import AutoModelForCausalLM
@@ -189,7 +191,7 @@ class ReferenceWorker:
         from cai_ray.engines.hf import _dtype_kwarg, pick_device, pick_dtype
         from cai_ray.models import check_model_dir
 
-        torch.set_num_threads(engine.threads)
+        torch.set_num_threads(engine.torch_threads())
         path = check_model_dir(model_path, head="causal")
         self.device = pick_device(engine.device)
         dtype = pick_dtype(engine.dtype, self.device)
@@ -201,6 +203,7 @@ class ReferenceWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    @span("infer:reference")
     def logprobs(self, sequences: list[dict[str, Any]]) -> list[list[float]]:
         """Per sequence (`input_ids`, `prompt_len`), the response tokens' log-probs."""
         import torch

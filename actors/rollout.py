@@ -34,7 +34,7 @@ class RolloutWorker:
         from cai_ray.engines import make_engine
         from cai_ray.models import load_tokenizer
 
-        torch.set_num_threads(engine.threads)
+        torch.set_num_threads(engine.torch_threads())
         self.engine = make_engine(model_path, engine, model_id=model_id)
         self.tokenizer = load_tokenizer(model_path) if fmt == "chat" else None
         self.sampling = sampling

@@ -11,7 +11,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -57,15 +57,42 @@ class VLLMConfig(Section):
     enable_prefix_caching: bool = True
 
 
+def resolve_threads(threads: int | str) -> int:
+    """`auto`: one torch thread per CPU Ray reserved for this actor or task (at least one), so
+    pools that share a machine never run more threads than it has cores (two 2-thread decoders
+    on 2 cores ran 10x slower than two 1-thread ones: benchmarks/bench_tuning.py); outside Ray,
+    every core this process may use."""
+    import os
+
+    if threads != "auto":
+        return int(threads)
+    try:
+        import ray
+
+        if ray.is_initialized() and ray._private.worker.global_worker.mode == ray.WORKER_MODE:
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
+            return max(1, int(cpus))
+    except ImportError:
+        pass
+    return max(1, len(os.sched_getaffinity(0)))
+
+
 class EngineConfig(Section):
     """Which generation backend runs a model, and how (DESIGN.md, Engines)."""
 
     kind: Literal["auto", "hf", "vllm"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = Field(2, ge=1, description="torch threads per process (2-core machines)")
+    threads: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
+        description="torch threads per process; auto = the CPUs Ray gave the actor (at least 1), "
+        "or the machine's cores outside Ray",
+    )
     batch_size: int = Field(8, ge=1, description="prompts per forward pass (HF engine)")
     vllm: VLLMConfig = VLLMConfig()
+
+    def torch_threads(self) -> int:
+        return resolve_threads(self.threads)
 
     @model_validator(mode="after")
     def _vllm_needs_cuda(self) -> EngineConfig:

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from cai_ray.errors import CaiRayError, ModelError
+from cai_ray.profiling import span
 
 
 def pm_text(messages: Sequence[Mapping[str, str]], response: str) -> str:
@@ -24,6 +25,7 @@ def pm_text(messages: Sequence[Mapping[str, str]], response: str) -> str:
 class RewardScorer:
     """A `*ForSequenceClassification` model with `num_labels == 1`; `score(texts)` in batches."""
 
+    @span("load")
     def __init__(
         self,
         path: str | Path,
@@ -67,6 +69,7 @@ class RewardScorer:
         """Token counts as scored (BOS included)."""
         return [len(ids) for ids in self.tokenizer(list(texts))["input_ids"]]
 
+    @span("score:pm")
     def score(self, texts: Sequence[str], *, truncate: bool = False) -> list[float]:
         """One scalar per text, `batch_size` texts per forward. Over-long texts are an error,
         or with `truncate` keep their last tokens (the response, which the head reads)."""

@@ -68,7 +68,7 @@ def make_engine(
         model_path,
         dtype=config.dtype,
         device=config.device,
-        threads=config.threads,
+        threads=config.torch_threads(),
         batch_size=config.batch_size,
         model_id=model_id,
     )

@@ -18,11 +18,13 @@ from typing import Any
 
 from cai_ray.engines.base import Engine, Generation, OptionScores, SamplingParams, ScoreRequest
 from cai_ray.errors import CaiRayError, ModelError
+from cai_ray.profiling import span
 
 
 class HFEngine(Engine):
     """A causal LM loaded with transformers. `batch_size` counts sequences per forward pass."""
 
+    @span("load")
     def __init__(
         self,
         model_path: str | Path,
@@ -65,6 +67,7 @@ class HFEngine(Engine):
 
     # -- Engine interface -------------------------------------------------------------------
 
+    @span("generate")
     def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[list[Generation]]:
         """Sample `params.n` continuations per prompt.
 
@@ -102,6 +105,7 @@ class HFEngine(Engine):
                 results[i] = gens
         return results
 
+    @span("score")
     def score_options(self, requests: Sequence[ScoreRequest]) -> list[OptionScores]:
         """Summed logprob of each option's tokens after its prefix.
 

@@ -33,6 +33,7 @@ from cai_ray.engines.vllm_worker_ext import (
     pack_tensors,
 )
 from cai_ray.errors import CaiRayError, ConfigError, ModelError
+from cai_ray.profiling import span
 
 _T = TypeVar("_T")
 MAX_VLLM_TEMPERATURE = 2.0  # vLLM 0.33 SamplingParams rejects temperature > 2
@@ -279,6 +280,7 @@ class VLLMEngine(Engine):
                     hint="shorten the prompt or raise max_model_len",
                 )
 
+    @span("generate")
     def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[list[Generation]]:
         """Sample `params.n` continuations per prompt (one vLLM batch, prefix cache on)."""
         token_prompts = [self._encode(p) for p in prompts]
@@ -289,6 +291,7 @@ class VLLMEngine(Engine):
         )
         return [from_request_output(out, stop=params.stop) for out in outputs]
 
+    @span("score")
     def score_options(self, requests: Sequence[ScoreRequest]) -> list[OptionScores]:
         """Summed logprob of each option's tokens after its prefix (paper section 4.1 labels):
         one request per (prefix, option) asking for the prompt tokens' own logprobs."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from cai_ray.errors import ModelError
 from cai_ray.models.presets import Head, check_head, get_preset
+from cai_ray.profiling import span
 
 if TYPE_CHECKING:
     from cai_ray.config import ModelConfig
@@ -96,7 +97,8 @@ def ensure_model(cfg: ModelConfig, *, run_dir: str | Path, head: Head = "causal"
     # Build beside the target, then rename: a killed build leaves only a hidden temp dir behind.
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=parent))
     try:
-        init_model(cfg.preset, tmp, head=head, seed=cfg.seed, overwrite=True)
+        with span("build_model"):
+            init_model(cfg.preset, tmp, head=head, seed=cfg.seed, overwrite=True)
         os.rename(tmp, final)
     except OSError:
         if not final.is_dir():  # not a lost race with another process: a real failure

@@ -151,7 +151,7 @@ def _evaluate(cfg: RunConfig, out: Path, held: list[dict], learner: Any, rows: i
             hf = out / "hf" if step == total else None
         if hf is None:
             continue
-        scorer = RewardScorer(hf, device=cfg.engine.device, threads=cfg.engine.threads)
+        scorer = RewardScorer(hf, device=cfg.engine.device, threads=cfg.engine.torch_threads())
         texts = [pm_text(c["messages"], c[k]) for c in held for k in ("response_a", "response_b")]
         scores = scorer.score(texts)
         metrics = pair_metrics(scores[0::2], scores[1::2], [float(c["label"]) for c in held])

@@ -9,6 +9,7 @@ from typing import Any
 from cai_ray.config import RunConfig
 from cai_ray.errors import CaiRayError
 from cai_ray.pipeline import STAGES
+from cai_ray.profiling import span
 
 # stage -> module with `run(cfg, *, progress) -> manifest`; the rest land with their issues.
 IMPLEMENTED = {
@@ -29,7 +30,8 @@ def run_stage(name: str, cfg: RunConfig, *, progress: bool = True) -> dict[str, 
             hint=f"implemented stages: {', '.join(IMPLEMENTED)}",
         )
     module = importlib.import_module(IMPLEMENTED[name])
-    return module.run(cfg, progress=progress)
+    with span(f"stage:{name}"):
+        return module.run(cfg, progress=progress)
 
 
 def run_pipeline(

@@ -98,7 +98,7 @@ class RewardBackend:
         from cai_ray.reward import RewardScorer
 
         self.scorer = RewardScorer(
-            path, device=engine.device, dtype=engine.dtype, threads=engine.threads
+            path, device=engine.device, dtype=engine.dtype, threads=engine.torch_threads()
         )
         self.fmt = fmt
         self.name = name
