@@ -2,7 +2,8 @@
 into benchmarks/results/. A failing benchmark is reported and the rest still run. Then the
 headline figures of every result file (its `figures` list: name, value, unit, target) go into
 benchmarks/results/summary.json and into the table between the summary markers of
-benchmarks/README.md, with the machine and versions they were measured on.
+benchmarks/README.md, with the machine and versions they were measured on. Rows of benchmarks
+that have no result file here (results/ is not committed) are kept from the table as it was.
 
     .venv/bin/python benchmarks/run_all.py [--only bench_mfu,bench_peak] [--summary-only]
 """
@@ -55,8 +56,30 @@ def machine() -> dict[str, str]:
     }
 
 
-def summarise() -> dict:
+def previous_rows() -> list[dict]:
+    """The summary table's rows as README.md has them (results/ is not committed: a partial run
+    on a fresh checkout keeps the figures of the benchmarks it did not run)."""
+    text = README.read_text()
+    if BEGIN not in text or END not in text:
+        return []
     rows = []
+    for line in text[text.index(BEGIN) : text.index(END)].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 6 or not cells[4].startswith("`"):
+            continue
+        name, value, unit, target, file, measured = cells
+        try:
+            number: float | str = float(value)
+        except ValueError:
+            number = value
+        row = {"file": file.strip("`"), "measured": measured, "name": name, "value": number}
+        rows.append(row | {"unit": unit} | ({"target": target} if target else {}))
+    return rows
+
+
+def summarise() -> dict:
+    ran = {p.name for p in RESULTS.glob("*.json")}
+    rows = [r for r in previous_rows() if r["file"] not in ran]
     for path in sorted(RESULTS.glob("*.json")):
         if path.name == "summary.json":
             continue
@@ -64,6 +87,7 @@ def summarise() -> dict:
         when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(path.stat().st_mtime))
         for fig in data.get("figures", []):
             rows.append({"file": path.name, "measured": when, **fig})
+    rows.sort(key=lambda r: r["file"])  # stable: each file's figures in their own order
     summary = {"env": machine(), "figures": rows}
     (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
