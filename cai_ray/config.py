@@ -91,6 +91,15 @@ class EngineConfig(Section):
     batch_size: int = Field(8, ge=1, description="prompts per forward pass (HF engine)")
     vllm: VLLMConfig = VLLMConfig()
 
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads(cls, value: Any) -> Any:
+        if value == "auto" or (
+            isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        ):
+            return value
+        raise ValueError("must be a whole number of threads >= 1, or 'auto'")
+
     def torch_threads(self) -> int:
         return resolve_threads(self.threads)
 

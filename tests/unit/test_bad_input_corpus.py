@@ -117,12 +117,13 @@ CLI_CASES = [
         ),
     ),
     CliCase(
-        "config-wrong-type", **_run_config("engine:\n  threads: many\n", 'engine.threads = "many"')
+        "config-wrong-type",
+        **_run_config("engine:\n  threads: many\n", 'engine.threads = "many"', ">= 1, or 'auto'"),
     ),
     CliCase(
         "config-out-of-range",
-        ("run", "--set", "engine.threads=-1"),
-        ("engine.threads = -1", "greater than or equal to 1"),
+        ("run", "--set", "engine.batch_size=0"),
+        ("engine.batch_size = 0", "greater than or equal to 1"),
     ),
     CliCase(
         "config-grpo-group-size-1",
