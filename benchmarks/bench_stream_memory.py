@@ -51,10 +51,13 @@ def _watch(stop: threading.Event, series: dict, match: str) -> None:
         time.sleep(1.0)
 
 
-def stage_run(size: int) -> dict:
-    """rl-label on `size` synthetic pairs; USS trajectories of driver and labeller worker."""
+def stage_run(size: int, batch: int = 64) -> dict:
+    """rl-label on `size` synthetic pairs, `batch` rows per pool task; USS trajectories of the
+    driver and the labeller worker."""
     import bench_stream_scale as scale
 
+    scale.SETS = [x for x in scale.SETS if not x.startswith("rl_label.labeler=")]
+    scale.SETS.append(f"rl_label.labeler={{size: 1, batch_size: {batch}}}")
     from cai_ray.pipeline import rl_label
 
     marks: dict[str, float] = {}
@@ -78,6 +81,7 @@ def stage_run(size: int) -> dict:
     grow = (steady[-1][1] - steady[0][1]) if len(steady) > 1 else None
     return {
         "prompts": size,
+        "rows_per_task": batch,
         "seconds": result["seconds"],
         **marks,
         "driver_stream_growth_kb_per_prompt": round(
@@ -173,14 +177,16 @@ def main() -> None:
     parser.add_argument("--sizes", default="5000,20000")
     parser.add_argument("--tasks", type=int, default=3000)
     parser.add_argument("--batches", type=int, default=301)
+    parser.add_argument("--big-batch", type=int, default=256, help="rows per task, second run")
     parser.add_argument("--part", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.part:  # one part in a fresh process: each its own Ray cluster and baseline memory
-        kind, _, value = args.part.partition(":")
+        kind, *values = args.part.split(":")
         fn = {"stage": stage_run, "inproc": in_process, "echo": ray_data_only}[kind]
-        print("RESULT " + json.dumps(fn(int(value))), flush=True)
+        print("RESULT " + json.dumps(fn(*map(int, values))), flush=True)
         return
-    parts = [f"stage:{s}" for s in args.sizes.split(",")]
+    sizes = args.sizes.split(",")
+    parts = [f"stage:{s}:64" for s in sizes] + [f"stage:{sizes[-1]}:{args.big_batch}"]
     parts += [f"inproc:{args.batches}", f"echo:{args.tasks}"]
     out: dict = {}
     for part in parts:
@@ -193,10 +199,14 @@ def main() -> None:
         print(part, json.dumps(out[part])[:400], flush=True)
     echo = out[f"echo:{args.tasks}"]["every_1000_tasks"]
     inproc = out[f"inproc:{args.batches}"]["uss_mb_by_batch"]
-    largest = out[parts[len(args.sizes.split(",")) - 1]]
+    largest = out[f"stage:{sizes[-1]}:64"]
+    big = out[f"stage:{sizes[-1]}:{args.big_batch}"]
     figures = [
         {"name": f"rl-label driver growth over the stream ({largest['prompts']} prompts)",
          "value": largest["driver_stream_growth_kb_per_prompt"], "unit": "KB/prompt"},
+        {"name": f"rl-label worker growth ({largest['prompts']} prompts), {args.big_batch} vs 64 "
+         "rows per task", "unit": "ratio",
+         "value": round(big["worker_steady_growth_mb"] / largest["worker_steady_growth_mb"], 2)},
         {"name": f"LabelerWorker without Ray: USS growth over {args.batches} batches",
          "value": round(inproc[-1][1] - inproc[1][1], 1), "unit": "MB"},
     ]  # fmt: skip
