@@ -3,9 +3,9 @@
 Generation: 8 prompts x `--new` tokens, greedy; FLOPs = prompt tokens x forward FLOPs (the
 prefill) + each new token's forward FLOPs at its context length. Scoring: `score_options`
 with 4 requests of a ~600-token shared prefix and 2 options. MFU = FLOP/s / the fp32 matmul
-peak measured in the same run with the same threads. Then both again in bf16 on the CPU (this
-machine's bf16 matmul peak is about 4x fp32): speed ratio, MFU against the bf16 peak, and how far
-bf16 results are from fp32's. Training MFU is in bench_train_reference.py. Writes
+peak measured in the same run with the same threads (on the engine's device: a CUDA GPU when
+there is one). Then both again in bf16 (on this 2-core CPU the bf16 matmul peak is about 4x
+fp32): speed ratio, MFU against the bf16 peak, and how far bf16 results are from fp32's. Training MFU is in bench_train_reference.py. Writes
 benchmarks/results/mfu.json.
 
     .venv/bin/python benchmarks/bench_mfu.py [--preset tiny-20m] [--threads 2]
@@ -36,7 +36,11 @@ def measure(model_dir: Path, dtype: str, threads: int, new: int, repeats: int) -
     import torch
 
     engine = HFEngine(model_dir, threads=threads, batch_size=8, dtype=dtype)
-    peak = matmul_peak(threads, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    peak = matmul_peak(
+        threads,
+        dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32,
+        device=str(engine.device),
+    )
     prompts = [PROMPT + " " * i for i in range(8)]
     greedy = SamplingParams(temperature=0.0, max_new_tokens=new, stop=())
     prefix = PROMPT * 20  # a few-shot-length prefix
