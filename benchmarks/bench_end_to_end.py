@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from timing import write_results
+
 from cai_ray.profiling import read_spans, split
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,8 +162,7 @@ def main() -> None:
             for c in comparisons
         ]
     )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(RESULTS, report)
     print(json.dumps(report["figures"], indent=2))
 
 

@@ -11,11 +11,10 @@ produce identical tokens. Writes benchmarks/results/generate.json.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
-from timing import best_of, engine_run_info
+from timing import best_of, engine_run_info, write_results
 
 from cai_ray.config import ModelConfig
 from cai_ray.engines.base import SamplingParams
@@ -131,8 +130,7 @@ def main() -> None:
             for r in rows
         ],
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(RESULTS, report)
     print(f"{report['model']}, {args.max_new_tokens} new tokens, tokens/s (best of {args.repeats})")
     print(f"{'scenario':<30} {'engine':>9} {'generate()':>11} {'ratio':>6} same")
     for r in rows:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from timing import write_results
 
 from actors.labeler import LabelerWorker
 from cai_ray.config import EngineConfig, ModelConfig
@@ -168,8 +169,7 @@ def main() -> None:
          "value": round(r["speedup"], 2), "unit": "ratio", "target": "> 1"}
         for r in result["principles"]
     ]  # fmt: skip
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(RESULTS, result)
     print(f"wrote {RESULTS}")
 
 

@@ -20,7 +20,7 @@ import platform
 from pathlib import Path
 
 from flops import forward_flops_per_token, matmul_peak
-from timing import best_of, engine_run_info
+from timing import best_of, engine_run_info, write_results
 
 from cai_ray.config import ModelConfig
 from cai_ray.engines.base import SamplingParams, ScoreRequest
@@ -129,8 +129,7 @@ def main() -> None:
         {"name": "CPU bf16 vs fp32 tokens/s: score_options", "value": speed["score_options"],
          "unit": "ratio"},
     ]  # fmt: skip
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(RESULTS, report)
     print(json.dumps(report, indent=2))
 
 

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import ray
+from timing import write_results
 
 from cai_ray.config import ModelConfig, load_config
 from cai_ray.models import default_cache_dir, ensure_model
@@ -184,8 +185,7 @@ def main() -> None:
             ),
         ],
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(RESULTS, result)
     print(json.dumps(result, indent=2))
 
 

@@ -14,11 +14,10 @@ Also checks that all three agree to 1e-4. Writes benchmarks/results/score_option
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
-from timing import best_of, engine_run_info
+from timing import best_of, engine_run_info, write_results
 
 from cai_ray.config import ModelConfig
 from cai_ray.engines.base import ScoreRequest
@@ -156,8 +155,7 @@ def main() -> None:
             for r in rows
         ],
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(RESULTS, report)
     print(
         f"{report['model']}, prefix ~{report['prefix_tokens'][0]} tokens, ms per request, best of {args.repeats}"
     )

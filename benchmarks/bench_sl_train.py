@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from flops import flops_per_token, matmul_peak
+from timing import write_results
 
 from actors.learner import LearnerGroup
 from actors.metrics import read_metrics
@@ -122,8 +123,7 @@ def main() -> None:
             for r in results
         ],
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(RESULTS, report)
     print(f"wrote {RESULTS}")
 
 

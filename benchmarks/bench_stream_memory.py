@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import psutil
+from timing import write_results
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -219,8 +220,7 @@ def main() -> None:
         figures.append({"name": "trivial Ray Data actor UDF: Arrow live memory growth",
                         "value": round(per_task, 1), "unit": "KB/task"})  # fmt: skip
     report = {"parts": out, "figures": figures}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(RESULTS, report)
     print(json.dumps(figures, indent=2))
 
 

@@ -23,6 +23,8 @@ import threading
 import time
 from pathlib import Path
 
+from timing import write_results
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "stream_scale.json"
 SETS = [
@@ -158,8 +160,7 @@ def main() -> None:
         "runs": rows,
         "figures": figures,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(RESULTS, report)
 
 
 if __name__ == "__main__":

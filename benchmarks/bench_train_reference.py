@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from bench_sl_train import synthetic_rows
 from flops import flops_per_token, matmul_peak
+from timing import write_results
 
 from actors.learner import LearnerGroup
 from actors.metrics import read_metrics
@@ -153,8 +154,7 @@ def main() -> None:
              "unit": "GFLOP/s"},
         ],
     }  # fmt: skip
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(RESULTS, report)
     print(json.dumps(report, indent=2))
 
 

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from timing import best_of
+from timing import best_of, write_results
 
 from cai_ray.config import ModelConfig
 from cai_ray.engines.base import SamplingParams
@@ -35,24 +35,8 @@ from cai_ray.engines.hf import HFEngine
 from cai_ray.models import default_cache_dir, ensure_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "tuning.json"
-WORDS = [
-    "how",
-    "do",
-    "I",
-    "make",
-    "the",
-    "best",
-    "bread",
-    "at",
-    "home",
-    "with",
-    "little",
-    "time",
-    "and",
-    "no",
-    "special",
-    "tools",
-]
+TEXT = "how do I make the best bread at home with little time and no special tools"
+WORDS = TEXT.split()
 
 
 def mixed_prompts(n: int, seed: int = 0) -> list[str]:
@@ -255,8 +239,7 @@ def main() -> None:
             for r in results
         ],
     }  # fmt: skip
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(RESULTS, report)
     print(json.dumps(report, indent=2))
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -39,3 +41,9 @@ def engine_run_info(engine: Any, *, threads: int) -> dict[str, Any]:
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
         "load_average_1m": os.getloadavg()[0],  # other work on the machine while measuring
     }
+
+
+def write_results(path: Path, report: dict[str, Any]) -> None:
+    """A benchmark's JSON (with its `figures` for run_all) under benchmarks/results/."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")

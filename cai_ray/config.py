@@ -11,7 +11,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -83,7 +83,7 @@ class EngineConfig(Section):
     kind: Literal["auto", "hf", "vllm"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+    threads: int | Literal["auto"] = Field(
         "auto",
         description="torch threads per process; auto = the CPUs Ray gave the actor (at least 1), "
         "or the machine's cores outside Ray",

@@ -37,13 +37,14 @@ def span(kind: str) -> Iterator[None]:
     try:
         yield
     finally:
-        record(kind, t0, time.time(), out)
+        _record(kind, t0, time.time(), out)
 
 
-def record(kind: str, t0: float, t1: float, out: str | None = None) -> None:
-    out = out or os.environ.get(ENV)
-    if not out:
-        return
+def _is_compute(kind: str) -> bool:
+    return kind.split(":")[0] in COMPUTE
+
+
+def _record(kind: str, t0: float, t1: float, out: str) -> None:
     line = json.dumps({"kind": kind, "t0": t0, "t1": t1, "pid": os.getpid()})
     try:
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -89,7 +90,7 @@ def split(window: tuple[float, float], spans: Iterable[dict[str, Any]]) -> dict[
     spans = list(spans)
     s0, s1 = window
     wall = s1 - s0
-    compute = _clipped(spans, window, lambda k: k.split(":")[0] in COMPUTE)
+    compute = _clipped(spans, window, _is_compute)
     out: dict[str, Any] = {
         "wall_s": wall,
         "setup_s": {
@@ -109,7 +110,7 @@ def split(window: tuple[float, float], spans: Iterable[dict[str, Any]]) -> dict[
     first = min(t0 for t0, _ in compute)
     last = max(t1 for _, t1 in compute)
     busy = union_seconds(compute)
-    kinds = sorted({s["kind"] for s in spans if s["kind"].split(":")[0] in COMPUTE})
+    kinds = sorted({s["kind"] for s in spans if _is_compute(s["kind"])})
     return {
         **out,
         "compute_s": busy,
