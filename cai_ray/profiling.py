@@ -40,7 +40,7 @@ def span(kind: str) -> Iterator[None]:
         _record(kind, t0, time.time(), out)
 
 
-def _is_compute(kind: str) -> bool:
+def is_compute(kind: str) -> bool:
     return kind.split(":")[0] in COMPUTE
 
 
@@ -90,7 +90,7 @@ def split(window: tuple[float, float], spans: Iterable[dict[str, Any]]) -> dict[
     spans = list(spans)
     s0, s1 = window
     wall = s1 - s0
-    compute = _clipped(spans, window, _is_compute)
+    compute = _clipped(spans, window, is_compute)
     out: dict[str, Any] = {
         "wall_s": wall,
         "setup_s": {
@@ -110,7 +110,7 @@ def split(window: tuple[float, float], spans: Iterable[dict[str, Any]]) -> dict[
     first = min(t0 for t0, _ in compute)
     last = max(t1 for _, t1 in compute)
     busy = union_seconds(compute)
-    kinds = sorted({s["kind"] for s in spans if _is_compute(s["kind"])})
+    kinds = sorted({s["kind"] for s in spans if is_compute(s["kind"])})
     return {
         **out,
         "compute_s": busy,

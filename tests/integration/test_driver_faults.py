@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from cai_ray import profiling
 from cai_ray.pipeline.runner import IMPLEMENTED
 from cai_ray.shards import ShardStore
 
@@ -74,12 +75,20 @@ def _reap_session(sid: int, timeout: float = 60) -> None:
         time.sleep(0.2)
 
 
-def _started_work(stage_dir: Path) -> bool:
+def _started_work(stage_dir: Path, spans: Path) -> bool:
     """The stage opened its folder and wrote something beyond its stamp (a shard, a
-    checkpoint, a metrics line): killing now lands in the middle of its work."""
-    if not stage_dir.is_dir() or (stage_dir / "manifest.json").exists():
+    checkpoint, a metrics line), or one of its model calls finished (a profiling span after
+    the stamp: a small stage may write all its shards in one burst just before its manifest):
+    killing now lands in the middle of its work."""
+    stamp = stage_dir / "stage.json"
+    if not stamp.is_file() or (stage_dir / "manifest.json").exists():
         return False
-    return any(p.is_file() and p.name != "stage.json" for p in stage_dir.rglob("*"))
+    if any(p.is_file() and p.name != "stage.json" for p in stage_dir.rglob("*")):
+        return True
+    since = stamp.stat().st_mtime
+    return any(
+        s["t1"] >= since and profiling.is_compute(s["kind"]) for s in profiling.read_spans(spans)
+    )
 
 
 def _summary(run_dir: Path) -> dict:
@@ -113,17 +122,18 @@ def test_the_driver_killed_in_every_stage_resumes_to_the_same_outputs(tmp_path, 
     )
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "run"
+    env = {**os.environ, profiling.ENV: str(tmp_path / "spans")}
     killed_in = []
     for stage in IMPLEMENTED:
         log = tmp_path / f"driver-{stage}.log"
         with log.open("w") as err:
             proc = subprocess.Popen(
-                _cmd(run, tiny_model_dir), cwd=ROOT, start_new_session=True,
+                _cmd(run, tiny_model_dir), cwd=ROOT, start_new_session=True, env=env,
                 stdout=subprocess.DEVNULL, stderr=err,
             )  # fmt: skip
             deadline = time.monotonic() + 300
             while proc.poll() is None and time.monotonic() < deadline:
-                if _started_work(run / stage):
+                if _started_work(run / stage, tmp_path / "spans"):
                     killed_in.append(stage)
                     break
                 time.sleep(0.02)
