@@ -37,17 +37,38 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    """A model: a local HF directory (`path`) or a project preset built on first use (`preset`)."""
+    """A model: a local HF directory (`path`), a GGUF file imported once into the run directory
+    (`gguf`), or a project preset with random weights built on first use (`preset`, over the
+    project's tokenizer or any real one given as `tokenizer`)."""
 
     preset: str | None = None
     path: str | None = None
+    gguf: str | None = Field(
+        None, description="a .gguf file, converted once to an HF directory under run_dir/models/"
+    )
+    tokenizer: str | None = Field(
+        None, description="preset only: build it over this tokenizer directory (a real vocabulary)"
+    )
     seed: int = 0  # random-weight seed for presets
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="extra arguments to this model's chat template, e.g. {enable_thinking: false}",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
-        if (self.preset is None) == (self.path is None):
-            raise ValueError("set exactly one of 'preset' (e.g. tiny-1m) or 'path' (an HF dir)")
+        if sum(x is not None for x in (self.preset, self.path, self.gguf)) != 1:
+            raise ValueError(
+                "set exactly one of 'preset' (e.g. tiny-1m), 'path' (an HF dir) or 'gguf' (a file)"
+            )
+        if self.tokenizer is not None and self.preset is None:
+            raise ValueError("'tokenizer' goes with 'preset' (a random model over that tokenizer)")
         return self
+
+    def derived(self, path: str | Path) -> ModelConfig:
+        """A model trained from this one (e.g. the SL-CAI checkpoint): its own path, this one's
+        chat-template arguments."""
+        return ModelConfig(path=str(path), chat_template_kwargs=self.chat_template_kwargs)
 
 
 class VLLMConfig(Section):

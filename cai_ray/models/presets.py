@@ -32,7 +32,12 @@ class ModelPreset:
     max_position_embeddings: int = 2048
 
     def llama_config(
-        self, *, vocab_size: int, special_ids: dict[str, Any], head: Head
+        self,
+        *,
+        vocab_size: int,
+        special_ids: dict[str, Any],
+        head: Head,
+        tie_embeddings: bool = False,
     ) -> LlamaConfig:
         """The transformers config for this shape; `head` picks the architecture."""
         from transformers import LlamaConfig
@@ -51,7 +56,7 @@ class ModelPreset:
             num_attention_heads=self.num_heads,
             num_key_value_heads=self.num_kv_heads,
             max_position_embeddings=self.max_position_embeddings,
-            tie_word_embeddings=False,
+            tie_word_embeddings=tie_embeddings,
             **special_ids,
             **extra,
         )

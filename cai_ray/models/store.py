@@ -39,16 +39,17 @@ def init_model(
     head: Head = "causal",
     seed: int = 0,
     overwrite: bool = False,
+    tokenizer: str | Path | None = None,
 ) -> Path:
-    """Write a random-weight preset model + the project tokenizer as an HF directory."""
+    """Write a random-weight preset model as an HF directory, over the project tokenizer or, with
+    `tokenizer`, over a real one (a directory with tokenizer.json and its chat template), so a
+    whole config can be dry-run against a target model's vocabulary in minutes."""
     import torch
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
         GenerationConfig,
     )
-
-    from cai_ray.models.tokenizer import IM_END, build_tokenizer
 
     spec = get_preset(preset)
     check_head(head)
@@ -59,14 +60,16 @@ def init_model(
         raise ModelError(
             "output directory is not empty", where=str(out), hint="pass --force to overwrite it"
         )
-    tok = build_tokenizer()
-    eos_ids = [tok.eos_token_id, tok.convert_tokens_to_ids(IM_END)]
+    tok, eos_ids = _preset_tokenizer(tokenizer)
     ids = {
         "bos_token_id": tok.bos_token_id,
         "eos_token_id": eos_ids,
         "pad_token_id": tok.pad_token_id,
     }
-    config = spec.llama_config(vocab_size=len(tok), special_ids=ids, head=head)
+    # A real vocabulary (150k-260k tokens) dwarfs a tiny body: tie the embeddings to halve it.
+    config = spec.llama_config(
+        vocab_size=len(tok), special_ids=ids, head=head, tie_embeddings=tokenizer is not None
+    )
     torch.manual_seed(seed)
     cls = AutoModelForCausalLM if head == "causal" else AutoModelForSequenceClassification
     model = cls.from_config(config, dtype=torch.float32)
@@ -81,16 +84,56 @@ def init_model(
     return out
 
 
+# Tokens that end an assistant turn in common chat templates (ChatML, Gemma, Llama 3).
+_TURN_END_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>", "<eos>", "</s>")
+
+
+def _preset_tokenizer(tokenizer: str | Path | None):
+    """(tokenizer, ids that end a sample): the project's own, or the one in `tokenizer`."""
+    from cai_ray.models.tokenizer import IM_END, build_tokenizer, load_tokenizer
+
+    if tokenizer is None:
+        tok = build_tokenizer()
+        return tok, [tok.eos_token_id, tok.convert_tokens_to_ids(IM_END)]
+    src = Path(tokenizer)
+    if not src.is_dir() or not any((src / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(
+            "not a tokenizer directory (no tokenizer.json, tokenizer.model or vocab.json)",
+            where=str(src),
+            hint="pass the folder of a downloaded model, or one holding its tokenizer files",
+        )
+    try:
+        tok = load_tokenizer(src)
+    except Exception as err:  # a broken tokenizer.json raises many types; the user's to fix
+        raise ModelError(
+            f"transformers could not load the tokenizer ({type(err).__name__}: {err})",
+            where=str(src),
+        ) from None
+    vocab = tok.get_vocab()
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    eos += [vocab[t] for t in _TURN_END_TOKENS if t in vocab and vocab[t] not in eos]
+    return tok, eos
+
+
 def ensure_model(cfg: ModelConfig, *, run_dir: str | Path, head: Head = "causal") -> Path:
     """The model directory for `cfg`: a preset is built under run_dir/models/ on first use."""
     from cai_ray.config import resolve_path
 
     if cfg.path is not None:
         return check_model_dir(resolve_path(cfg.path), head=head)
+    if cfg.gguf is not None:
+        from cai_ray.models.gguf import ensure_gguf_model
+
+        return ensure_gguf_model(resolve_path(cfg.gguf), run_dir=run_dir, head=head)
     check_head(head)
     get_preset(cfg.preset)  # fail on a typo before creating any directory
     parent = Path(run_dir) / "models"
-    final = parent / f"{cfg.preset}-{head}-s{cfg.seed}"
+    name = f"{cfg.preset}-{head}-s{cfg.seed}"
+    tokenizer = None
+    if cfg.tokenizer is not None:
+        tokenizer = resolve_path(cfg.tokenizer)
+        name += f"-{tokenizer.resolve().name}-{_dir_digest(tokenizer)}"
+    final = parent / name
     if final.is_dir():
         return check_model_dir(final, head=head)
     parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +141,9 @@ def ensure_model(cfg: ModelConfig, *, run_dir: str | Path, head: Head = "causal"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=parent))
     try:
         with span("build_model"):
-            init_model(cfg.preset, tmp, head=head, seed=cfg.seed, overwrite=True)
+            init_model(
+                cfg.preset, tmp, head=head, seed=cfg.seed, overwrite=True, tokenizer=tokenizer
+            )
         os.rename(tmp, final)
     except OSError:
         if not final.is_dir():  # not a lost race with another process: a real failure
@@ -106,6 +151,16 @@ def ensure_model(cfg: ModelConfig, *, run_dir: str | Path, head: Head = "causal"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return check_model_dir(final, head=head)
+
+
+def _dir_digest(folder: Path) -> str:
+    """8 hex digits over a tokenizer folder's file names and sizes (which tokenizer it is)."""
+    h = hashlib.sha256()
+    if folder.is_dir():
+        for f in sorted(folder.iterdir()):
+            if f.is_file():
+                h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:8]
 
 
 def check_model_dir(path: str | Path, *, head: Head | None = "causal") -> Path:
