@@ -21,18 +21,17 @@ class CritiqueWorker:
         too_long: str = "truncate",
         model_id: str | None = None,
     ):
-        import torch
+        from dataclasses import replace
 
         from cai_ray.constitution import load_constitution
+        from cai_ray.conversation import PromptFormat
         from cai_ray.critique import ChainPrompter
         from cai_ray.engines import make_engine
-        from cai_ray.models import load_tokenizer
 
-        torch.set_num_threads(engine.torch_threads())
         self.engine = make_engine(model_path, engine, model_id=model_id)
-        tokenizer = load_tokenizer(model_path) if settings.fmt == "chat" else None
+        settings = replace(settings, fmt=PromptFormat.of(settings.fmt).load(model_path))
         constitution = load_constitution(constitution_path)
-        self.prompter = ChainPrompter(constitution, settings, tokenizer=tokenizer)
+        self.prompter = ChainPrompter(constitution, settings)
         self.too_long = too_long
 
     def __call__(self, batch: Any) -> Any:

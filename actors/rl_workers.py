@@ -16,30 +16,23 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cai_ray.config import EngineConfig
-from cai_ray.conversation import Conversation
+from cai_ray.conversation import Conversation, PromptFormat
 from cai_ray.engines.base import SamplingParams
 from cai_ray.profiling import span
 from cai_ray.rl_config import RewardConfig
-
-
-def _render(messages: Sequence[Mapping[str, str]], fmt: str, tokenizer: Any) -> str:
-    convo = Conversation.from_messages(list(messages))
-    return convo.render_chat(tokenizer) if fmt == "chat" else convo.render_transcript()
+from cai_ray.tokens import strip_reasoning
 
 
 class RLRolloutWorker:
     """Samples `params.n` responses per conversation with the current policy weights."""
 
-    def __init__(self, model_path: str, engine: EngineConfig, *, fmt: str, model_id: str):
-        import torch
-
+    def __init__(
+        self, model_path: str, engine: EngineConfig, *, fmt: str | PromptFormat, model_id: str
+    ):
         from cai_ray.engines import make_engine
-        from cai_ray.models import load_tokenizer
 
-        torch.set_num_threads(engine.torch_threads())
         self.engine = make_engine(model_path, engine, model_id=model_id)
-        self.tokenizer = load_tokenizer(model_path) if fmt == "chat" else None
-        self.fmt = fmt
+        self.fmt = PromptFormat.of(fmt).load(model_path)
 
     def pid(self) -> int:
         return os.getpid()
@@ -53,7 +46,7 @@ class RLRolloutWorker:
     ) -> list[list[dict[str, Any]]]:
         """Per conversation, its samples: prompt and response token ids, text, finish reason,
         the policy's per-token log-probs and the weight version they were sampled with."""
-        texts = [_render(m, self.fmt, self.tokenizer) for m in conversations]
+        texts = [self.fmt.render_messages(m) for m in conversations]
         prompt_ids = self.engine.tokenize(texts)
         out = self.engine.generate(texts, params)
         version = self.engine.weight_version
@@ -62,7 +55,7 @@ class RLRolloutWorker:
                 {
                     "prompt_ids": ids,
                     "response_ids": list(g.token_ids),
-                    "response": g.text.strip(),
+                    "response": strip_reasoning(g.text).strip(),  # what the user would read
                     "finish_reason": g.finish_reason,
                     "logprobs": g.logprobs,
                     "weight_version": version,

@@ -10,13 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Literal
 
 from cai_ray.errors import ConfigError, DataError
 
 Role = Literal["system", "user", "assistant"]
+Format = Literal["transcript", "chat"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 # Names other datasets use for the same roles (hh-rlhf says "Human").
 _ROLE_ALIASES = {"human": "user"}
@@ -156,23 +159,107 @@ class Conversation:
             parts.append(ASSISTANT_MARKER)
         return "".join(parts)
 
-    def render_chat(self, tokenizer: Any, *, add_generation_prompt: bool = True) -> str:
-        """The model's own chat template; the transcript when the tokenizer has none."""
+    def render_chat(
+        self, tokenizer: Any, *, add_generation_prompt: bool = True, **template_kwargs: Any
+    ) -> str:
+        """The model's own chat template (with `template_kwargs`, e.g. Qwen 3's
+        `enable_thinking=False`); the transcript when the tokenizer has none."""
         if not getattr(tokenizer, "chat_template", None):
             return self.render_transcript(add_generation_prompt=add_generation_prompt)
-        import jinja2  # transformers renders templates with jinja2
+        return apply_chat_template(
+            tokenizer,
+            self.to_messages(),
+            add_generation_prompt=add_generation_prompt,
+            **template_kwargs,
+        )
 
-        try:
-            return tokenizer.apply_chat_template(
-                self.to_messages(), tokenize=False, add_generation_prompt=add_generation_prompt
+
+def apply_chat_template(
+    tokenizer: Any,
+    messages: Sequence[Mapping[str, str]],
+    *,
+    add_generation_prompt: bool = True,
+    **template_kwargs: Any,
+) -> str:
+    """`tokenizer.apply_chat_template` as text; a template's refusal is a DataError, not a raw
+    jinja2 error (Gemma's raises unless user and assistant turns alternate)."""
+    import jinja2  # transformers renders templates with jinja2
+
+    try:
+        return tokenizer.apply_chat_template(
+            [dict(m) for m in messages],
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            **template_kwargs,
+        )
+    except (jinja2.TemplateError, ValueError, TypeError) as exc:
+        roles = "/".join(str(m.get("role")) for m in messages)
+        raise DataError(
+            f"the tokenizer's chat template rejected the conversation ({roles}): {exc}",
+            where=str(getattr(tokenizer, "name_or_path", "") or "chat template"),
+            hint="some templates need alternating user/assistant turns or no system turn; "
+            "use the transcript format for this model",
+        ) from exc
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How one model reads conversations: the paper's transcript or the model's chat template,
+    with that model's template arguments (`models.<role>.chat_template_kwargs`).
+
+    Built light (picklable, no tokenizer) where a stage is wired; a worker calls `load` with its
+    model directory to attach the tokenizer the chat format needs.
+    """
+
+    kind: Format = "transcript"
+    template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    tokenizer: Any = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, fmt: str | PromptFormat) -> PromptFormat:
+        """A PromptFormat from a format name or itself."""
+        if isinstance(fmt, PromptFormat):
+            return fmt
+        if fmt not in ("transcript", "chat"):
+            raise ConfigError(
+                f"unknown prompt format {fmt!r}", where="format", hint="use 'transcript' or 'chat'"
             )
-        except (jinja2.TemplateError, ValueError, TypeError) as exc:
-            raise DataError(
-                f"the tokenizer's chat template rejected the conversation: {exc}",
-                where=str(getattr(tokenizer, "name_or_path", "") or "chat template"),
-                hint="some templates need alternating user/assistant turns or no system turn; "
-                "use the transcript format for this model",
-            ) from exc
+        return cls(fmt)  # type: ignore[arg-type]
+
+    def load(self, model_path: str | Path) -> PromptFormat:
+        """This format with `model_path`'s tokenizer attached (the chat format needs it)."""
+        if self.kind != "chat" or self.tokenizer is not None:
+            return self
+        from cai_ray.models import load_tokenizer
+
+        return replace(self, tokenizer=load_tokenizer(model_path))
+
+    def with_tokenizer(self, tokenizer: Any) -> PromptFormat:
+        return replace(self, tokenizer=tokenizer)
+
+    def render(self, conversation: Conversation, *, add_generation_prompt: bool = True) -> str:
+        """The prompt text of `conversation` (the generation cue appended by default)."""
+        if self.kind == "transcript":
+            return conversation.render_transcript(add_generation_prompt=add_generation_prompt)
+        return conversation.render_chat(
+            self._tokenizer(), add_generation_prompt=add_generation_prompt, **self.template_kwargs
+        )
+
+    def render_messages(
+        self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True
+    ) -> str:
+        """`render` of plain chat messages."""
+        convo = Conversation.from_messages([dict(m) for m in messages])
+        return self.render(convo, add_generation_prompt=add_generation_prompt)
+
+    def _tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise ConfigError(
+                "prompt format 'chat' needs a tokenizer",
+                where="prompt format",
+                hint="load the model's tokenizer (PromptFormat.load), or use 'transcript'",
+            )
+        return self.tokenizer
 
 
 def split_transcript(text: str) -> list[tuple[Role, str]]:
@@ -207,21 +294,8 @@ def render(
     add_generation_prompt: bool = True,
 ) -> str:
     """Render `conversation` as a transcript or with `tokenizer`'s chat template."""
-    if fmt == "transcript":
-        return conversation.render_transcript(add_generation_prompt=add_generation_prompt)
-    if fmt == "chat":
-        if tokenizer is None:
-            raise ConfigError(
-                "prompt format 'chat' needs a tokenizer",
-                where="prompt format",
-                hint="load the model's tokenizer, or use the 'transcript' format",
-            )
-        return conversation.render_chat(tokenizer, add_generation_prompt=add_generation_prompt)
-    raise ConfigError(
-        f"unknown prompt format {fmt!r}",
-        where="prompt format",
-        hint="use 'transcript' or 'chat'",
-    )
+    pf = PromptFormat.of(fmt).with_tokenizer(tokenizer)
+    return pf.render(conversation, add_generation_prompt=add_generation_prompt)
 
 
 def _speaker(role: str) -> str:

@@ -15,10 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from cai_ray.conversation import Conversation
+from cai_ray.conversation import Conversation, PromptFormat, apply_chat_template
 from cai_ray.engines.base import Engine, SamplingParams
-
-Format = Literal["transcript", "chat"]
+from cai_ray.tokens import strip_reasoning
 
 MARKERS = ("Human:", "Assistant:", "CritiqueRequest:", "RevisionRequest:", "Critique:", "Revision:")
 # Boilerplate a model puts before the revised text; stripped from the start of a revision.
@@ -37,7 +36,7 @@ class CritiqueSettings:
 
     rounds: int = 4
     direct_revision: bool = False  # the paper's ablation: revise without a critique
-    fmt: Format = "transcript"
+    fmt: str | PromptFormat = "transcript"
     few_shot: int | None = None  # how many few-shot examples to prepend (None = all)
     seed: int = 0
     sampling: SamplingParams = field(
@@ -54,6 +53,8 @@ class Round:
     critique: str
     revision_request: str
     revision: str
+    critique_finish: str = ""  # "stop", "length" (cut at max_new_tokens), "" without a critique
+    revision_finish: str = "stop"
 
     def to_row(self) -> dict[str, str]:
         return dict(self.__dict__)
@@ -69,14 +70,25 @@ class ChainResult:
 
 
 def clean_output(text: str, boilerplate: Sequence[str] = DEFAULT_BOILERPLATE) -> str:
-    """Strip boilerplate prefixes, then cut at the first transcript/constitution marker."""
-    text = _strip_prefixes(text, boilerplate)
+    """The paper's clean-up of a critique or revision: drop reasoning blocks, strip boilerplate
+    prefixes ("Here is a revised response:"), cut at the first transcript/constitution marker."""
+    text = _strip_prefixes(strip_reasoning(text), boilerplate)
+    return _strip_prefixes(_cut_at_marker(text), boilerplate)
+
+
+def clean_answer(text: str) -> str:
+    """An answer or RL sample as content: reasoning blocks dropped and cut at the first marker,
+    but no boilerplate stripped ("Sure, here is how to X:" is what the model said; issue 14)."""
+    return _cut_at_marker(strip_reasoning(text)).strip()
+
+
+def _cut_at_marker(text: str) -> str:
     cut = len(text)
     for marker in MARKERS:
         m = re.search(r"(?:^|\n)\s*" + re.escape(marker), text)
         if m:
             cut = min(cut, m.start())
-    return _strip_prefixes(text[:cut], boilerplate)
+    return text[:cut]
 
 
 def _strip_prefixes(text: str, boilerplate: Sequence[str]) -> str:
@@ -97,11 +109,14 @@ class ChainPrompter:
 
     def __init__(self, constitution: Any, settings: CritiqueSettings, *, tokenizer: Any = None):
         constitution.require_critique()
-        if settings.fmt == "chat" and tokenizer is None:
+        fmt = PromptFormat.of(settings.fmt)
+        if tokenizer is not None:
+            fmt = fmt.with_tokenizer(tokenizer)
+        if fmt.kind == "chat" and fmt.tokenizer is None:
             raise ValueError("chat format needs the model's tokenizer")
         self.c = constitution
         self.s = settings
-        self.tokenizer = tokenizer
+        self.fmt = fmt
         examples = list(constitution.critique_examples)
         self.examples = examples if settings.few_shot is None else examples[: settings.few_shot]
 
@@ -114,10 +129,9 @@ class ChainPrompter:
     def critique_prompt(
         self, convo: Conversation, answer: str, request: str, *, n_shot: int
     ) -> str:
-        if self.s.fmt == "chat":
-            msgs = [*self._shot_messages(n_shot), *convo.to_messages()]
-            msgs += [_msg("assistant", answer), _msg("user", request)]
-            return self._chat(msgs)
+        if self.fmt.kind == "chat":
+            msgs = [*self._chat_head(convo, n_shot), _msg("assistant", answer)]
+            return self._chat([*msgs, _msg("user", request)])
         return (
             self._shot_text(n_shot)
             + convo.render_transcript(add_generation_prompt=False)
@@ -134,8 +148,8 @@ class ChainPrompter:
         *,
         n_shot: int,
     ) -> str:
-        if self.s.fmt == "chat":
-            msgs = [*self._shot_messages(n_shot), *convo.to_messages(), _msg("assistant", answer)]
+        if self.fmt.kind == "chat":
+            msgs = [*self._chat_head(convo, n_shot), _msg("assistant", answer)]
             if critique is not None:
                 msgs += [_msg("user", critique_req), _msg("assistant", critique)]
             return self._chat([*msgs, _msg("user", request)])
@@ -148,13 +162,16 @@ class ChainPrompter:
     def _shot_text(self, n: int) -> str:
         return "".join(ex.as_transcript() for ex in self.examples[:n])
 
-    def _shot_messages(self, n: int) -> list[dict[str, str]]:
-        return [m for ex in self.examples[:n] for m in ex.as_messages()]
+    def _chat_head(self, convo: Conversation, n_shot: int) -> list[dict[str, str]]:
+        """The conversation's system turn first (templates allow it nowhere else), then the
+        few-shot chains, then the rest of the conversation."""
+        msgs = convo.to_messages()
+        system = [m for m in msgs[:1] if m["role"] == "system"]
+        shots = [m for ex in self.examples[:n_shot] for m in ex.as_messages()]
+        return [*system, *shots, *msgs[len(system) :]]
 
     def _chat(self, messages: list[dict[str, str]]) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
+        return apply_chat_template(self.fmt.tokenizer, messages, **self.fmt.template_kwargs)
 
 
 def _msg(role: str, content: str) -> dict[str, str]:
@@ -183,13 +200,15 @@ def run_chains(
     for r in range(s.rounds):
         live = [i for i, res in enumerate(results) if res.reject is None]
         picks = {i: prompter.principle(items[i][0], r) for i in live}
-        critiques: dict[int, str | None] = dict.fromkeys(live)
+        sampled: dict[int, tuple[str | None, str]] = dict.fromkeys(live, (None, ""))
         if not s.direct_revision:
             prompts = {
                 i: fit(prompter.critique_prompt, items[i][1], answers[i], picks[i].critique)
                 for i in live
             }
-            critiques = _generate_step(engine, s, prompts, results, f"critique in round {r + 1}")
+            sampled = _generate_step(engine, s, prompts, results, f"critique in round {r + 1}")
+        critiques = {i: text for i, (text, _) in sampled.items()}
+        critique_finish = {i: reason for i, (_, reason) in sampled.items()}
         prompts = {
             i: fit(
                 prompter.revision_prompt,
@@ -203,10 +222,18 @@ def run_chains(
             if results[i].reject is None
         }
         revisions = _generate_step(engine, s, prompts, results, f"revision in round {r + 1}")
-        for i, revision in revisions.items():
+        for i, (revision, finish) in revisions.items():
             if results[i].reject is None and revision is not None:
                 p = picks[i]
-                round_ = Round(p.id, p.critique, critiques[i] or "", p.revision, revision)
+                round_ = Round(
+                    p.id,
+                    p.critique,
+                    critiques[i] or "",
+                    p.revision,
+                    revision,
+                    critique_finish=critique_finish.get(i, ""),
+                    revision_finish=finish,
+                )
                 results[i].rounds.append(round_)
                 answers[i] = revision
     return results
@@ -231,9 +258,12 @@ class _Fitter:
 
 
 def _generate_step(engine, s: CritiqueSettings, prompts, results, what: str):
-    """One batched generate over the live chains; rejects over-long ones, and empty ones after
-    `s.empty_retries` resamples (a random stop at the first token is not a reason to lose a row)."""
-    out: dict[int, str | None] = {}
+    """One batched generate over the live chains: {chain: (cleaned text or None, finish reason)}.
+
+    Rejects over-long prompts, and empty outputs after `s.empty_retries` resamples (a random stop
+    at the first token is not a reason to lose a row).
+    """
+    out: dict[int, tuple[str | None, str]] = {}
     todo = []
     for i, text in prompts.items():
         if text is None:
@@ -247,8 +277,8 @@ def _generate_step(engine, s: CritiqueSettings, prompts, results, what: str):
         params = SamplingParams(**{**s.sampling.__dict__, "n": 1, "seed": seed})
         gens = engine.generate([prompts[i] for i in todo], params)
         for i, samples in zip(todo, gens, strict=True):
-            out[i] = clean_output(samples[0].text, s.boilerplate) or None
-        todo = [i for i in todo if out[i] is None]
+            out[i] = (clean_output(samples[0].text, s.boilerplate) or None, samples[0].finish_reason)
+        todo = [i for i in todo if out[i][0] is None]
     for i in todo:
         results[i].reject = f"empty {what} after clean-up"
     return out

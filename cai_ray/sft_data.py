@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 PairsMode = Literal["final", "all_rounds", "up_to"]
 Truncation = Literal["left", "drop"]
+CutTargets = Literal["drop", "keep"]
+CUT_REASON = "cut at the token limit (finish reason 'length')"
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class SFTPair:
     response: str
     round: int | None = None  # 1-based revision round; None for helpfulness samples
     source: Literal["revision", "helpful"] = "revision"
+    finished: bool = True  # False: sampling stopped at max_new_tokens (no EOS is trained)
 
 
 @dataclass(frozen=True)
@@ -51,13 +54,19 @@ class Selection:
 
 
 def select_sft_pairs(
-    rows: Iterable[Mapping[str, Any]], *, mode: PairsMode = "final", up_to: int | None = None
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    mode: PairsMode = "final",
+    up_to: int | None = None,
+    cut: CutTargets = "drop",
 ) -> Selection:
     """Training pairs from critique/revision chains.
 
     `final`: the last revision of each chain; `all_rounds`: every revision; `up_to`: the
     revisions of rounds 1..`up_to` (the paper's SL-CAI-n; a shorter chain gives what it has).
-    Malformed rows and empty revisions are rejected with a reason, never dropped silently.
+    A revision cut at the token limit is set aside (`cut="drop"`) or kept as an unfinished
+    target (`keep`: trained without EOS). Malformed rows and empty revisions are rejected with a
+    reason, never dropped silently.
     """
     if mode not in ("final", "all_rounds", "up_to"):
         raise ConfigError(f"unknown pairs mode {mode!r}", hint="use final, all_rounds or up_to")
@@ -82,7 +91,11 @@ def select_sft_pairs(
             if not isinstance(revision, str) or not revision.strip():
                 out.rejected.append(Rejected(prompt_id, "empty or missing revision", number))
                 continue
-            out.pairs.append(SFTPair(prompt_id, messages, revision, number))
+            finished = rnd.get("revision_finish") != "length"
+            if not finished and cut == "drop":
+                out.rejected.append(Rejected(prompt_id, f"revision {CUT_REASON}", number))
+                continue
+            out.pairs.append(SFTPair(prompt_id, messages, revision, number, finished=finished))
     return out
 
 
@@ -142,19 +155,23 @@ def tokenize_example(
     *,
     max_seq_len: int,
     truncation: Truncation = "left",
-    add_special_tokens: bool = True,
+    finished: bool = True,
 ) -> dict[str, list[int]] | str:
     """{input_ids, labels} for one example, or the reason it was set aside.
 
-    The response ends with EOS so the model learns to stop. Over `max_seq_len`, `left` cuts the
-    start of the prompt (keeping BOS); if the response alone leaves the prompt less than half the
-    budget, the prompt keeps half and the response is cut at the end. `drop` rejects instead.
+    The response is tokenized as the model samples it after `prompt` (`cai_ray.tokens`: one
+    BOS, the leading space after `Assistant:` and none after a chat template's newline). A
+    finished response ends with EOS so the model learns to stop; an unfinished one (cut at the
+    token limit) does not. Over `max_seq_len`, `left` cuts the start of the prompt (keeping
+    BOS); if the response alone leaves the prompt less than half the budget, the prompt keeps
+    half and the response is cut at the end. `drop` rejects instead.
     """
-    prompt_ids = list(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
-    response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+    from cai_ray.tokens import encode_response
+
+    prompt_ids, response_ids = encode_response(tokenizer, prompt, response)
     if not response_ids:
         return "empty response"
-    if tokenizer.eos_token_id is not None:
+    if finished and tokenizer.eos_token_id is not None:
         response_ids.append(int(tokenizer.eos_token_id))
     total = len(prompt_ids) + len(response_ids)
     if total > max_seq_len:
@@ -181,26 +198,25 @@ def _truncate(
 
 def build_sft_examples(
     tokenizer: Any,
-    items: Iterable[tuple[str, str, str]],
+    items: Iterable[tuple],
     *,
     max_seq_len: int,
     truncation: Truncation = "left",
-    add_special_tokens: bool = True,
 ) -> tuple[list[dict[str, Any]], list[Rejected]]:
-    """Tokenize (prompt_id, rendered prompt, response) items into learner rows.
+    """Tokenize (prompt_id, rendered prompt, response[, finished]) items into learner rows.
 
     Each row gets `idx` (0..N-1 over accepted rows): the learner group orders and shards by it.
     """
     examples: list[dict[str, Any]] = []
     rejected: list[Rejected] = []
-    for prompt_id, prompt, response in items:
+    for prompt_id, prompt, response, *finished in items:
         ex = tokenize_example(
             tokenizer,
             prompt,
             response,
             max_seq_len=max_seq_len,
             truncation=truncation,
-            add_special_tokens=add_special_tokens,
+            finished=finished[0] if finished else True,
         )
         if isinstance(ex, str):
             rejected.append(Rejected(prompt_id, ex))

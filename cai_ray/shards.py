@@ -86,6 +86,13 @@ class ShardStore:
 
         return sum(pq.ParquetFile(p).metadata.num_rows for p in self._files(SHARD_GLOB))
 
+    def columns(self) -> list[str]:
+        """Column names of the shards (of the first one; [] when there is none)."""
+        import pyarrow.parquet as pq
+
+        files = self._files(SHARD_GLOB)
+        return list(pq.read_schema(files[0]).names) if files else []
+
     def read_table(self, columns: list[str] | None = None):
         """All shards as one pyarrow Table (for small outputs and tests)."""
         import pyarrow as pa

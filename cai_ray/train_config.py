@@ -133,6 +133,11 @@ class SFTConfig(Section):
     truncation: Literal["left", "drop"] = Field(
         "left", description="left: cut the prompt's start to fit max_seq_len; drop: set aside"
     )
+    unfinished: Literal["drop", "keep"] = Field(
+        "drop",
+        description="revisions and helpful answers cut at max_new_tokens: drop (set aside, "
+        "counted) or keep (trained without EOS, never as a finished answer)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SFTConfig:

@@ -108,7 +108,6 @@ def _engine(cfg, path: Path):
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from cai_ray.conversation import render
 
     cfg = _config(args)
     # Bad prompt files fail here, before a model is built or loaded.
@@ -126,13 +125,11 @@ def _generate(args: argparse.Namespace) -> int:
     params = cfg.generation.sampling_params(
         n=args.n, seed=cfg.seed if args.seed is None else args.seed, **overrides
     )
-    fmt = args.format or cfg.format
-    tokenizer = None
-    if fmt == "chat":
-        from cai_ray.models import load_tokenizer
+    from cai_ray.conversation import PromptFormat
 
-        tokenizer = load_tokenizer(path)
-    texts = [render(r["conversation"], fmt=fmt, tokenizer=tokenizer) for r in records]
+    fmt = PromptFormat(args.format or cfg.format, cfg.models.helpful.chat_template_kwargs)
+    fmt = fmt.load(path)
+    texts = [fmt.render(r["conversation"]) for r in records]
     engine = _engine(cfg, path)
     try:
         # Too-long prompts are set aside with their count, not allowed to fail the whole batch.

@@ -160,8 +160,10 @@ class HFEngine(Engine):
         return int(self.model.config.max_position_embeddings)
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids as the engine sends them (BOS included)."""
-        return [self._encode(t) for t in texts]
+        """Token ids as the engine sends them (one BOS, where the tokenizer uses one)."""
+        from cai_ray.tokens import encode_batch
+
+        return encode_batch(self.tokenizer, texts)
 
     def close(self) -> None:
         """Drop the model and free its (GPU) memory."""
@@ -175,7 +177,9 @@ class HFEngine(Engine):
     # -- generation -------------------------------------------------------------------------
 
     def _encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        from cai_ray.tokens import encode
+
+        return encode(self.tokenizer, text)  # one BOS even when a chat template wrote it
 
     def _forward(self, ids, mask, positions, cache=None, *, keep: int = 1):
         """One forward; returns float32 logits of the last `keep` positions (0 = all) + cache."""

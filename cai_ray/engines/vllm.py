@@ -266,7 +266,11 @@ class VLLMEngine(Engine):
     # -- Engine interface -------------------------------------------------------------------
 
     def _encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        from cai_ray.tokens import encode
+
+        if add_special_tokens:  # one BOS even when a chat template already wrote it
+            return encode(self._tokenizer, text)
+        return list(self._tokenizer.encode(text, add_special_tokens=False))
 
     def _check_length(self, prompts: Sequence[list[int]]) -> None:
         limit = self.max_context

@@ -10,20 +10,28 @@ import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cai_ray import profiling
 from cai_ray.config import ModelConfig, PoolConfig, RayConfig, RunConfig, resolve_path
+from cai_ray.conversation import PromptFormat
 from cai_ray.errors import CaiRayError, ConfigError, DataError, find_user_error
 from cai_ray.shards import ShardStore, atomic_write_text, read_manifest, reject_counts
 
 
 @dataclass(frozen=True)
 class ModelRef:
+    """A resolved model: its directory, content id and chat-template arguments."""
+
     path: Path
     id: str
+    template_kwargs: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def prompt_format(self, kind: str) -> PromptFormat:
+        """How this model reads prompts in the run's format (no tokenizer attached yet)."""
+        return PromptFormat(kind, dict(self.template_kwargs))  # type: ignore[arg-type]
 
 
 @dataclass
@@ -80,7 +88,7 @@ class StageContext:
         from cai_ray.models import ensure_model, model_id
 
         path = ensure_model(model, run_dir=self.cfg.run_dir, head=head)
-        return ModelRef(Path(path), model_id(path))
+        return ModelRef(Path(path), model_id(path), dict(model.chat_template_kwargs))
 
     def manifest(self, **fields: Any) -> dict[str, Any]:
         return {
@@ -96,7 +104,9 @@ def policy_model(cfg: RunConfig) -> ModelConfig:
     """The policy of stages 3 and 6: the SL-CAI model of stage 2 when it exists, else
     `models.helpful`."""
     sl = Path(cfg.run_dir) / "sl-train" / "hf"
-    return ModelConfig(path=str(sl)) if (sl / "config.json").is_file() else cfg.models.helpful
+    if (sl / "config.json").is_file():
+        return (cfg.models.base or cfg.models.helpful).derived(sl)  # it reads prompts as its source
+    return cfg.models.helpful
 
 
 def ensure_ray(cfg: RayConfig) -> None:

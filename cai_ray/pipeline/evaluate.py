@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cai_ray.config import PoolConfig, RunConfig, resolve_path
+from cai_ray.conversation import PromptFormat
 from cai_ray.errors import DataError
 from cai_ray.eval_metrics import checkpoint_metrics, comparisons_of, elo_table, human_comparisons
 from cai_ray.judging import JudgeSettings
@@ -253,8 +254,11 @@ def _steps(
         temperature=cfg.generation.temperature if e.temperature is None else e.temperature,
     )
     steps: list[tuple[Any, dict[str, Any], Any]] = []
+    # Trained checkpoints read prompts as the model they came from (chat-template arguments).
+    source = (cfg.models.base or cfg.models.helpful).chat_template_kwargs
     for i, ck in enumerate(checkpoints):
-        kwargs = dict(sampling=sampling, fmt=cfg.format, answer_col=f"answer_{i}")
+        fmt = PromptFormat(cfg.format, ck.ref.template_kwargs or dict(source))  # type: ignore[arg-type]
+        kwargs = dict(sampling=sampling, fmt=fmt, answer_col=f"answer_{i}")
         steps.append((RolloutWorker, {**model(ck.ref), **kwargs}, e.rollout))
     steps.append((_pack_answers, dict(n=len(checkpoints)), None))
     if judge is not None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cai_ray.config import RunConfig
+from cai_ray.conversation import PromptFormat
 from cai_ray.errors import DataError
 from cai_ray.losses import IGNORE_INDEX
 from cai_ray.pipeline.common import StageContext, policy_model
@@ -31,9 +32,8 @@ def run(cfg: RunConfig, ctx: StageContext, *, progress: bool = True) -> dict[str
     policy = ctx.model(policy_model(cfg))
     pairs, rejects = read_pairs(cfg, ctx.stage_dir.parent)
     tokenizer = load_tokenizer(policy.path)
-    rows, too_long = encode_pairs(
-        tokenizer, pairs, fmt=cfg.format, max_seq_len=s.learner.max_seq_len
-    )
+    fmt = policy.prompt_format(cfg.format).with_tokenizer(tokenizer)
+    rows, too_long = encode_pairs(tokenizer, pairs, fmt=fmt, max_seq_len=s.learner.max_seq_len)
     rejects += too_long
     if len(rows) < s.learner.global_batch:
         raise DataError(
@@ -76,7 +76,8 @@ def read_pairs(cfg: RunConfig, run_dir: Path) -> tuple[list[dict], list[dict]]:
     s = cfg.rl_train.dpo
     if s.pairs == "revisions":
         store = ShardStore(run_dir / "sl-generate" / "red_team", key="prompt_id")
-        cols = ["prompt_id", "messages", "initial_answer", "final_revision"]
+        cols = ["prompt_id", "messages", "initial_answer", "final_revision", "rounds"]
+        cols += ["initial_answer_finish"] if "initial_answer_finish" in store.columns() else []
         stage = "sl-generate"
     else:
         store = ShardStore(run_dir / "rl-label" / "labels", key="pair_id")
@@ -91,8 +92,15 @@ def read_pairs(cfg: RunConfig, run_dir: Path) -> tuple[list[dict], list[dict]]:
         )
     pairs, rejects = [], []
     for row in table.to_pylist():
+        finished = {}
         if s.pairs == "revisions":
             key, chosen, rejected = row["prompt_id"], row["final_revision"], row["initial_answer"]
+            rounds = list(row["rounds"] or [])
+            # A text cut at max_new_tokens is trained without EOS, never as a finished answer.
+            finished = {
+                "chosen": not rounds or rounds[-1].get("revision_finish") != "length",
+                "rejected": row.get("initial_answer_finish") != "length",
+            }
             reason = None
         else:
             key, p = row["pair_id"], float(row["label"])
@@ -111,25 +119,34 @@ def read_pairs(cfg: RunConfig, run_dir: Path) -> tuple[list[dict], list[dict]]:
             rejects.append({"key": key, "reason": reason})
             continue
         pairs.append(
-            {"pair_id": key, "messages": row["messages"], "chosen": chosen, "rejected": rejected}
+            {
+                "pair_id": key,
+                "messages": row["messages"],
+                "chosen": chosen,
+                "rejected": rejected,
+                "finished": finished,
+            }
         )
     return pairs, rejects
 
 
 def encode_pairs(
-    tokenizer: Any, pairs: list[dict], *, fmt: str, max_seq_len: int
+    tokenizer: Any, pairs: list[dict], *, fmt: str | PromptFormat, max_seq_len: int
 ) -> tuple[list[dict], list[dict]]:
-    """Learner rows: token ids of prompt + chosen / + rejected and where each response starts."""
-    from cai_ray.conversation import Conversation
+    """Learner rows: token ids of prompt + chosen / + rejected and where each response starts
+    (the same prompt/response boundary as SFT and sampling: `cai_ray.tokens`)."""
     from cai_ray.sft_data import tokenize_example
 
+    fmt = PromptFormat.of(fmt).with_tokenizer(tokenizer)
     rows, rejects = [], []
     for pair in pairs:
-        convo = Conversation.from_messages(pair["messages"])
-        prompt = convo.render_chat(tokenizer) if fmt == "chat" else convo.render_transcript()
+        prompt = fmt.render_messages(pair["messages"])
         encoded = {}
         for k in ("chosen", "rejected"):
-            ex = tokenize_example(tokenizer, prompt, pair[k], max_seq_len=max_seq_len)
+            finished = pair.get("finished", {}).get(k, True)
+            ex = tokenize_example(
+                tokenizer, prompt, pair[k], max_seq_len=max_seq_len, finished=finished
+            )
             if isinstance(ex, str):
                 break
             start = sum(1 for label in ex["labels"] if label == IGNORE_INDEX)

@@ -70,7 +70,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
             cfg,
             model=policy,
             sampling=sampling,
-            fmt=cfg.format,
+            fmt=policy.prompt_format(cfg.format),
             answer_col=f"answers_{g}",
         )
     expand = _responses(groups)

@@ -178,7 +178,7 @@ class RLRoles:
             RLRolloutWorker,
             str(m.policy.path),
             engine.model_copy(update={"batch_size": s.rollout.batch_size}),
-            fmt=cfg.format,
+            fmt=m.policy.prompt_format(cfg.format),
             model_id=m.policy.id,
             scheduling=colocated_strategies(self.policy, s.rollout.size) if colocated else None,
             **worker_options(s.rollout, s),

@@ -20,15 +20,16 @@ from cai_ray.pipeline.common import prompt_dataset, stream_with_timeout
 Fits = Callable[[list[dict[str, str]]], bool]
 
 
-def prompt_fits(tokenizer: Any, *, fmt: str, budget: int) -> Fits:
+def prompt_fits(tokenizer: Any, *, fmt: Any, budget: int) -> Fits:
     """Whether a conversation, rendered as the rollout workers render it, fits in `budget`
     tokens (the policy's context minus the tokens to generate)."""
-    from cai_ray.conversation import Conversation
+    from cai_ray.conversation import PromptFormat
+    from cai_ray.tokens import encode
+
+    pf = PromptFormat.of(fmt).with_tokenizer(tokenizer)
 
     def fits(messages: list[dict[str, str]]) -> bool:
-        convo = Conversation.from_messages(messages)
-        text = convo.render_chat(tokenizer) if fmt == "chat" else convo.render_transcript()
-        return len(tokenizer(text, add_special_tokens=True)["input_ids"]) <= budget
+        return len(encode(tokenizer, pf.render_messages(messages))) <= budget
 
     return fits
 

@@ -288,7 +288,7 @@ class RLLoop:
         cfg, s = self.cfg, self.s
         fits = prompt_fits(
             load_tokenizer(self.models.policy.path),
-            fmt=cfg.format,
+            fmt=self.models.policy.prompt_format(cfg.format),
             budget=_max_context(self.models.policy.path)
             - (s.max_new_tokens or cfg.generation.max_new_tokens),
         )

@@ -61,13 +61,13 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         cfg,
         model=helpful,
         sampling=sampling,
-        fmt=cfg.format,
+        fmt=helpful.prompt_format(cfg.format),
         too_long=s.too_long,
     )
     settings = CritiqueSettings(
         rounds=s.rounds,
         direct_revision=s.direct_revision,
-        fmt=cfg.format,
+        fmt=critic.prompt_format(cfg.format),
         few_shot=s.few_shot,
         seed=cfg.seed,
         sampling=sampling,
@@ -98,7 +98,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         progress=progress,
     )
 
-    outputs = {"red_team": summarize(store)}
+    outputs = {"red_team": {**summarize(store), "cut_at_token_limit": _cut_counts(store)}}
     if s.helpful_samples > 0:
         outputs["helpful"] = _helpful_answers(cfg, ctx, helpful, progress=progress)
     manifest = ctx.manifest(
@@ -132,7 +132,7 @@ def _helpful_answers(cfg: RunConfig, ctx: StageContext, model, *, progress: bool
         cfg,
         model=model,
         sampling=sampling,
-        fmt=cfg.format,
+        fmt=model.prompt_format(cfg.format),
         too_long=s.too_long,
         answer_col="answers",
     )
@@ -150,6 +150,19 @@ def _helpful_answers(cfg: RunConfig, ctx: StageContext, model, *, progress: bool
     return summarize(store)
 
 
+def _cut_counts(store: ShardStore) -> dict[str, int]:
+    """How many answers, critiques and revisions stopped at max_new_tokens (finish reason
+    `length`): stage 2 does not train on a cut revision as if it were finished (issue 14)."""
+    counts = {"initial_answers": 0, "critiques": 0, "revisions": 0, "final_revisions": 0}
+    for row in store.iter_rows():
+        counts["initial_answers"] += row.get("initial_answer_finish") == "length"
+        rounds = list(row.get("rounds") or [])
+        counts["critiques"] += sum(r.get("critique_finish") == "length" for r in rounds)
+        counts["revisions"] += sum(r.get("revision_finish") == "length" for r in rounds)
+        counts["final_revisions"] += bool(rounds) and rounds[-1].get("revision_finish") == "length"
+    return counts
+
+
 def _expand_rounds(row: dict[str, Any]) -> dict[str, Any]:
     rounds = json.loads(row.pop("rounds"))
     answer = row["initial_answer"]
@@ -157,5 +170,9 @@ def _expand_rounds(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _expand_answers(row: dict[str, Any]) -> dict[str, Any]:
-    answers = row.pop("answers")
-    return {**row, "answers": json.loads(answers) if answers.startswith("[") else [answers]}
+    answers, finish = row.pop("answers"), row.pop("answers_finish", "")
+    return {
+        **row,
+        "answers": json.loads(answers) if answers.startswith("[") else [answers],
+        "answers_finish": json.loads(finish) if finish.startswith("[") else [finish],
+    }

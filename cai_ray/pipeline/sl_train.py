@@ -8,12 +8,10 @@ model stays helpful. Loss is on response tokens only. Resume continues from the 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from cai_ray.config import RunConfig
-from cai_ray.conversation import Conversation
 from cai_ray.errors import CaiRayError, DataError
 from cai_ray.pipeline.common import StageContext, ensure_ray
 from cai_ray.shards import ShardStore, read_manifest, write_manifest
@@ -41,17 +39,21 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
             where=str(gen_dir),
             hint="run `cai-ray stage sl-generate` (or `cai-ray run`) first",
         )
-    selection = select_sft_pairs(_rows(gen_dir / "red_team"), mode=s.pairs, up_to=s.up_to)
+    selection = select_sft_pairs(
+        _rows(gen_dir / "red_team"), mode=s.pairs, up_to=s.up_to, cut=s.unfinished
+    )
     if not selection.pairs:
         raise DataError("no SFT pairs in the stage-1 output", where=str(gen_dir))
-    helpful = _helpful_pairs(gen_dir / "helpful", per_prompt=s.helpful_samples_per_prompt)
+    helpful, cut_helpful = _helpful_pairs(
+        gen_dir / "helpful", per_prompt=s.helpful_samples_per_prompt, cut=s.unfinished
+    )
     pairs = mix_helpful(selection.pairs, helpful, ratio=s.helpful_ratio, seed=cfg.seed)
 
     model = ctx.model(cfg.models.base or cfg.models.helpful)
-    tokenizer = load_tokenizer(model.path)
+    fmt = model.prompt_format(cfg.format).load(model.path)
+    tokenizer = fmt.tokenizer or load_tokenizer(model.path)
     items = [
-        (p.prompt_id, _render(p.messages, cfg.format, tokenizer), " " + p.response.strip())
-        for p in pairs
+        (p.prompt_id, fmt.render_messages(p.messages), p.response, p.finished) for p in pairs
     ]
     learner = s.learner
     examples, rejected = build_sft_examples(
@@ -71,7 +73,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
 
     rejects = [
         {"key": r.prompt_id, "reason": r.reason, "round": r.round}
-        for r in (*selection.rejected, *rejected)
+        for r in (*selection.rejected, *cut_helpful, *rejected)
     ]
     manifest = ctx.manifest(
         inputs={"sl-generate": str(gen_dir), "pairs": s.pairs, "up_to": s.up_to},
@@ -79,6 +81,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
             "revision_pairs": len(selection.pairs),
             "helpful_pairs": len(pairs) - len(selection.pairs),
             "helpful_available": len(helpful),
+            "unfinished_trained": sum(not p.finished for p in pairs),
             "examples": len(examples),
             "rejects": len(rejects),
             "steps": result.steps,
@@ -101,23 +104,26 @@ def _rows(folder: Path) -> list[dict[str, Any]]:
     return table.to_pylist() if table is not None else []
 
 
-def _helpful_pairs(folder: Path, *, per_prompt: int) -> list:
-    """The helpful model's answers from stage 1 (`sl_generate.helpful_samples` > 0)."""
-    from cai_ray.sft_data import SFTPair
+def _helpful_pairs(folder: Path, *, per_prompt: int, cut: str) -> tuple[list, list]:
+    """The helpful model's answers from stage 1 (`sl_generate.helpful_samples` > 0), and the
+    ones set aside because they were cut at the token limit (with `cut="drop"`)."""
+    from cai_ray.sft_data import CUT_REASON, Rejected, SFTPair
 
     if not folder.is_dir():
-        return []
-    return [
-        SFTPair(row["prompt_id"], tuple(row["messages"]), answer, source="helpful")
-        for row in _rows(folder)
-        for answer in list(row["answers"])[:per_prompt]
-        if answer
-    ]
-
-
-def _render(messages: Iterable[Mapping[str, str]], fmt: str, tokenizer: Any) -> str:
-    convo = Conversation.from_messages([dict(m) for m in messages])
-    return convo.render_chat(tokenizer) if fmt == "chat" else convo.render_transcript()
+        return [], []
+    pairs, rejected = [], []
+    for row in _rows(folder):
+        finishes = list(row.get("answers_finish") or [])
+        for k, answer in enumerate(list(row["answers"])[:per_prompt]):
+            finished = (finishes[k] if k < len(finishes) else "stop") != "length"
+            if not answer:
+                continue
+            if not finished and cut == "drop":
+                rejected.append(Rejected(row["prompt_id"], f"helpful answer {CUT_REASON}"))
+                continue
+            messages = tuple(row["messages"])
+            pairs.append(SFTPair(row["prompt_id"], messages, answer, None, "helpful", finished))
+    return pairs, rejected
 
 
 def _dataset(examples: list[dict[str, Any]], num_ranks: int):

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cai_ray.config import DEFAULT_STOP, EngineConfig
-from cai_ray.conversation import Conversation
+from cai_ray.conversation import Conversation, PromptFormat
 from cai_ray.critique import ChainPrompter, CritiqueSettings, run_chains
 from cai_ray.engines.base import SamplingParams, ScoreRequest
 from cai_ray.serve.schemas import ApiError
@@ -33,22 +33,25 @@ class PolicyBackend:
     """The policy engine: renders chat requests the run's way and enforces the prompt limits."""
 
     def __init__(
-        self, path: str, engine: EngineConfig, *, fmt: str, max_prompt_tokens: int, name: str
+        self,
+        path: str,
+        engine: EngineConfig,
+        *,
+        fmt: str | PromptFormat,
+        max_prompt_tokens: int,
+        name: str,
     ):
         from cai_ray.engines import make_engine
 
         self.engine = make_engine(path, engine, model_id=None)
-        self.fmt = fmt
+        self.fmt = PromptFormat.of(fmt).load(path)  # its own tokenizer: any engine kind
         self.max_prompt_tokens = max_prompt_tokens
         self.name = name
         self._lock = threading.Lock()  # the HF engine is not thread-safe
 
     def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
         """The prompt for a chat request: the chat template or the paper's transcript."""
-        convo = _conversation(messages)
-        if self.fmt == "chat":
-            return convo.render_chat(self.engine.tokenizer)  # type: ignore[attr-defined]
-        return convo.render_transcript()
+        return self.fmt.render(_conversation(messages))
 
     def chat(self, messages: list[dict[str, str]], params: dict[str, Any]) -> dict[str, Any]:
         """One chat request: render the conversation, then `generate` it."""
@@ -59,7 +62,7 @@ class PolicyBackend:
     ) -> list[dict[str, Any]]:
         """Per prompt: `choices` [(text, finish_reason)], `prompt_tokens`, `completion_tokens`."""
         stop = tuple(params.pop("stop", ()))
-        if chat and self.fmt == "transcript":
+        if chat and self.fmt.kind == "transcript":
             stop = (*stop, *DEFAULT_STOP)  # a transcript model would go on to write the next turn
         sampling = SamplingParams(**params, stop=stop)
         counts = self.engine.count_tokens(prompts)
@@ -105,9 +108,9 @@ class RewardBackend:
         self._lock = threading.Lock()
 
     def render(self, convo: Conversation) -> str:
-        """The PM's input: the whole conversation, no generation cue."""
-        if self.fmt == "chat":
-            return convo.render_chat(self.scorer.tokenizer, add_generation_prompt=False)
+        """The PM's input exactly as pm-train and the RL reward workers write it (the transcript
+        of the whole conversation, `cai_ray.reward.pm_text`), whatever the run's format: a PM
+        scores what it was trained on."""
         return convo.render_transcript(add_generation_prompt=False)
 
     def score(self, conversations: list[list[dict[str, str]]]) -> dict[str, Any]:
@@ -162,7 +165,7 @@ class ConstitutionBackend:
         self.critic = make_engine(critique_path, engine)
         same = str(feedback_path) == str(critique_path)
         self.judge = self.critic if same else make_engine(feedback_path, engine)
-        self.fmt = fmt
+        self.fmt = PromptFormat.of(fmt).load(critique_path)
         self.seed = seed
         self._lock = threading.Lock()
 
@@ -172,7 +175,7 @@ class ConstitutionBackend:
         principles = self._critique_principles(request.get("principle_ids"))
         settings = CritiqueSettings(
             rounds=request["rounds"],
-            fmt=self.fmt,  # type: ignore[arg-type]
+            fmt=self.fmt,
             few_shot=request.get("few_shot"),
             seed=request["seed"],
             sampling=SamplingParams(
@@ -181,8 +184,7 @@ class ConstitutionBackend:
                 stop=DEFAULT_STOP,
             ),
         )
-        tokenizer = getattr(self.critic, "tokenizer", None)
-        prompter = _FixedPrompter(self.constitution, settings, tokenizer=tokenizer)
+        prompter = _FixedPrompter(self.constitution, settings)
         prompter.fixed = tuple(principles)
         with self._lock:
             (result,) = run_chains(self.critic, prompter, [(convo.prompt_id, convo, answer)])

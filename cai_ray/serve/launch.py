@@ -84,6 +84,7 @@ def _options(d: DeploymentConfig, name: str) -> dict[str, Any]:
 
 def build_app(cfg: RunConfig, plan: ServePlan):
     """The bound Serve application (ingress + model deployments)."""
+    from cai_ray.conversation import PromptFormat
     from cai_ray.serve.app import (
         ConstitutionDeployment,
         Ingress,
@@ -92,10 +93,13 @@ def build_app(cfg: RunConfig, plan: ServePlan):
     )
 
     sc = cfg.serve
+    # The served checkpoints were trained from the helpful/base model: they read its template.
+    source = cfg.models.base or cfg.models.helpful
+    critic = cfg.models.critique or cfg.models.helpful
     policy = PolicyDeployment.options(**_options(sc.policy, "policy")).bind(
         str(plan.policy),
         cfg.engine,
-        fmt=cfg.format,
+        fmt=PromptFormat(cfg.format, dict(source.chat_template_kwargs)),
         max_prompt_tokens=sc.max_prompt_tokens,
         name=sc.policy_name,
     )
@@ -109,7 +113,7 @@ def build_app(cfg: RunConfig, plan: ServePlan):
         str(plan.feedback),
         cfg.engine,
         constitution=str(resolve_path(cfg.constitution)),
-        fmt=cfg.format,
+        fmt=PromptFormat(cfg.format, dict(critic.chat_template_kwargs)),
         seed=cfg.seed,
     )
     settings = {
