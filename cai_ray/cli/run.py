@@ -43,11 +43,35 @@ def _run(args: argparse.Namespace) -> int:
 
         run_preview(cfg)
     run_pipeline(cfg, until=args.until, progress=not args.no_progress)
+    _report_and_next_steps(cfg, args)
     if args.serve:
         from cai_ray.cli.serve import serve_and_wait
 
         return serve_and_wait(cfg)
     return 0
+
+
+def _report_and_next_steps(cfg, args: argparse.Namespace) -> None:
+    """The run's HTML report, then where it is and what to run next (a new user's questions)."""
+    from pathlib import Path
+
+    from cai_ray.report import build_report
+
+    try:
+        report = build_report(cfg.run_dir)
+    except Exception as err:  # the run's outputs are written; a report failure must not hide them
+        print(
+            f"\nreport: not written ({type(err).__name__}: {err}); retry: cai-ray report {cfg.run_dir}"
+        )
+        report = None
+    config = args.config + "".join(f" --set {o}" for o in args.overrides)
+    print()
+    if report is not None:
+        print(f"report: {Path(report).resolve()} (open it in a browser)")
+    print("next:")
+    print(f"  cai-ray serve {config}    # the policy, PM and constitution over HTTP")
+    print(f"  cai-ray stage evaluate {config}    # rerun stage 7 after changing evaluate.*")
+    print(f"  cai-ray report {cfg.run_dir}    # rebuild the report")
 
 
 def _stage(args: argparse.Namespace) -> int:

@@ -52,19 +52,34 @@ def test_sixteen_prompts_four_rounds_every_field(stage1):
     run_dir = Path(cfg.run_dir)
     df = _rows(run_dir)
     assert len(df) == 16 and df.prompt_id.is_unique
-    assert manifest["outputs"]["red_team"] == {"rows": 16, "rejects": 0, "reject_reasons": {}}
+    out = dict(manifest["outputs"]["red_team"])
+    cut = out.pop("cut_at_token_limit")
+    assert out == {"rows": 16, "rejects": 0, "reject_reasons": {}}
     for row in df.itertuples():
         assert row.prompt and row.initial_answer and row.final_revision
+        assert row.initial_answer_finish in ("stop", "length")
         assert len(row.rounds) == 4
         for rd in row.rounds:
             keys = ("principle_id", "critique_request", "critique", "revision_request", "revision")
             assert all(rd[k] for k in keys)
+            assert rd["critique_finish"] in ("stop", "length")
+            assert rd["revision_finish"] in ("stop", "length")
         assert row.final_revision == row.rounds[-1]["revision"]
         assert row.constitution_hash == manifest["constitution_hash"]
         assert row.response_model_id == row.critique_model_id == manifest["models"]["response"]
         assert row.messages[-1]["role"] == "user"
+    # the manifest counts exactly the texts the rows mark as cut at max_new_tokens
+    rounds = [rd for r in df.rounds for rd in r]
+    assert cut == {
+        "initial_answers": int((df.initial_answer_finish == "length").sum()),
+        "critiques": sum(rd["critique_finish"] == "length" for rd in rounds),
+        "revisions": sum(rd["revision_finish"] == "length" for rd in rounds),
+        "final_revisions": sum(r[-1]["revision_finish"] == "length" for r in df.rounds),
+    }
+    assert cut["revisions"] > 0  # a random tiny model runs into the 32-token limit often
     helpful = _rows(run_dir, "helpful")
     assert len(helpful) == 16 and all(len(a) == 2 and all(a) for a in helpful.answers)
+    assert all(len(f) == 2 and set(f) <= {"stop", "length"} for f in helpful.answers_finish)
     # a finished stage is skipped on rerun, with the same manifest
     assert sl_generate.run(cfg, progress=False)["written_at"] == manifest["written_at"]
 
