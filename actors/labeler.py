@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from cai_ray.config import EngineConfig
+from cai_ray.conversation import PromptFormat
 from cai_ray.engines.base import SamplingParams, ScoreRequest
 from cai_ray.feedback import OPTIONS
 from cai_ray.labeling import (
@@ -45,7 +46,11 @@ OUTPUT_COLUMNS = (
 
 
 class LabelerWorker:
-    """Adds a label and its trace to each live row (`pair_id`, `messages`, `responses`)."""
+    """Adds a label and its trace to each live row (`pair_id`, `messages`, `responses`).
+
+    `fmt` is the run's prompt format ("transcript" or "chat", or a `PromptFormat` with the
+    feedback model's chat-template arguments); only chain-of-thought prompts depend on it.
+    """
 
     def __init__(
         self,
@@ -56,6 +61,7 @@ class LabelerWorker:
         *,
         rationale_sampling: SamplingParams | None = None,
         model_id: str | None = None,
+        fmt: str | PromptFormat = "transcript",
     ):
         import torch
 
@@ -64,6 +70,10 @@ class LabelerWorker:
 
         torch.set_num_threads(engine.torch_threads())
         self.engine = make_engine(model_path, engine, model_id=model_id)
+        # The run's format shapes chain-of-thought prompts: "chat" renders them with the
+        # feedback model's own chat template, so it needs that model's tokenizer (issue 14).
+        fmt = PromptFormat.of(fmt)
+        self.fmt = fmt.load(model_path) if settings.cot else fmt
         self.constitution = load_constitution(constitution_path)
         self.constitution.require_feedback()
         self.settings = settings
@@ -93,6 +103,7 @@ class LabelerWorker:
                     response_a=responses[i],
                     response_b=responses[j],
                     settings=self.settings,
+                    fmt=self.fmt,
                 )
                 jobs.append((r, (i, j), responses, queries))
         self._reject_too_long(jobs, rejects)

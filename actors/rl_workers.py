@@ -154,7 +154,7 @@ class RewardWorker:
 
         from cai_ray import rl_math
         from cai_ray.engines.base import ScoreRequest
-        from cai_ray.feedback import RATING_OPTIONS, build_rating_prompt
+        from cai_ray.feedback import RATING_OPTIONS, build_rating_prompt, disjoint_logprobs
 
         requests = [
             ScoreRequest(
@@ -168,7 +168,10 @@ class RewardWorker:
             for it in items
         ]
         scored = self.engine.score_options(requests)
-        logprobs = torch.tensor([s.logprobs for s in scored])  # (B, 10)
+        # " 1" is a token prefix of " 10" on Qwen/Gemma: score the ten ratings as disjoint
+        # events, or a judge certain of 10 would rate 5.5 (issue 14).
+        exact = [disjoint_logprobs(s.logprobs, s.option_token_ids) for s in scored]
+        logprobs = torch.tensor(exact)  # (B, 10)
         expected = rl_math.expected_score(logprobs, torch.arange(1.0, 11.0))  # (B,)
         return rl_math.rlaif_reward(expected).tolist()
 

@@ -285,7 +285,9 @@ class RLPairsConfig(Section):
 class RLLabelConfig(Section):
     """Stage 4: multiple-choice AI feedback labels (paper section 4.1)."""
 
-    principles_per_label: int = Field(1, ge=1, description="K principles averaged (paper: 1)")
+    principles_per_label: int = Field(
+        1, ge=1, description="K distinct principles averaged (paper: 1; more than exist: all)"
+    )
     both_orders: bool = Field(True, description="score (A, B) and (B, A), average: position bias")
     mode: Literal["soft", "hard", "clamped"] = "soft"
     clamp: tuple[float, float] = (0.4, 0.6)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from cai_ray.constitution.render import ANSWER_PREFIX, FEEDBACK_HEADER, render_multiple_choice
+
 OPTIONS = (" (A)", " (B)")
-HEADER = "Consider the following conversation between a human and an assistant:"
-ANSWER_CUE = "The answer is:"
+HEADER = FEEDBACK_HEADER
+ANSWER_CUE = ANSWER_PREFIX
 
 
 def build_feedback_prompt(
@@ -23,7 +25,7 @@ def build_feedback_prompt(
     *,
     few_shot: str = "",
 ) -> str:
-    """The paper's feedback prompt; score `OPTIONS` as continuations of it.
+    """The paper's feedback prompt (`render_multiple_choice`'s layout); score `OPTIONS` after it.
 
     `conversation` is the transcript up to (not including) the compared assistant turn, e.g.
     "\\n\\nHuman: ...\\n\\nAssistant:"; the trailing "Assistant:" cue is dropped, since the
@@ -32,14 +34,45 @@ def build_feedback_prompt(
     convo = conversation.rstrip()
     if convo.endswith("Assistant:"):
         convo = convo[: -len("Assistant:")].rstrip()
-    q = question.strip()
-    if not q.endswith("Options:"):
-        q += "\nOptions:"
-    body = (
-        f"{HEADER}\n{convo.strip()}\n\n{q}\n"
-        f"(A) {response_a.strip()}\n(B) {response_b.strip()}\n{ANSWER_CUE}"
+    block = render_multiple_choice(
+        convo, question=question, response_a=response_a, response_b=response_b
     )
+    body = f"{block}\n{ANSWER_CUE}"
     return f"{few_shot.rstrip()}\n\n{body}" if few_shot.strip() else body
+
+
+def disjoint_logprobs(
+    logprobs: Sequence[float], option_token_ids: Sequence[Sequence[int]]
+) -> list[float]:
+    """Summed option log-probs turned into log-probs of disjoint events (issue 14).
+
+    Scoring options as continuations makes an option whose tokens are a proper prefix of
+    another's include it: on Qwen/Gemma " 1" is [" ", "1"] and " 10" is [" ", "1", "0"], so
+    P(" 1") counts P(" 10"). The exact event "this option and no longer one" has
+    P(i) - sum of P(j) over its minimal extensions j (options extending i with no other option
+    in between), computed as l_i + log1p(-sum_j exp(l_j - l_i)); a non-positive remainder
+    (rounding) gives -inf. No prefix relation (one token per option): returned unchanged.
+
+    >>> [round(x, 6) for x in disjoint_logprobs([math.log(0.5), math.log(0.3)], [[1], [1, 0]])]
+    [-1.609438, -1.203973]
+    """
+    ids = [tuple(t) for t in option_token_ids]
+    if len(ids) != len(logprobs):
+        raise ValueError(f"{len(logprobs)} log-probs for {len(ids)} options")
+    out = list(map(float, logprobs))
+    for i, t in enumerate(ids):
+        longer = [j for j, u in enumerate(ids) if _extends(u, t)]
+        minimal = [j for j in longer if not any(_extends(ids[j], ids[m]) for m in longer)]
+        if not minimal:
+            continue
+        ratio = sum(math.exp(logprobs[j] - logprobs[i]) for j in minimal)
+        out[i] = logprobs[i] + math.log1p(-ratio) if ratio < 1.0 else -math.inf
+    return out
+
+
+def _extends(longer: tuple[int, ...], shorter: tuple[int, ...]) -> bool:
+    """True when `shorter` is a proper prefix of `longer`."""
+    return len(longer) > len(shorter) and longer[: len(shorter)] == shorter
 
 
 def option_probabilities(logprobs: Sequence[float]) -> list[float]:

@@ -11,17 +11,22 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from statistics import fmean
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from cai_ray.constitution import (
     ANSWER_PREFIX,
     COT_ANSWER_PREFIX,
     COT_PREFIX,
     choose_principles,
+    cot_turns,
     render_multiple_choice,
 )
 from cai_ray.errors import ModelError
-from cai_ray.feedback import OPTIONS, clamp, prob_first_preferred
+from cai_ray.feedback import OPTIONS, clamp, disjoint_logprobs, prob_first_preferred
+from cai_ray.tokens import response_separator
+
+if TYPE_CHECKING:
+    from cai_ray.conversation import PromptFormat
 
 Order = Literal["ab", "ba"]
 LabelMode = Literal["soft", "hard", "clamped"]
@@ -82,28 +87,50 @@ class PairLabel:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def few_shot_block(
-    constitution: Any, *, key: str, settings: LabelSettings, cot: bool | None = None
-) -> str:
-    """The few-shot examples, answered, each under its own principle (paper 4.1).
+def few_shots(
+    constitution: Any, *, key: str, settings: LabelSettings
+) -> list[tuple[Any, str | None]]:
+    """The few-shot examples (chain-of-thought ones with `settings.cot`) and the question each
+    is shown under (paper 4.1: each its own).
 
     An example without a principle of its own gets one drawn by (seed, key, example index), so a
-    resumed run builds the same prompt.
+    resumed run builds the same prompt; None means the example's own question.
     """
-    cot = settings.cot if cot is None else cot
-    examples = constitution.cot_examples if cot else constitution.feedback_examples
+    examples = constitution.cot_examples if settings.cot else constitution.feedback_examples
     if settings.few_shot is not None:
         examples = examples[: settings.few_shot]
     principles = constitution.feedback_principles
-    parts = []
+    shots = []
     for j, ex in enumerate(examples):
         question = None
         if ex.principle is None and ex.question is None:
-            question = choose_principles(principles, seed=settings.seed, key=f"{key}#ex{j}")[
-                0
-            ].question
-        parts.append(ex.as_transcript(question=question))
-    return "\n\n".join(parts)
+            drawn = choose_principles(principles, seed=settings.seed, key=f"{key}#ex{j}")
+            question = drawn[0].question
+        shots.append((ex, question))
+    return shots
+
+
+def cot_prompt(
+    question_block: str,
+    *,
+    shots: Sequence[tuple[Any, str | None]] = (),
+    fmt: PromptFormat | None = None,
+) -> str:
+    """The chain-of-thought prompt: the helpful model is asked the multiple-choice question.
+
+    Paper 4.1 asks it as the human and lets the assistant answer "Let's think step-by-step:"
+    (issue 14: not raw text after the options). Transcript: "\\n\\nHuman: <question block>
+    \\n\\nAssistant: Let's think step-by-step:", after the few-shot examples framed the same way.
+    Chat (`fmt.kind == "chat"`): the examples as earlier user/assistant turns and the question as
+    the last user turn, through the feedback model's chat template with the generation prompt,
+    the cue appended after it. The turns alternate strictly (Gemma's template requires it).
+    """
+    if fmt is None or fmt.kind != "chat":
+        return "".join(ex.as_transcript(question=q) for ex, q in shots) + cot_turns(question_block)
+    messages = [m for ex, q in shots for m in ex.as_messages(question=q)]
+    messages.append({"role": "user", "content": question_block.strip()})
+    text = fmt.render_messages(messages, add_generation_prompt=True)
+    return f"{text}{response_separator(text)}{COT_PREFIX}"
 
 
 def build_queries(
@@ -114,16 +141,19 @@ def build_queries(
     response_a: str,
     response_b: str,
     settings: LabelSettings,
+    fmt: PromptFormat | None = None,
 ) -> list[LabelQuery]:
-    """K principles keyed by `pair_id`, each in one or both orders, after the few-shot block."""
+    """K distinct principles keyed by `pair_id`, each in one or both orders, after the few-shot
+    block. `fmt` (the run's format, with the feedback model's tokenizer for "chat") only shapes
+    chain-of-thought prompts: the plain query is raw text a base LM can answer."""
     principles = choose_principles(
         constitution.require_feedback(),
         seed=settings.seed,
         key=pair_id,
         k=settings.principles_per_label,
     )
-    shots = few_shot_block(constitution, key=pair_id, settings=settings)
-    cue = COT_PREFIX if settings.cot else ANSWER_PREFIX
+    shots = few_shots(constitution, key=pair_id, settings=settings)
+    answered = "\n\n".join(ex.as_transcript(question=q) for ex, q in shots)  # non-CoT shots
     orders: tuple[Order, ...] = ("ab", "ba") if settings.both_orders else ("ab",)
     queries = []
     for slot, principle in enumerate(principles):
@@ -132,7 +162,11 @@ def build_queries(
             body = render_multiple_choice(
                 list(messages), question=principle.question, response_a=first, response_b=second
             )
-            prefix = f"{shots}\n\n{body}\n{cue}" if shots else f"{body}\n{cue}"
+            if settings.cot:
+                prefix = cot_prompt(body, shots=shots, fmt=fmt)
+            else:
+                asked = f"{body}\n{ANSWER_PREFIX}"
+                prefix = f"{answered}\n\n{asked}" if shots else asked
             queries.append(LabelQuery(slot, principle.id, order, prefix))
     return queries
 
@@ -160,7 +194,9 @@ def option_token_issue(option_token_ids: Sequence[Sequence[int]]) -> str | None:
     """How the feedback tokenizer split the option markers: None when each is one token.
 
     Several tokens per option are handled (the summed log-prob is the joint probability of the
-    marker) and reported as "split"; options with identical tokens cannot be told apart.
+    marker) and reported as "split"; an option whose tokens are a proper prefix of another's is
+    reported as "prefix" (`scored` has made them disjoint events, issue 14); options with
+    identical tokens cannot be told apart.
     """
     ids = [tuple(t) for t in option_token_ids]
     if len(set(ids)) < len(ids):
@@ -169,6 +205,8 @@ def option_token_issue(option_token_ids: Sequence[Sequence[int]]) -> str | None:
             where="rl_label feedback model tokenizer",
             hint="use a feedback model whose tokenizer distinguishes ' (A)' from ' (B)'",
         )
+    if any(len(u) > len(t) and u[: len(t)] == t for t in ids for u in ids):
+        return "prefix"
     return "split" if any(len(t) != 1 for t in ids) else None
 
 
@@ -221,8 +259,10 @@ def combine(results: Sequence[QueryResult], settings: LabelSettings) -> PairLabe
 
 
 def scored(query: LabelQuery, logprobs: Sequence[float], token_ids, rationale=None) -> QueryResult:
-    """A QueryResult from the two options' summed log-probabilities."""
-    return QueryResult(query, prob_first_preferred(logprobs[0], logprobs[1]), token_ids, rationale)
+    """A QueryResult from the two options' summed log-probabilities, as disjoint events (an
+    option whose tokens prefix the other's would otherwise include it: issue 14)."""
+    exact = disjoint_logprobs(logprobs, token_ids)
+    return QueryResult(query, prob_first_preferred(exact[0], exact[1]), token_ids, rationale)
 
 
 def label_statistics(labels: Iterable[Mapping[str, Any]], *, bins: int = 10) -> dict[str, Any]:

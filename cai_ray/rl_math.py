@@ -455,6 +455,8 @@ def expected_score(option_logprobs: torch.Tensor, score_values: torch.Tensor) ->
 
     option_logprobs (B, K) are log-probs of the K score options (e.g. "1".."10"), renormalised
     over those K (the rest of the vocabulary is ignored); score_values (K,). Returns (B,).
+    The K must be disjoint events: where one option's tokens prefix another's (" 1" and " 10"
+    on Qwen/Gemma) pass them through `cai_ray.feedback.disjoint_logprobs` first (issue 14).
     """
     probs = torch.softmax(option_logprobs.float(), dim=-1)  # (B, K)
     return probs @ score_values.float()  # (B,)

@@ -123,11 +123,8 @@ def _print_examples(c) -> None:
             if title == "critique/revision":
                 print(example.as_transcript().lstrip("\n"))
             else:
-                print(
-                    example.as_transcript(
-                        question=None if example.principle or example.question else question
-                    )
-                )
+                own = example.principle or example.question
+                print(example.as_transcript(question=None if own else question).lstrip("\n"))
 
 
 def _import(args: argparse.Namespace) -> int:

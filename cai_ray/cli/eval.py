@@ -2,7 +2,9 @@
 
 A preference model (`--as pm`) is right when it scores the correct transcript higher (HHH file
 only); a feedback model (`--as feedback`) answers the multiple-choice prompt, zero-shot or with
-chain-of-thought (`--cot`). Prints a table by the correct option's position; `-o` writes JSON.
+chain-of-thought (`--cot`), in both orders averaged (`--order both`, the default for two-option
+files: position bias would otherwise decide, issue 14) or the file's order only (`--order file`).
+Prints a table by order and by the correct option's position; `-o` writes JSON.
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--as", dest="kind", choices=("pm", "feedback"), default="feedback")
     parser.add_argument("--file", help=f"the JSONL file (default: {DEFAULT_DATA}/<the file>)")
     parser.add_argument("--cot", action="store_true", help="chain of thought (feedback model)")
+    parser.add_argument(
+        "--order",
+        choices=("both", "file"),
+        help="feedback model: ask each question in both orders and average (default where every "
+        "question has two options), or in the file's order only (default otherwise)",
+    )
     parser.add_argument("--limit", type=int, help="only the first N rows")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="rationale length (CoT)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -41,6 +49,8 @@ def _eval(args: argparse.Namespace) -> int:
         raise CaiRayError("--limit must be at least 1", where="--limit")
     if args.cot and args.kind == "pm":
         raise CaiRayError("--cot needs --as feedback", hint="a PM has no chain of thought")
+    if args.order and args.kind == "pm":
+        raise CaiRayError("--order needs --as feedback", hint="a PM reads no options")
     path = Path(args.file) if args.file else DEFAULT_DATA / EVAL_FILES[args.name]
     items, rejects = read_eval_file(path)
     items = items[: args.limit] if args.limit else items
@@ -56,8 +66,15 @@ def _eval(args: argparse.Namespace) -> int:
 
         engine = make_engine(args.model, EngineConfig(device=args.device, threads=args.threads))
         sampling = SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens)
+        order = args.order or ("both" if all(len(it.options) == 2 for it in items) else "file")
         report = eval_with_feedback_model(
-            args.name, items, engine, cot=args.cot, sampling=sampling, rejects=rejects
+            args.name,
+            items,
+            engine,
+            cot=args.cot,
+            order=order,
+            sampling=sampling,
+            rejects=rejects,
         )
     print(report.table())
     if args.output:

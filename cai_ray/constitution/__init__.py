@@ -17,6 +17,7 @@ from cai_ray.constitution.render import (
     ANSWER_PREFIX,
     COT_ANSWER_PREFIX,
     COT_PREFIX,
+    cot_turns,
     render_multiple_choice,
     render_turns,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "Turn",
     "choose_principles",
     "constitution_from_dict",
+    "cot_turns",
     "detect_format",
     "diff_constitutions",
     "dump_constitution",

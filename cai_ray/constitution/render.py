@@ -64,15 +64,42 @@ def critique_round_messages(
     ]
 
 
+def options_question(question: str) -> str:
+    """`question` stripped, ending with "Options:" (added on a line of its own when missing)."""
+    q = question.strip()
+    return q if q.endswith("Options:") else f"{q}\nOptions:"
+
+
 def render_multiple_choice(
     conversation: str | Sequence[Any], *, question: str, response_a: str, response_b: str
 ) -> str:
     """The feedback prompt up to the options (paper §4.1); append "\\nThe answer is:" to score.
 
-    `conversation` is a rendered transcript or a list of turns; its leading blank lines are
-    dropped so the transcript starts on the line after the header.
+    The one layout of every multiple-choice prompt (live queries, few-shot examples, serve)::
+
+        Consider the following conversation between a human and an assistant:
+        Human: ...
+        <blank line>
+        <question> Options:
+        (A) ...
+        (B) ...
+
+    `conversation` is a rendered transcript or a list of turns; its surrounding blank lines are
+    dropped. The blank line before the question keeps it from reading as part of the human's
+    last message (the paper's files have it; issue 14).
     """
     text = conversation if isinstance(conversation, str) else render_turns(conversation)
     return (
-        f"{FEEDBACK_HEADER}\n{text.lstrip(chr(10))}\n{question}\n(A) {response_a}\n(B) {response_b}"
+        f"{FEEDBACK_HEADER}\n{text.strip()}\n\n{options_question(question)}\n"
+        f"(A) {response_a.strip()}\n(B) {response_b.strip()}"
     )
+
+
+def cot_turns(question_block: str, completion: str = "") -> str:
+    """A chain-of-thought question asked of a helpful model as a Human turn (paper §4.1).
+
+    "\\n\\nHuman: <multiple-choice block>\\n\\nAssistant: Let's think step-by-step: ...";
+    with no `completion`, the prompt ends at the cue and the model writes the rationale.
+    """
+    answer = completion.strip() or COT_PREFIX
+    return f"\n\nHuman: {question_block.strip()}\n\nAssistant: {answer}"

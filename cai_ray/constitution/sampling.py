@@ -1,11 +1,13 @@
-"""Principle sampling: uniform, with replacement, reproducible (paper §3.1 and §4.1).
+"""Principle sampling: uniform, reproducible (paper §3.1 and §4.1).
 
 The paper draws one principle at random for every critique/revision round and for every
 comparison, so the same principle may repeat within a chain. Two ways to draw:
-- `PrincipleSampler(principles, seed).sample(k)`: a seeded stream, for a single process.
+- `PrincipleSampler(principles, seed).sample(k)`: a seeded stream with replacement, for a
+  single process.
 - `choose_principles(principles, seed=, key=, k=)`: a pure function of (seed, key), so
   distributed workers and resumed runs pick the same principle for the same (prompt id, round)
-  whatever order they see the prompts in.
+  whatever order they see the prompts in. Its k draws are distinct by default (a K-principle
+  ensemble, issue 14); each critique round draws k=1 under its own key, so rounds still repeat.
 """
 
 from __future__ import annotations
@@ -47,16 +49,23 @@ class PrincipleSampler(Generic[T]):
         return self._rng.choices(self._principles, k=k)
 
 
-def choose_principles(principles: Sequence[T], *, seed: int, key: str, k: int = 1) -> list[T]:
-    """`k` principles drawn uniformly with replacement, fixed by (seed, key) alone.
+def choose_principles(
+    principles: Sequence[T], *, seed: int, key: str, k: int = 1, replace: bool = False
+) -> list[T]:
+    """`k` principles drawn uniformly, fixed by (seed, key) alone.
 
-    Draw i takes the first 8 bytes of sha256(f"{seed}:{key}:{i}") modulo the number of
-    principles (the modulo bias is below 1e-17 for any realistic count).
+    Without replacement (the default) the picks are distinct: a K-principle ensemble counting
+    one principle twice would report it as agreement (issue 14). K above the number of
+    principles takes every principle once (in a drawn order). `replace=True` draws `k`
+    independently (repeats allowed). Either way draw i takes the first 8 bytes of
+    sha256(f"{seed}:{key}:{i}") modulo the number of principles still in play (the modulo bias is
+    below 1e-17 for any realistic count), so the first pick is the same in both modes.
     """
-    items = _require(principles)
+    pool = _require(principles)
     _check_k(k)
     picks = []
-    for i in range(k):
+    for i in range(k if replace else min(k, len(pool))):
         digest = hashlib.sha256(f"{seed}:{key}:{i}".encode()).digest()
-        picks.append(items[int.from_bytes(digest[:8], "big") % len(items)])
+        at = int.from_bytes(digest[:8], "big") % len(pool)
+        picks.append(pool[at] if replace else pool.pop(at))
     return picks

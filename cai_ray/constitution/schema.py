@@ -19,6 +19,7 @@ from pydantic_core import PydanticCustomError
 from cai_ray.constitution.render import (
     COT_ANSWER_PREFIX,
     COT_PREFIX,
+    cot_turns,
     critique_round_messages,
     critique_round_text,
     render_multiple_choice,
@@ -268,6 +269,12 @@ class CotExample(FeedbackExample):
     def completion(self) -> str:
         """ "Let's think step-by-step: <rationale>\\nSo the answer is: (A)"."""
         return f"{COT_PREFIX} {self.rationale}\n{COT_ANSWER_PREFIX} ({self.answer})"
+
+    def as_transcript(self, question: str | None = None) -> str:
+        """The question as a Human turn, the rationale and answer as the Assistant's (paper §4.1):
+        chain of thought asks a helpful model, so its examples are framed the way the live
+        query is (issue 14)."""
+        return cot_turns(self._prompt(question), self.completion())
 
 
 class Constitution(_Model):

@@ -127,6 +127,7 @@ def _relabel(
         constitution_path=str(ctx.constitution_path),
         settings=label_settings(cfg),
         rationale_sampling=sampling,
+        fmt=ref.prompt_format(cfg.format),  # stage 4's chain-of-thought framing
     )
     drain(
         ds,

@@ -83,6 +83,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
             settings=label_settings(cfg),
             rationale_sampling=sampling,
             model_id=feedback.id,
+            fmt=feedback.prompt_format(cfg.format),  # CoT asks the feedback model in this format
         ),
         **pool_args(s.labeler),
     )

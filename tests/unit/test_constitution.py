@@ -354,9 +354,10 @@ def test_critique_example_renders_paper_and_chat_layouts():
 
 def test_feedback_and_cot_examples_render_multiple_choice():
     c = parse_constitution(MINIMAL)
+    # A blank line between the conversation and the question, as in the paper's files (issue 14)
     assert c.feedback_examples[0].as_transcript() == (
         "Consider the following conversation between a human and an assistant:\n"
-        "Human: Hi\nWhich is less harmful? Options:\n(A) Hello!\n(B) Go away.\n"
+        "Human: Hi\n\nWhich is less harmful? Options:\n(A) Hello!\n(B) Go away.\n"
         "The answer is: (A)"
     )
     cot = c.cot_examples[0]
@@ -364,8 +365,12 @@ def test_feedback_and_cot_examples_render_multiple_choice():
     with pytest.raises(ConstitutionError, match="no principle"):
         cot.as_transcript()
     text = cot.as_transcript(question="Which is kinder? Options:")
+    # Chain of thought asks a helpful model: the question is a Human turn (paper §4.1).
+    assert text.startswith(
+        "\n\nHuman: Consider the following conversation between a human and an assistant:\n"
+    )
     assert text.endswith(
-        "Which is kinder? Options:\n(A) Go away.\n(B) Hello!\n"
+        "\n\nWhich is kinder? Options:\n(A) Go away.\n(B) Hello!\n\nAssistant: "
         "Let's think step-by-step: (A) is rude, (B) is friendly.\nSo the answer is: (B)"
     )
     messages = cot.as_messages(question="Q? Options:")
@@ -434,11 +439,15 @@ def test_sampler_is_uniform():
 
 def test_choose_principles_depends_only_on_seed_and_key():
     keys = [f"prompt-{i}:round-{r}" for i in range(500) for r in range(4)]
-    forward = {k: choose_principles(PRINCIPLES, seed=3, key=k, k=2) for k in keys}
-    backward = {k: choose_principles(PRINCIPLES, seed=3, key=k, k=2) for k in reversed(keys)}
+
+    def draw(k, seed=3):
+        return choose_principles(PRINCIPLES, seed=seed, key=k, k=2, replace=True)
+
+    forward = {k: draw(k) for k in keys}
+    backward = {k: draw(k) for k in reversed(keys)}
     assert forward == backward
     assert any(a == b for a, b in forward.values())  # with replacement
-    other_seed = {k: choose_principles(PRINCIPLES, seed=4, key=k, k=2) for k in keys}
+    other_seed = {k: draw(k, seed=4) for k in keys}
     assert other_seed != forward
     flat = collections.Counter(p for pair in forward.values() for p in pair)
     _roughly_uniform(flat, 2 * len(keys))
@@ -456,6 +465,24 @@ def test_choose_principles_is_pinned():
         choose_principles(PRINCIPLES, seed=0, key="x")[0]
         == PRINCIPLES[int.from_bytes(digest[:8], "big") % 16]
     )
+
+
+def test_k_principles_are_distinct_and_pure_in_seed_and_key():
+    # issue 14: with replacement about a third of K=4 draws of 16 held a duplicate, which the
+    # ensemble then counted as agreement
+    keys = [f"pair-{i}" for i in range(2000)]
+    picks = {k: choose_principles(PRINCIPLES, seed=5, key=k, k=4) for k in keys}
+    assert all(len(set(p)) == 4 for p in picks.values())
+    assert picks == {k: choose_principles(PRINCIPLES, seed=5, key=k, k=4) for k in keys}
+    _roughly_uniform(collections.Counter(p for four in picks.values() for p in four), 8000)
+    every = choose_principles(PRINCIPLES, seed=5, key="pair-0", k=20)  # K > 16: all, once
+    assert sorted(every) == sorted(PRINCIPLES)
+    assert every == choose_principles(PRINCIPLES, seed=5, key="pair-0", k=20)
+    # one draw is the same either way: the per-round critique principle is unchanged
+    for k in keys[:200]:
+        one = choose_principles(PRINCIPLES, seed=5, key=k)
+        assert one == choose_principles(PRINCIPLES, seed=5, key=k, replace=True)
+    assert len(choose_principles(PRINCIPLES, seed=5, key="x", k=20, replace=True)) == 20
 
 
 def test_sampling_from_nothing_is_a_clear_error():

@@ -249,3 +249,156 @@ def test_labeler_worker_in_process(tiny_model_dir):
     assert len(trace) == 8 and {t["order"] for t in trace} == {"ab", "ba"}
     assert all(len(ids) == 1 for t in trace for ids in t["option_token_ids"])
     assert row.label == pytest.approx(sum(p["p"] for p in json.loads(row.principles)) / 4)
+
+
+# ---- issue 14: prefix options, one prompt layout, chain-of-thought framing --------------------
+
+
+def test_an_option_prefixing_the_other_is_scored_as_disjoint_events():
+    # " A" = [5] and " AB" = [5, 6]: P(" A") includes P(" AB"); the label must not
+    q = LabelQuery(0, "x", "ab", "")
+    r = scored(q, [math.log(0.5), math.log(0.3)], [[5], [5, 6]])
+    assert r.p_first == pytest.approx(0.2 / (0.2 + 0.3))
+    assert option_token_issue([[5], [5, 6]]) == "prefix"
+    assert scored(q, [-1.0, -2.0], [[5], [6]]).p_first == pytest.approx(1 / (1 + math.exp(-1)))
+
+
+def _question_paragraphs(prompt: str) -> list[str]:
+    """Per multiple-choice block of `prompt`, the paragraph that holds its "Options:"."""
+    from cai_ray.constitution.render import FEEDBACK_HEADER
+
+    blocks = prompt.split(FEEDBACK_HEADER)[1:]
+    return [next(p for p in b.split("\n\n") if "Options:" in p) for b in blocks]
+
+
+def test_one_layout_with_a_blank_line_before_the_question(real_tiny_model, constitution):
+    """The live query, its few-shot examples and serve's /v1/label prompt: the question is its
+    own paragraph, never glued to the human's last message."""
+    from cai_ray.config import EngineConfig
+    from cai_ray.constitution.render import FEEDBACK_HEADER
+    from cai_ray.serve.backends import ConstitutionBackend
+    from cai_ray.serve.schemas import LabelRequest
+
+    human = MESSAGES[0]["content"]
+    queries = build_queries(
+        constitution,
+        pair_id="p1",
+        messages=MESSAGES,
+        response_a="No.",
+        response_b="Use a tension wrench.",
+        settings=LabelSettings(principles_per_label=2, few_shot=2),
+    )
+    backend = ConstitutionBackend(
+        str(real_tiny_model),
+        str(real_tiny_model),
+        EngineConfig(kind="hf", device="cpu", threads=1),
+        constitution="constitutions/default.yaml",
+        fmt="transcript",
+        seed=0,
+    )
+    seen: list[str] = []
+    score = backend.judge.score_options
+    backend.judge.score_options = lambda reqs: (seen.extend(r.prefix for r in reqs), score(reqs))[1]
+    request = LabelRequest(
+        messages=MESSAGES, response_a="No.", response_b="Use a tension wrench.", few_shot=2
+    )
+    out = backend.label(request.model_dump())
+    assert len(seen) == 8 and len({p["id"] for p in out["principles"]}) == 4
+    question = constitution.feedback_principle(queries[0].principle_id).question.strip()
+    block = f"{FEEDBACK_HEADER}\nHuman: {human}\n\n{question}\n(A) No.\n(B) Use a tension wrench."
+    assert queries[0].prefix.endswith(f"{block}\nThe answer is:")
+    for prompt in [q.prefix for q in queries] + seen:
+        paragraphs = _question_paragraphs(prompt)
+        assert len(paragraphs) == 3  # two answered examples, then the query
+        assert all(
+            "Human:" not in p and p.split("\n(A) ")[0].endswith("Options:") for p in paragraphs
+        )
+    for q in (p["question"].strip() for p in out["principles"]):  # serve: the same layout
+        live = f"{FEEDBACK_HEADER}\nHuman: {human}\n\n{q}\n(A) No.\n(B) Use a tension wrench."
+        assert any(p.endswith(f"{live}\nThe answer is:") for p in seen)
+
+
+@pytest.fixture(scope="module", params=["qwen3", "gemma3"])
+def chat_format(request, real_tokenizer_dirs):
+    from cai_ray.conversation import PromptFormat
+
+    return PromptFormat("chat").load(real_tokenizer_dirs[request.param])
+
+
+def _cot_queries(constitution, fmt, *, few_shot=2):
+    return build_queries(
+        constitution,
+        pair_id="p1",
+        messages=MESSAGES,
+        response_a="No.",
+        response_b="Use a tension wrench.",
+        settings=LabelSettings(cot=True, few_shot=few_shot),
+        fmt=fmt,
+    )
+
+
+def test_cot_prompt_in_the_chat_format(constitution, chat_format):
+    from cai_ray.tokens import encode
+
+    tok = chat_format.tokenizer
+    for few_shot in (0, 2):
+        prefix = _cot_queries(constitution, chat_format, few_shot=few_shot)[0].prefix
+        assert prefix.endswith("\nLet's think step-by-step:")
+        # the chat template frames the turns, not the transcript's markers
+        assert "Human: Consider" not in prefix and "Assistant: Let's think" not in prefix
+        assert prefix.count("Consider the following conversation") == few_shot + 1
+        assert prefix.count("So the answer is:") == few_shot  # the answered examples
+        ids = encode(tok, prefix)
+        if tok.bos_token == "<bos>":  # Gemma: one BOS, at the start, in text and in tokens
+            assert prefix.startswith("<bos>") and prefix.count("<bos>") == 1
+            assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+            assert prefix.endswith("<start_of_turn>model\nLet's think step-by-step:")
+        else:
+            assert prefix.endswith("<|im_start|>assistant\nLet's think step-by-step:")
+    # the rationale then the answer cue continue the model's own turn
+    rationale = cot_scoring_prefix(prefix, "(A) refuses.")
+    assert rationale.endswith("step-by-step: (A) refuses.\nSo the answer is:")
+
+
+def test_cot_prompt_in_the_transcript_format(constitution, chat_format):
+    from cai_ray.conversation import PromptFormat
+    from cai_ray.tokens import encode
+
+    tok = chat_format.tokenizer  # the paper's layout whatever the model; tokens checked on both
+    for fmt in (None, PromptFormat("transcript")):
+        prefix = _cot_queries(constitution, fmt)[0].prefix
+        assert prefix.startswith("\n\nHuman: Consider the following conversation")
+        assert prefix.count("\n\nHuman: Consider") == 3  # two examples, then the query
+        assert prefix.count("\n\nAssistant: Let's think step-by-step:") == 3
+        assert prefix.endswith("(B) Use a tension wrench.\n\nAssistant: Let's think step-by-step:")
+        assert "Options:\n(A)" in prefix and "<bos>" not in prefix
+        assert encode(tok, prefix).count(tok.bos_token_id) == (1 if tok.bos_token else 0)
+
+
+def test_labeler_worker_cot_in_the_chat_format(real_tiny_model):
+    from actors.labeler import LabelerWorker
+    from cai_ray.config import EngineConfig
+    from cai_ray.engines.base import SamplingParams
+
+    worker = LabelerWorker(
+        str(real_tiny_model),
+        EngineConfig(kind="hf", device="cpu", threads=1),
+        "constitutions/default.yaml",
+        LabelSettings(cot=True, few_shot=1, both_orders=False),
+        rationale_sampling=SamplingParams(temperature=0.0, max_new_tokens=3),
+        fmt="chat",
+    )
+    prompts: list[str] = []
+    generate = worker.engine.generate
+    worker.engine.generate = lambda ps, params: (prompts.extend(ps), generate(ps, params))[1]
+    batch = pd.DataFrame(
+        [{"pair_id": "a", "messages": json.dumps(MESSAGES), "responses": ["No.", "Sure."]}]
+    )
+    out = worker(batch)
+    assert list(out.reject) == [""] and 0.4 <= out.iloc[0].label <= 0.6  # clamped CoT label
+    assert len(prompts) == 1 and prompts[0].endswith("\nLet's think step-by-step:")
+    chat = prompts[0]
+    assert "<start_of_turn>user\n" in chat or "<|im_start|>user\n" in chat  # its template
+    assert chat.count("<bos>") <= 1 and "\n\nHuman:" not in chat
+    trace = json.loads(out.iloc[0].trace)
+    assert len(trace) == 1 and trace[0]["rationale"] is not None
