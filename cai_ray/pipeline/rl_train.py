@@ -380,6 +380,8 @@ def _rollout_rows(step: int, samples: list[Any], scores: list[float], exp: Any) 
             "reward": float(reward),
             "kl": float(kl),
             "response_tokens": len(smp.response_ids),
+            "prompt_ids": list(smp.prompt_ids),  # the exact tokens the policy read and wrote
+            "response_ids": list(smp.response_ids),
             "finish_reason": smp.finish_reason,
             "weight_version": smp.weight_version,
         }
