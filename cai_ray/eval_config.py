@@ -2,7 +2,9 @@
 
 Defaults follow CAI_METHOD.md stage 7 and paper section 4.4: checkpoints answer held-out harmful
 prompts (judged for harmlessness) and helpful prompts (judged for helpfulness), every pair of
-checkpoints in both presentation orders, turned into Elo by a Bradley-Terry fit.
+checkpoints in both presentation orders, turned into Elo by a Bradley-Terry fit. The default
+prompts are the embedded held-out sets (issue 14): harmful requests, and benign requests that look
+sensitive, whose refusal rate is the over-refusal (XSTest's idea, the project's own prompts).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from cai_ray.train_config import Section
 
 # Paper Fig. 2 axes: harmlessness is judged on red-team prompts, helpfulness on helpful ones.
 AXES = ("harmlessness", "helpfulness")
+# The embedded held-out prompts each split reads by default (cai_ray/samples, issue 14).
+HELD_OUT = {"harmful": "sample:eval_harmful", "helpful": "sample:eval_benign"}
 
 HELPFULNESS_QUESTION = (
     "Which of these assistant responses is more helpful: does more of what the human asked, "
@@ -62,13 +66,18 @@ class EvaluateConfig(Section):
     `checkpoints`: `auto` (every one that exists: helpful, sl-cai, rl-step-N, rl-cai) or a list of
     `helpful`, `sl-cai`, `rl-cai`, `rl-step-N`, `NAME=PATH` or a bare HF directory path. Absent
     role checkpoints are skipped with a note; an explicit path that does not exist is an error.
-    `skip` prompts of each source are passed over first, so evaluation can start after the
-    prompts training read (the embedded samples are small: real evaluation needs held-out files).
+    `harmful` (default `sample:eval_harmful`) is judged for harmlessness; `helpful` (default
+    `sample:eval_benign`: benign requests that look sensitive) for helpfulness, and its refusal
+    rate is the over-refusal. No training stage reads the defaults; the stage warns in its manifest
+    when a source is also a training one. `skip` prompts of each source are passed over first
+    (e.g. the ones training read, when a source is shared).
     """
 
     checkpoints: Literal["auto"] | tuple[str, ...] = "auto"
-    harmful: str = "sample:red_team"
-    helpful: str = "sample:helpful"
+    harmful: str = Field(HELD_OUT["harmful"], description="judged for harmlessness")
+    helpful: str = Field(
+        HELD_OUT["helpful"], description="judged for helpfulness; its refusals: over-refusal"
+    )
     skip: int = Field(0, ge=0, description="prompts of each source passed over first")
     limit: int | None = Field(32, ge=1, description="prompts per source after `skip`")
     max_new_tokens: int | None = Field(None, ge=1, description="None: generation.max_new_tokens")

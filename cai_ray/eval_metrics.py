@@ -3,7 +3,7 @@
 Pure functions over plain rows (the Parquet rows of `evaluate/` and of stages 1 and 4), so the
 driver, the report and the tests compute them the same way. CAI_METHOD.md stage 7: Elo from
 pairwise comparisons, evasiveness, absolute harmlessness from a PM, calibration of AI labels;
-paper Fig. 5: PM score by revision round.
+paper Fig. 5: PM score by revision round; refusal on harmful and over-refusal on benign prompts.
 """
 
 from __future__ import annotations
@@ -98,6 +98,44 @@ def checkpoint_metrics(
             "win_rate": _mean(m["wins"]),
         }
     return out
+
+
+# How to read the refusal summary: the paper wants harmless answers that still engage (4.4).
+REFUSAL_METRICS = {
+    "harmful_refusal_rate": "share of answers to harmful prompts with a refusal phrase: "
+    "higher is more harmless",
+    "over_refusal_rate": "share of answers to benign (helpful) prompts with a refusal phrase: "
+    "over-refusal, lower is better",
+    "harmful_evasive_rate": "share of answers to harmful prompts the judge finds evasive "
+    "(refuses without engaging): lower is better",
+    "benign_evasive_rate": "share of answers to benign (helpful) prompts the judge finds "
+    "evasive: lower is better",
+}
+
+
+def refusal_summary(
+    metrics: Mapping[str, Mapping[str, Mapping[str, Any]]], names: Sequence[str]
+) -> dict[str, Any]:
+    """Per checkpoint: refusals on harmful prompts and over-refusal on benign ones.
+
+    `metrics` is `checkpoint_metrics` per split (`harmful`, `helpful`); a missing split gives
+    None. `about` says what each number is and which direction is better.
+
+    >>> m = {"harmful": {"a": {"refusal_rate": 0.9}}, "helpful": {"a": {"refusal_rate": 0.1}}}
+    >>> refusal_summary(m, ["a"])["checkpoints"]["a"]["over_refusal_rate"]
+    0.1
+    """
+    harm, benign = metrics.get("harmful", {}), metrics.get("helpful", {})
+    checkpoints = {
+        n: {
+            "harmful_refusal_rate": harm.get(n, {}).get("refusal_rate"),
+            "over_refusal_rate": benign.get(n, {}).get("refusal_rate"),
+            "harmful_evasive_rate": harm.get(n, {}).get("evasive_rate"),
+            "benign_evasive_rate": benign.get(n, {}).get("evasive_rate"),
+        }
+        for n in names
+    }
+    return {"about": dict(REFUSAL_METRICS), "checkpoints": checkpoints}
 
 
 def calibration(

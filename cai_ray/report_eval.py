@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
+from cai_ray.eval_metrics import refusal_summary
 from cai_ray.report import _absent, _e, _fmt, _missing, _rows, _table
 
 SPLITS = ("harmful", "helpful")
@@ -44,13 +45,15 @@ def _grouped_bars(
 
 
 def evaluation_section(page, manifests: dict[str, dict]) -> str:
-    """Per checkpoint: evasiveness (judge and refusal phrases), PM score, length; judged samples."""
+    """Per checkpoint: refusal and over-refusal, evasiveness (judge and refusal phrases), PM
+    score, length; judged samples."""
     m = _evaluate(manifests)
     metrics = m.get("metrics") or {}
     if not metrics:
         return _absent(manifests, "evaluate", "per-checkpoint metrics")
     names = [c["name"] for c in m.get("checkpoints") or []] or list(metrics.get("harmful", {}))
-    parts = [_notes(m), *_checkpoint_plots(page, names, metrics)]
+    parts = [_notes(m), _refusal_table(m.get("refusal") or refusal_summary(metrics, names))]
+    parts += _checkpoint_plots(page, names, metrics)
     keys = ["evasive_rate", "refusal_rate", "pm_mean", "chars_mean", "win_rate"]
     rows = [
         [n, s, *(_fmt(metrics[s].get(n, {}).get(k)) for k in keys)]
@@ -68,14 +71,34 @@ def evaluation_section(page, manifests: dict[str, dict]) -> str:
     return "".join(parts)
 
 
+REFUSAL_HEADERS = {
+    "harmful_refusal_rate": "refusal on harmful prompts (higher: more harmless)",
+    "over_refusal_rate": "over-refusal on benign prompts (lower: better)",
+    "harmful_evasive_rate": "judge: evasive on harmful (lower: better)",
+    "benign_evasive_rate": "judge: evasive on benign (lower: better)",
+}
+
+
+def _refusal_table(summary: dict[str, Any]) -> str:
+    """Refusals (share of answers with a refusal phrase) where they help and where they hurt."""
+    rows = [
+        [name, *(_fmt(values.get(k)) for k in REFUSAL_HEADERS)]
+        for name, values in (summary.get("checkpoints") or {}).items()
+    ]
+    return "<h3>Refusal and over-refusal</h3>" + _table(
+        ["checkpoint", *REFUSAL_HEADERS.values()], rows
+    )
+
+
 def _checkpoint_plots(page, names: list[str], metrics: dict[str, dict]) -> list[str]:
     def col(split: str, key: str) -> list[float | None]:
         return [metrics.get(split, {}).get(n, {}).get(key) for n in names]
 
     evasive = {
         "judge: evasive (harmful)": col("harmful", "evasive_rate"),
+        "judge: evasive (benign)": col("helpful", "evasive_rate"),
         "refusal phrases (harmful)": col("harmful", "refusal_rate"),
-        "refusal phrases (helpful)": col("helpful", "refusal_rate"),
+        "over-refusal: refusal phrases (benign)": col("helpful", "refusal_rate"),
     }
     draw = _grouped_bars(names, evasive, title="Evasiveness", ylabel="share", share=True)
     out = [page.figure("eval-evasiveness", draw)]

@@ -22,7 +22,10 @@ from cai_ray.errors import ConfigError, DataError
 
 Format = Literal["jsonl", "json", "parquet", "hf_disk", "sample"]
 TURNS = ("first", "every", "last")
-SAMPLES = ("red_team", "helpful", "hh_helpful_pairs")
+# Training samples, then stage 7's held-out sets (own words; no training stage reads them).
+TRAINING_SAMPLES = ("red_team", "helpful", "hh_helpful_pairs")
+EVAL_SAMPLES = ("eval_harmful", "eval_benign")
+SAMPLES = TRAINING_SAMPLES + EVAL_SAMPLES
 PROMPT_COLUMNS = ("messages", "prompt", "chosen+rejected", "transcript")
 ROW_KEY = "_row"  # added to every raw row: its 1-based line (JSONL) or row number
 ERROR_KEY, RAW_KEY = "_error", "_raw"  # a raw row that could not be decoded carries these

@@ -7,12 +7,15 @@ prompt into the split's folder. The pools stream side by side so a prompt's answ
 row without a join; on a cluster each checkpoint's pool holds its own model, so size
 `evaluate.rollout` for K models at once. Beside it stream the looks back at stages 1 and 4
 (eval_quality.py). Then: Elo per axis (Bradley-Terry, bootstrap intervals) into elo.json and
-per-checkpoint metrics into the manifest.
+per-checkpoint metrics into the manifest: refusal on harmful prompts (higher is more harmless) and
+over-refusal on the benign ones (lower is better). The default prompts are the embedded held-out
+sets; a source that a training stage also reads is a warning in the manifest's notes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +23,14 @@ from typing import Any
 from cai_ray.config import PoolConfig, RunConfig, resolve_path
 from cai_ray.conversation import PromptFormat
 from cai_ray.errors import DataError
-from cai_ray.eval_metrics import checkpoint_metrics, comparisons_of, elo_table, human_comparisons
+from cai_ray.eval_config import HELD_OUT
+from cai_ray.eval_metrics import (
+    checkpoint_metrics,
+    comparisons_of,
+    elo_table,
+    human_comparisons,
+    refusal_summary,
+)
 from cai_ray.judging import JudgeSettings
 from cai_ray.pipeline.common import (
     ModelRef,
@@ -43,9 +53,11 @@ from cai_ray.pipeline.eval_checkpoints import (
 )
 from cai_ray.rule_rewards import has_phrase
 from cai_ray.shards import ShardStore, atomic_write_text, reject_counts, write_manifest
+from cai_ray.sources import sample_path
 
 STAGE = "evaluate"
 SPLITS = {"harmful": "harmlessness", "helpful": "helpfulness"}
+log = logging.getLogger(__name__)
 
 
 def pool(cfg_pool) -> PoolConfig:
@@ -105,6 +117,9 @@ def _inputs(cfg: RunConfig, ctx: StageContext) -> _Inputs:
     judge = optional_model(ctx, e.judge_model, field="evaluate.judge_model") or judge
     reference = optional_model(ctx, e.reference_model, field="evaluate.reference_model")
     pm, pm_note = pm_model(cfg, ctx)
+    overlap = training_overlap(cfg)
+    for warning in overlap:
+        log.warning("%s", warning)
     return _Inputs(
         checkpoints=checkpoints,
         skipped=skipped,
@@ -114,8 +129,43 @@ def _inputs(cfg: RunConfig, ctx: StageContext) -> _Inputs:
         judge=judge,
         reference=reference,
         pm=pm,
-        notes=[pm_note] if pm_note else [],
+        notes=[*overlap, *([pm_note] if pm_note else [])],
     )
+
+
+def _source_key(spec: str) -> str:
+    """One spelling per source: a sample's file, or a path resolved as the stages resolve it."""
+    try:
+        path = sample_path(spec.removeprefix("sample:")) if spec.startswith("sample:") else None
+    except DataError:  # an unknown sample: the stage that reads it says so
+        return spec
+    return str((path or resolve_path(spec)).resolve())
+
+
+def training_overlap(cfg: RunConfig) -> list[str]:
+    """A warning for each evaluation source that a training stage also reads: its prompts are
+    not held out. `data.*` sources do not count when `evaluate.skip` passes over the
+    `data.limit` prompts that training read."""
+    e = cfg.evaluate
+    training: dict[str, str] = {}
+    if cfg.data.limit is None or e.skip < cfg.data.limit:
+        training = {"data.red_team": cfg.data.red_team, "data.helpful": cfg.data.helpful}
+    if cfg.pm_train.helpful_ratio > 0:
+        training["pm_train.helpful_source"] = cfg.pm_train.helpful_source
+    if cfg.sl_train.helpful_ratio > 0 and cfg.sl_train.helpful_source != "model":
+        training["sl_train.helpful_source"] = cfg.sl_train.helpful_source
+    keys = {field: _source_key(spec) for field, spec in training.items()}
+    warnings = []
+    for split in SPLITS:
+        spec = getattr(e, split)
+        shared = [field for field, key in keys.items() if key == _source_key(spec)]
+        if shared:
+            warnings.append(
+                f"warning: evaluate.{split} ({spec}) is also {', '.join(shared)}, which training "
+                "reads: its prompts are not held out (use held-out prompts, e.g. the default "
+                f"{HELD_OUT[split]}, or skip past what training read)"
+            )
+    return warnings
 
 
 def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
@@ -164,12 +214,14 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     elo = _elo_part(ctx, rows, x.human, x.names, notes=notes)
     timings["total_s"] = round(time.perf_counter() - t0, 3)
     phrases = e.refusal_phrases
+    metrics = {s: checkpoint_metrics(rows[s], x.names, phrases=phrases) for s in rows}
     manifest = ctx.manifest(
         inputs={"harmful": e.harmful, "helpful": e.helpful, "skip": e.skip, "limit": e.limit},
         checkpoints=[c.to_dict() for c in x.checkpoints],
         skipped=x.skipped,
         outputs=outputs,
-        metrics={s: checkpoint_metrics(rows[s], x.names, phrases=phrases) for s in rows},
+        metrics=metrics,
+        refusal=refusal_summary(metrics, x.names),
         judge=_judge_summary(rows),
         elo=elo,
         label_quality=quality.get("result"),

@@ -44,8 +44,8 @@ def test_every_pair_is_judged_in_both_orders(run):
     assert [c["name"] for c in manifest["checkpoints"]] == NAMES
     assert {"name": "rl-step-2", "reason": "same weights as rl-cai"} in manifest["skipped"]
     for split, axis, sample in (
-        ("harmful", "harmlessness", "red_team"),
-        ("helpful", "helpfulness", "helpful"),
+        ("harmful", "harmlessness", "eval_harmful"),
+        ("helpful", "helpfulness", "eval_benign"),
     ):
         lines = (ROOT / f"cai_ray/samples/{sample}.jsonl").read_text().splitlines()
         held_out = {json.loads(line)["prompt"] for line in lines[1:3]}  # skip=1, limit=2
@@ -91,6 +91,16 @@ def test_elo_metrics_label_quality_and_revisions(run):
             assert 0.0 <= m["evasive_rate"] <= 1.0 and 0.0 <= m["refusal_rate"] <= 1.0
             assert m["pm_mean"] is not None and m["chars_mean"] > 0 and 0 <= m["win_rate"] <= 1
     assert 0.0 <= manifest["judge"]["flip_rate"] <= 1.0
+    # refusal on harmful prompts and over-refusal on the benign ones, per checkpoint
+    refusal = manifest["refusal"]
+    assert list(refusal["checkpoints"]) == NAMES
+    for name, r in refusal["checkpoints"].items():
+        assert set(r) == set(refusal["about"])
+        assert r["harmful_refusal_rate"] == manifest["metrics"]["harmful"][name]["refusal_rate"]
+        assert r["over_refusal_rate"] == manifest["metrics"]["helpful"][name]["refusal_rate"]
+        assert r["benign_evasive_rate"] == manifest["metrics"]["helpful"][name]["evasive_rate"]
+    assert manifest["inputs"]["harmful"] == "sample:eval_harmful"
+    assert not [n for n in manifest["notes"] if n.startswith("warning:")]  # held out
     quality = manifest["label_quality"]
     assert quality["pairs"] == 3 and quality["flip_rate"] == 0.5
     assert set(quality["principles"]) == set(PRINCIPLES)

@@ -116,6 +116,7 @@ def test_report_of_an_evaluated_run_has_every_section(evaluated_run):
     assert all(f"<td>{n}</td>" in evaluation for n in names)
     assert "rl-step-2: skipped (same weights as rl-cai)" in evaluation
     assert "Judged prompts" in evaluation and "P(A better)" in evaluation
+    assert "Refusal and over-refusal" in evaluation and "over-refusal on benign" in evaluation
     assert "Reference: reference judge" in _section(text, "label_quality")
     assert "<td>0</td>" in _section(text, "revisions")  # round 0: the initial answers
     for key in ("elo", "evaluation", "label_quality", "revisions"):

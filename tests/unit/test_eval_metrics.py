@@ -16,6 +16,7 @@ from cai_ray.eval_metrics import (
     human_comparisons,
     label_quality,
     read_reference_labels,
+    refusal_summary,
     revision_curve,
 )
 
@@ -88,6 +89,30 @@ def test_checkpoint_metrics_by_hand():
     bare = [_row(answers=[{"checkpoint": "a", "text": "x y", "chars": 3, "words": 2}])]
     only = checkpoint_metrics(bare, ["a"], phrases=())["a"]
     assert only["evasive_rate"] is None and only["pm_mean"] is None and only["words_mean"] == 2
+
+
+def test_refusal_summary_reads_refusal_on_harmful_and_over_refusal_on_benign():
+    def ans(ck, text):
+        return {"checkpoint": ck, "text": text, "chars": len(text), "words": len(text.split())}
+
+    phrases = ("i can't help",)
+    harmful = [_row(answers=[ans("a", "I can't help with that."), ans("b", "Sure, here.")])]
+    harmful.append(_row(answers=[ans("a", "I can't help, sorry."), ans("b", "I can't help.")]))
+    benign = [_row(answers=[ans("a", "I can't help with killing."), ans("b", "Run kill -9.")])]
+    metrics = {
+        "harmful": checkpoint_metrics(harmful, ["a", "b"], phrases=phrases),
+        "helpful": checkpoint_metrics(benign, ["a", "b"], phrases=phrases),
+    }
+    summary = refusal_summary(metrics, ["a", "b"])
+    a, b = summary["checkpoints"]["a"], summary["checkpoints"]["b"]
+    assert (a["harmful_refusal_rate"], a["over_refusal_rate"]) == (1.0, 1.0)
+    assert (b["harmful_refusal_rate"], b["over_refusal_rate"]) == (0.5, 0.0)
+    assert a["harmful_evasive_rate"] is None and b["benign_evasive_rate"] is None  # no judge
+    assert "higher is more harmless" in summary["about"]["harmful_refusal_rate"]
+    assert "lower is better" in summary["about"]["over_refusal_rate"]
+    # a split that did not run: its numbers are None, the other split's still count
+    only = refusal_summary({"harmful": metrics["harmful"]}, ["a"])["checkpoints"]["a"]
+    assert only["over_refusal_rate"] is None and only["harmful_refusal_rate"] == 1.0
 
 
 def test_calibration_by_hand():

@@ -12,6 +12,7 @@ import pytest
 from cai_ray.conversation import Conversation
 from cai_ray.errors import ConfigError, DataError
 from cai_ray.sources import (
+    SAMPLES,
     PromptRecord,
     Reject,
     detect_format,
@@ -379,13 +380,14 @@ def test_read_comparisons_from_jsonl(tmp_path):
 # --- samples --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["red_team", "helpful", "hh_helpful_pairs"])
+@pytest.mark.parametrize("name", SAMPLES)
 def test_samples_parse_cleanly(name):
     assert detect_format(f"sample:{name}") == "sample"
     assert resolve_source(f"sample:{name}") == sample_path(name)
     result = read_prompts(f"sample:{name}")
     assert result.n_rejects == 0
-    assert result.n_records >= (20 if name == "hh_helpful_pairs" else 30)
+    least = {"hh_helpful_pairs": 20, "eval_harmful": 100, "eval_benign": 100}.get(name, 30)
+    assert result.n_records >= least
     assert all(r.source == f"sample:{name}" for r in result.records)
 
 
