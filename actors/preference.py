@@ -1,8 +1,9 @@
 """PreferenceObjective: the Bradley-Terry loss of a PM, as an `Objective` of the learner group.
 
-The PM is a sequence-classification head (num_labels = 1) on a causal LM. A micro-batch of B
-pairs runs as one forward of 2B right-padded sequences (A texts then B texts); the head reads
-the last non-pad token. The loss is summed over pairs, so the group normalises by pairs.
+The PM is a scalar head on a causal LM's decoder (`cai_ray.models.value_head`), started from a
+pretrained LM (paper section 4.1) or from an earlier PM. A micro-batch of B pairs runs as one
+forward of 2B right-padded sequences (A texts then B texts); the head reads the last non-pad
+token. The loss is summed over pairs, so the group normalises by pairs.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
-
-from cai_ray.errors import ModelError
 
 if TYPE_CHECKING:
     import torch
@@ -26,33 +25,15 @@ class PreferenceObjective:
     head: Literal["causal", "classification"] = "classification"
 
     def check_model(self, model_path: str | Path) -> None:
-        from cai_ray.models import check_model_dir
+        from cai_ray.models.value_head import check_scalar_model
 
-        check_model_dir(model_path, head="classification")
+        check_scalar_model(model_path, new_head=True)
 
     def load_model(self, model_path: str | Path) -> torch.nn.Module:
-        import torch
-        from transformers import AutoModelForSequenceClassification
+        """A PM to keep training, or a causal LM (the paper's start) with a fresh scalar head."""
+        from cai_ray.models.value_head import load_scalar_model
 
-        try:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                str(model_path), dtype=torch.float32
-            )
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelError(
-                f"cannot load a sequence-classification model: {exc}".splitlines()[0],
-                where=str(model_path),
-                hint="a PM is a *ForSequenceClassification directory with num_labels=1",
-            ) from None
-        if model.config.num_labels != 1:
-            raise ModelError(
-                f"a PM has one output, this model has {model.config.num_labels}",
-                where=str(Path(model_path) / "config.json"),
-                hint="build it with num_labels=1 (e.g. a preset with head=classification)",
-            )
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = self.pad_id  # the head finds the last token by it
-        return model
+        return load_scalar_model(model_path, new_head=True)
 
     def collate(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         import torch
@@ -90,5 +71,4 @@ class PreferenceObjective:
 
 def pm_scores(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The PM's scalar per sequence, read at the last non-pad token. (N, T) -> (N,)."""
-    out = model(input_ids=ids, attention_mask=mask, use_cache=False)
-    return out.logits[:, 0].float()
+    return model(input_ids=ids, attention_mask=mask, last_only=True)

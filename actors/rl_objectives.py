@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from actors.objectives import SFTObjective
-from cai_ray.errors import ModelError
 
 if TYPE_CHECKING:
     import torch
@@ -137,10 +136,11 @@ class PolicyObjective(_PolicyModel):
 
 @dataclass(frozen=True)
 class ValueObjective:
-    """PPO's critic: a token-classification head (num_labels = 1) on the LM, value per token.
+    """PPO's critic: a scalar head on the LM's decoder (`cai_ray.models.value_head`), a value per
+    token, for any causal family (Gemma 3 has no *ForTokenClassification: issue 14).
 
-    Started from the PM (its `score` head loads as the value head: InstructGPT's choice) or from
-    the policy (a fresh head). Loss: the clipped value loss against GAE returns.
+    Started from the PM (its head is the value head: InstructGPT's choice) or from the policy
+    (a fresh head). Loss: the clipped value loss against GAE returns.
     """
 
     pad_id: int = 0
@@ -148,35 +148,14 @@ class ValueObjective:
     head: Literal["causal", "classification"] = "classification"
 
     def check_model(self, model_path: str | Path) -> None:
-        from cai_ray.models import check_model_dir
+        from cai_ray.models.value_head import check_scalar_model
 
-        check_model_dir(model_path, head=None)
+        check_scalar_model(model_path, new_head=True)
 
     def load_model(self, model_path: str | Path) -> torch.nn.Module:
-        import torch
-        from transformers import AutoConfig, AutoModelForTokenClassification
-        from transformers.utils import logging as hf_logging
+        from cai_ray.models.value_head import load_scalar_model
 
-        try:
-            config = AutoConfig.from_pretrained(str(model_path), num_labels=1)
-            config.classifier_dropout = 0.0  # dropout would make values noisy targets
-            verbosity = hf_logging.get_verbosity()
-            hf_logging.set_verbosity_error()  # the value head's bias is new by design
-            try:
-                model = AutoModelForTokenClassification.from_pretrained(
-                    str(model_path), config=config, dtype=torch.float32
-                )
-            finally:
-                hf_logging.set_verbosity(verbosity)
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelError(
-                f"cannot load a critic (token classification) from it: {exc}".splitlines()[0],
-                where=str(model_path),
-                hint="the critic starts from a Llama-style PM or causal LM directory",
-            ) from None
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = self.pad_id
-        return model
+        return load_scalar_model(model_path, new_head=True)
 
     def collate(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         fields = [f for f in ("returns", "old_values") if f in rows[0]]
@@ -186,8 +165,8 @@ class ValueObjective:
         return int(batch["response_mask"].sum())
 
     def _values(self, model: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return out.logits[:, :-1, 0].float()  # (B, T-1): V of the state before token t + 1
+        values = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return values[:, :-1]  # (B, T-1): V of the state before token t + 1
 
     def loss(
         self, model: Any, batch: Mapping[str, torch.Tensor]

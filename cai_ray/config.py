@@ -162,7 +162,7 @@ class ModelsConfig(Section):
     base: ModelConfig | None = None  # the model SL-CAI fine-tunes (None: the helpful model)
     critique: ModelConfig | None = None
     feedback: ModelConfig | None = None
-    reward: ModelConfig | None = None  # the PM to start from; None: preset tiny-1m, classification
+    reward: ModelConfig | None = None  # the PM's start; None: `base`, else `helpful` (+ new head)
 
 
 class DataConfig(Section):
@@ -253,7 +253,7 @@ class ServeConfig(Section):
     policy_path: str | None = None
     reward_path: str | None = None
     critique_path: str | None = None
-    reward: ModelConfig | None = None
+    reward: ModelConfig | None = None  # a trained PM dir; a preset is a random classifier
     ingress: DeploymentConfig = DeploymentConfig(num_cpus=0.1, max_ongoing_requests=64)
     policy: DeploymentConfig = DeploymentConfig()
     reward_model: DeploymentConfig = DeploymentConfig()

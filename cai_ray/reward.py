@@ -1,8 +1,9 @@
-"""`RewardScorer`: a preference model (sequence classification, one label) as a plain scorer.
+"""`RewardScorer`: a preference model as a plain scorer.
 
-Ray-free, so the RL loop's reward workers and the Serve reward deployment share it. The score of a
-text is the PM head's output at the last non-pad token (paper section 4: the PM assigns a scalar
-to a conversation ending in the assistant's response).
+Ray-free, so the RL loop's reward workers and the Serve reward deployment share it. The PM is a
+value-head model or a `*ForSequenceClassification` with one label (`cai_ray.models.value_head`).
+The score of a text is the head's output at the last non-pad token (paper section 4: the PM
+assigns a scalar to a conversation ending in the assistant's response).
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from cai_ray.errors import CaiRayError, ModelError
+from cai_ray.errors import CaiRayError
 from cai_ray.profiling import span
+from cai_ray.tokens import encode_batch
 
 
 def pm_text(messages: Sequence[Mapping[str, str]], response: str) -> str:
@@ -23,7 +25,7 @@ def pm_text(messages: Sequence[Mapping[str, str]], response: str) -> str:
 
 
 class RewardScorer:
-    """A `*ForSequenceClassification` model with `num_labels == 1`; `score(texts)` in batches."""
+    """The PM in `path` (`load_scalar_model`); `score(texts)` in batches."""
 
     @span("load")
     def __init__(
@@ -36,10 +38,10 @@ class RewardScorer:
         batch_size: int = 8,
     ):
         import torch
-        from transformers import AutoModelForSequenceClassification
 
-        from cai_ray.engines.hf import _dtype_kwarg, pick_device, pick_dtype
+        from cai_ray.engines.hf import pick_device, pick_dtype
         from cai_ray.models import check_model_dir, load_tokenizer, model_id
+        from cai_ray.models.value_head import load_scalar_model
 
         torch.set_num_threads(threads)
         model_dir = check_model_dir(path, head="classification")
@@ -47,27 +49,14 @@ class RewardScorer:
         self.batch_size = batch_size
         # Right padding: the head reads the last non-pad token, found from the attention mask.
         self.tokenizer = load_tokenizer(model_dir, padding_side="right")
-        try:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                str(model_dir), **_dtype_kwarg(pick_dtype(dtype, self.device))
-            )
-        except (OSError, ValueError) as err:
-            raise ModelError(
-                f"transformers could not load the PM: {err}", where=str(path)
-            ) from None
-        if model.config.num_labels != 1:
-            raise ModelError(
-                f"a preference model has one output, this one has {model.config.num_labels}",
-                where=str(model_dir / "config.json"),
-                hint="train the PM with num_labels=1 (cai-ray stage pm-train)",
-            )
+        model = load_scalar_model(model_dir, dtype=pick_dtype(dtype, self.device))
         self.model = model.to(self.device).eval()
         self.model_id = model_id(model_dir)
         self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Token counts as scored (BOS included)."""
-        return [len(ids) for ids in self.tokenizer(list(texts))["input_ids"]]
+        return [len(ids) for ids in encode_batch(self.tokenizer, list(texts))]
 
     @span("score:pm")
     def score(self, texts: Sequence[str], *, truncate: bool = False) -> list[float]:
@@ -75,7 +64,7 @@ class RewardScorer:
         or with `truncate` keep their last tokens (the response, which the head reads)."""
         import torch
 
-        encoded = self.tokenizer(list(texts))["input_ids"]
+        encoded = encode_batch(self.tokenizer, list(texts))  # one BOS, as pm-train encodes
         if truncate:
             encoded = [ids[-self.max_context :] for ids in encoded]
         for i, ids in enumerate(encoded):
@@ -90,27 +79,13 @@ class RewardScorer:
         for start in range(0, len(encoded), self.batch_size):
             chunk = encoded[start : start + self.batch_size]
             width = max(len(ids) for ids in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # (B, T)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for row, seq in enumerate(chunk):
                 ids[row, : len(seq)] = torch.tensor(seq)
                 mask[row, : len(seq)] = 1
             ids, mask = ids.to(self.device), mask.to(self.device)
             with torch.inference_mode():
-                backbone = self.model.base_model(input_ids=ids, attention_mask=mask)
-                hidden = backbone.last_hidden_state  # (B, T, H)
-                last = mask.sum(1) - 1  # (B,) index of the last real token
-                pooled = hidden[torch.arange(len(chunk), device=self.device), last]  # (B, H)
-                values = self._head(pooled)[:, 0].float()  # (B,)
+                values = self.model(input_ids=ids, attention_mask=mask, last_only=True)  # (B,)
             scores.extend(values.tolist())
         return scores
-
-    def _head(self, pooled):
-        # Llama/Mistral/Qwen name the value head `score`, BERT-likes `classifier`.
-        head = getattr(self.model, "score", None) or getattr(self.model, "classifier", None)
-        if head is None:
-            raise ModelError(
-                f"unsupported PM architecture {type(self.model).__name__}: no score head",
-                hint="use a Llama-style *ForSequenceClassification model",
-            )
-        return head(pooled)

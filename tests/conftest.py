@@ -70,3 +70,35 @@ def tiny_reward_model_dir(tmp_path_factory):
         tmp_path_factory.mktemp("models") / "tiny-1m-classification",
         head="classification",
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_dir(real_tokenizer_dirs, tmp_path_factory) -> Path:
+    """A tiny random `Gemma3ForCausalLM` (a real `Gemma3TextConfig`, 8M parameters, nearly all
+    embeddings) with the Gemma 3 tokenizer: transformers has no *ForTokenClassification for it,
+    which `real_tiny_models["gemma3"]` (a Llama body) cannot show (issue 14)."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from cai_ray.models import load_tokenizer
+
+    tok = load_tokenizer(real_tokenizer_dirs["gemma3"])
+    config = Gemma3TextConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=512,
+        sliding_window=64,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("gemma3-native") / "model"
+    Gemma3ForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", nargs="?", default="configs/local-tiny.yaml")
     add_set_option(p)
     p.add_argument("--policy", help="an HF causal LM directory to serve as the policy")
-    p.add_argument("--reward", help="an HF sequence-classification directory to serve as the PM")
+    p.add_argument("--reward", help="a PM directory to serve (pm-train/hf, a sequence classifier)")
     p.add_argument("--host", help="bind address (default serve.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default serve.port, 8000)")
     p.add_argument(

@@ -30,6 +30,9 @@ WEIGHT_FILES = (
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 ARCH_SUFFIX = {"causal": "ForCausalLM", "classification": "ForSequenceClassification"}
+# A scalar-head model over a causal LM's decoder (cai_ray/models/value_head.py): a PM or critic.
+# Its config.json names the causal LM, so this marker is what makes it a "classification" model.
+VALUE_HEAD_MARKER = "value_head.json"
 
 
 def init_model(
@@ -184,12 +187,30 @@ def check_model_dir(path: str | Path, *, head: Head | None = "causal") -> Path:
             "no tokenizer (tokenizer.json) in the model directory", where=str(p), hint=hint
         )
     archs = config.get("architectures") or []
-    if head is not None and archs and not any(str(a).endswith(ARCH_SUFFIX[head]) for a in archs):
-        want = "a causal language model" if head == "causal" else "a sequence-classification model"
+    value_head = (p / VALUE_HEAD_MARKER).is_file()
+    if head == "causal" and value_head:
         raise ModelError(
-            f"expected {want} (*{ARCH_SUFFIX[head]}), found {', '.join(map(str, archs))}",
+            f"expected a causal language model, found a scalar-head model ({VALUE_HEAD_MARKER}: "
+            "a preference model or critic, whose LM head was dropped)",
+            where=str(p),
+            hint="point at the policy's or base model's directory",
+        )
+    if head == "classification" and value_head:
+        return p
+    if head is not None and archs and not any(str(a).endswith(ARCH_SUFFIX[head]) for a in archs):
+        want = (
+            "a causal language model (*ForCausalLM)"
+            if head == "causal"
+            else "a preference model: a sequence classifier (*ForSequenceClassification) or a "
+            f"value-head directory ({VALUE_HEAD_MARKER})"
+        )
+        fix = f"use `cai-ray init-model --head {head}` or a model with that head"
+        if head == "classification":
+            fix += ", or train one with `cai-ray stage pm-train`"
+        raise ModelError(
+            f"expected {want}, found {', '.join(map(str, archs))}",
             where=str(p / "config.json"),
-            hint="use `cai-ray init-model --head " + head + "` or a model with that head",
+            hint=fix,
         )
     return p
 

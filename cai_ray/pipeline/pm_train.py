@@ -1,9 +1,12 @@
 """Stage 5, pm-train: a preference model on the AI labels of stage 4 (paper section 4.1).
 
-The PM (a sequence-classification head, num_labels = 1) is trained by the DeepSpeed learner
-group with the Bradley-Terry loss on soft labels, optionally mixed with human helpfulness
-comparisons (hh-rlhf layout). A seeded share of the pairs is held out; every epoch ends in a
-checkpoint whose HF copy is scored on it (accuracy, calibration). Resume as in stage 2.
+The PM is a scalar head on a causal LM's decoder (`cai_ray.models.value_head`). As in the paper
+it starts from the pretrained LM: `models.reward` when set (e.g. `{path: <run>/sl-train/hf}` for
+the SL-CAI model, or an earlier PM), else `models.base`, else `models.helpful`, with a fresh head.
+The DeepSpeed learner group trains it with the Bradley-Terry loss on soft labels, optionally
+mixed with human helpfulness comparisons (hh-rlhf layout). A seeded share of the pairs is held
+out; every epoch ends in a checkpoint whose HF copy is scored on it (accuracy, calibration).
+Resume as in stage 2.
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cai_ray.config import ModelConfig, RunConfig
+from cai_ray.config import RunConfig
 from cai_ray.errors import DataError
-from cai_ray.pipeline.common import StageContext
+from cai_ray.pipeline.common import ModelRef, StageContext
 from cai_ray.reward import pm_text
 from cai_ray.shards import ShardStore, atomic_write_text, write_manifest
+from cai_ray.tokens import encode_batch
 
 STAGE = "pm-train"
 
@@ -34,7 +38,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         return ctx.finished
     s = cfg.pm_train
     t0 = time.perf_counter()
-    pm = ctx.model(cfg.models.reward or ModelConfig(preset="tiny-1m"), head="classification")
+    pm, start = _start_model(cfg, ctx)
     comparisons, rejects = _comparisons(cfg, ctx)
     train = [c for c in comparisons if not _held_out(c["pair_id"], s.eval_fraction, cfg.seed)]
     held = [c for c in comparisons if _held_out(c["pair_id"], s.eval_fraction, cfg.seed)]
@@ -61,13 +65,37 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
             "learner_restarts": result.restarts,
         },
         held_out=evals,
-        models={"init": pm.id},
+        models={"start": start},
         timings={
             "total_s": round(time.perf_counter() - t0, 3),
             "pairs_per_s": _pairs_per_s(ctx.stage_dir, learner.global_batch),
         },
     )
     return write_manifest(ctx.stage_dir, manifest)
+
+
+def _start_model(cfg: RunConfig, ctx: StageContext) -> tuple[ModelRef, dict[str, Any]]:
+    """The model the PM starts from, and its manifest record; says which in a log line (issue
+    14: a silent random start made the whole RL stage optimise noise)."""
+    from cai_ray.models.value_head import KIND_LABELS, check_scalar_model
+
+    m = cfg.models
+    field, spec = next(
+        (name, spec)
+        for name, spec in (
+            ("models.reward", m.reward),
+            ("models.base", m.base),
+            ("models.helpful", m.helpful),
+        )
+        if spec is not None
+    )
+    # A path may hold a causal LM or an earlier PM; presets and GGUF files are causal LMs.
+    ref = ctx.model(spec, head=None if spec.path is not None else "causal")  # type: ignore[arg-type]
+    kind = KIND_LABELS[check_scalar_model(ref.path, new_head=True)]
+    random = f"; random weights: preset {spec.preset}" if spec.preset is not None else ""
+    print(f"{STAGE}: the PM starts from {field} {ref.id} ({kind}{random}) at {ref.path}")
+    record = {"id": ref.id, "path": str(ref.path), "kind": kind, "from": field}
+    return ref, {**record, "random_preset": spec.preset}
 
 
 def _comparisons(cfg: RunConfig, ctx: StageContext) -> tuple[list[dict], list[dict]]:
@@ -110,10 +138,8 @@ def _held_out(pair_id: str, fraction: float, seed: int) -> bool:
 
 def _encode(tokenizer: Any, c: dict[str, Any], max_len: int) -> dict[str, Any]:
     """Token ids of both transcripts; too long keeps the end, where the responses differ."""
-    ids = [
-        tokenizer(pm_text(c["messages"], c[k]))["input_ids"][-max_len:]
-        for k in ("response_a", "response_b")
-    ]
+    texts = [pm_text(c["messages"], c[k]) for k in ("response_a", "response_b")]
+    ids = [row[-max_len:] for row in encode_batch(tokenizer, texts)]  # one BOS, as scored
     return {"ids_a": ids[0], "ids_b": ids[1], "label": float(c["label"])}
 
 

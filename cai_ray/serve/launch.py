@@ -1,8 +1,9 @@
 """Start and stop the Serve application: `serve_app(cfg)` returns its base URL.
 
 Model choice (the run's own outputs first): policy `rl-train/hf`, else `sl-train/hf`, else
-`models.helpful`; PM `pm-train/hf`, else `serve.reward`, else none (PM endpoints answer 503);
-critique `serve.critique_path`, else `models.critique`, else the policy; feedback
+`models.helpful`; PM `pm-train/hf`, else `serve.reward` (a trained PM: a value-head or
+*ForSequenceClassification directory; a preset is a random classifier), else none (PM endpoints
+answer 503); critique `serve.critique_path`, else `models.critique`, else the policy; feedback
 `models.feedback`, else the critique model. `serve.policy_path` / `serve.reward_path` win.
 """
 

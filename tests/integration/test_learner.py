@@ -279,6 +279,30 @@ def test_zero3_gathers_a_complete_hf_dir(ray_cluster, tiny_model_dir, rows16, tm
 
 
 @pytest.mark.integration
+def test_zero3_gathers_a_complete_value_head_pm(ray_cluster, tiny_model_dir, tmp_path):
+    """A PM over the causal LM's decoder (issue 14): ZeRO-3 slices gathered into a value-head
+    dir that reloads whole, the decoder trained and the head written beside it."""
+    import torch
+
+    from actors.preference import PreferenceObjective
+    from cai_ray.models.value_head import load_scalar_model
+
+    rows = [
+        {"idx": i, "ids_a": [0, 5 + i % 7, 9, 3], "ids_b": [0, 6, 20 + i % 5], "label": 1.0}
+        for i in range(16)
+    ]
+    config = cfg(num_ranks=2, zero_stage=3, micro_batch_size=2, max_steps=2)
+    with LearnerGroup(config, PreferenceObjective(pad_id=2), tiny_model_dir, tmp_path) as group:
+        result = group.fit(rows, progress=False)
+    saved = load_scalar_model(result.hf_dir).state_dict()
+    start = load_scalar_model(tiny_model_dir, new_head=True).state_dict()
+    assert saved.keys() == start.keys()
+    assert all(saved[k].shape == start[k].shape for k in saved)  # not ZeRO-3 slices
+    assert any(not torch.equal(saved[k], start[k]) for k in saved if k.startswith("backbone."))
+    assert (tmp_path / "checkpoints" / "step-2" / "hf" / "value_head.safetensors").is_file()
+
+
+@pytest.mark.integration
 def test_more_ranks_than_the_cluster_holds_fail_before_starting(
     ray_cluster, tiny_model_dir, rows16, tmp_path
 ):

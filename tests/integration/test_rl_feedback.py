@@ -180,6 +180,8 @@ def test_pm_train_learns_ai_labels_and_resumes(ray_cluster, tmp_path, tiny_rewar
         ],
     )
     manifest = pm_train.run(cfg, progress=False)
+    start = manifest["models"]["start"]
+    assert (start["from"], start["kind"]) == ("models.reward", "sequence classifier")
     out = manifest["outputs"]
     assert out["by_source"]["human"] > 0 and out["by_source"]["ai"] > 60
     assert out["train_pairs"] + out["held_out_pairs"] == 120 + 12
@@ -192,3 +194,38 @@ def test_pm_train_learns_ai_labels_and_resumes(ray_cluster, tmp_path, tiny_rewar
     )
     assert a > b
     assert pm_train.run(cfg, progress=False)["written_at"] == manifest["written_at"]
+
+
+def test_pm_train_starts_from_the_helpful_lm_with_a_new_head(tmp_path, tiny_model_dir, capsys):
+    """Unset `models.reward`: the PM starts from the pretrained LM (paper 4.1), not a random
+    preset (issue 14), and says so in the manifest and the log; its output is a value-head dir."""
+    from cai_ray.models import check_model_dir, model_id
+    from cai_ray.pipeline import pm_train
+    from cai_ray.reward import RewardScorer
+
+    _marker_labels(tmp_path, 48)
+    cfg = load_config(
+        ROOT / "configs/local-tiny.yaml",
+        [
+            f"run_dir={tmp_path}",
+            f"models.helpful={{path: {tiny_model_dir}}}",
+            "pm_train.helpful_ratio=0",
+            "pm_train.eval_fraction=0.25",
+            "pm_train.learner={num_ranks: 0, micro_batch_size: 8, epochs: 1, lr: 3.0e-3}",
+        ],
+    )
+    manifest = pm_train.run(cfg, progress=False)
+    assert manifest["models"]["start"] == {
+        "id": model_id(tiny_model_dir),
+        "path": str(tiny_model_dir),
+        "kind": "causal LM + new scalar head",
+        "from": "models.helpful",
+        "random_preset": None,
+    }
+    log = capsys.readouterr().out
+    assert f"the PM starts from models.helpful {model_id(tiny_model_dir)}" in log
+    hf = Path(manifest["outputs"]["hf_dir"])
+    assert (hf / "value_head.json").is_file() and check_model_dir(hf, head="classification")
+    assert manifest["held_out"] and manifest["held_out"][-1]["pairs"] > 0
+    scorer = RewardScorer(hf, device="cpu", threads=1)
+    assert len(scorer.score(["\n\nHuman: hi\n\nAssistant: the cat thanks"])) == 1

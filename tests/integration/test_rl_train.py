@@ -111,6 +111,37 @@ def test_pm_reward_with_a_deepspeed_rank_colocated(
     assert set(workers) == {"rollout", "reward_workers", "reference"}
 
 
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_ppo_on_gemma3_with_a_value_head_pm_and_critic(ray_cluster, tmp_path, tiny_gemma3_dir):
+    """Issue 14: a real Gemma 3 architecture (no *ForTokenClassification in transformers) as the
+    policy; the PM is a value head over its decoder, and the critic starts from that PM."""
+    import math
+    import shutil
+
+    from cai_ray.models.value_head import load_scalar_model
+
+    pm = tmp_path / "pm"
+    load_scalar_model(tiny_gemma3_dir, new_head=True).save_pretrained(pm)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_gemma3_dir / f, pm / f)
+    cfg = _cfg(
+        tmp_path / "run",
+        tiny_gemma3_dir,
+        "rl_train.reward.kind=pm",
+        f"rl_train.reward.model={pm}",
+        "rl_train.steps=2",
+        "rl_train.prompts_per_step=4",
+        "rl_train.policy={micro_batch_size: 4, lr: 1.0e-3}",
+        "rl_train.value={micro_batch_size: 4, lr: 1.0e-3}",
+    )
+    manifest = rl_train.run(cfg, progress=False)
+    assert manifest["models"]["value_init"] == "reward"  # same tokenizer: the critic is the PM
+    rows = _metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["score_mean"]) and r["value_loss"] is not None for r in rows)
+
+
 def test_direct_rlaif_with_rloo_rewards_lie_in_minus_one_to_one(
     ray_cluster, tmp_path, tiny_model_dir
 ):

@@ -20,15 +20,28 @@ def scorer(tiny_reward_model_dir):
     return RewardScorer(tiny_reward_model_dir, device="cpu", threads=1, batch_size=2)
 
 
-def test_scores_match_the_hf_head_on_unpadded_texts(scorer):
+def test_a_sequence_classifier_scores_as_transformers_head_does(scorer, tiny_reward_model_dir):
+    """The classification preset (and users' *ForSequenceClassification PMs) load through the
+    value-head loader (issue 14) and score as `AutoModelForSequenceClassification` does."""
     import torch
+    from transformers import AutoModelForSequenceClassification
 
+    from cai_ray.tokens import encode
+
+    assert scorer.model.kind == "sequence_classifier"
+    ref = AutoModelForSequenceClassification.from_pretrained(
+        str(tiny_reward_model_dir), dtype=torch.float32
+    ).eval()
     got = scorer.score(TEXTS)
     for text, value in zip(TEXTS, got, strict=True):
-        ids = scorer.tokenizer(text, return_tensors="pt")["input_ids"]
+        ids = torch.tensor([encode(scorer.tokenizer, text)])
         with torch.inference_mode():
-            want = scorer.model(input_ids=ids).logits[0, 0].item()
-        assert value == pytest.approx(want, abs=1e-4)
+            want = ref(input_ids=ids).logits[0, 0].item()
+        assert value == pytest.approx(want, abs=1e-5)
+        with torch.inference_mode():  # the pooling RewardScorer had: bit for bit the same
+            out = ref.base_model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            before = ref.score(out.last_hidden_state[:, -1])[:, 0].float().item()
+        assert scorer.score([text])[0] == before
 
 
 def test_batching_does_not_change_scores(scorer):
@@ -46,5 +59,5 @@ def test_over_long_text_is_a_user_error(scorer):
 def test_causal_model_is_refused(tiny_model_dir):
     from cai_ray.reward import RewardScorer
 
-    with pytest.raises(ModelError, match="sequence-classification"):
+    with pytest.raises(ModelError, match="expected a preference model"):
         RewardScorer(tiny_model_dir, device="cpu", threads=1)

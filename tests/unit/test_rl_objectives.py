@@ -79,7 +79,7 @@ def test_critic_starts_from_the_pm_head(tiny_reward_model_dir):
 
     critic = ValueObjective(pad_id=0).load_model(tiny_reward_model_dir).eval()
     pm = AutoModelForSequenceClassification.from_pretrained(str(tiny_reward_model_dir))
-    assert torch.equal(critic.score.weight, pm.score.weight)
+    assert torch.equal(critic.head.weight, pm.score.weight)
     obj = ValueObjective(pad_id=0)
     rows = [{**r, "returns": [0.0] * (len(r["input_ids"]) - r["prompt_len"])} for r in ROWS]
     values = obj.infer(critic, obj.collate(rows))
