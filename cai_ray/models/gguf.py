@@ -21,7 +21,8 @@ from typing import Literal
 
 from cai_ray.errors import ModelError
 from cai_ray.models.presets import Head
-from cai_ray.models.store import _TURN_END_TOKENS, check_model_dir, count_parameters
+from cai_ray.models.store import check_model_dir, count_parameters
+from cai_ray.models.tokenizer import stop_token_ids
 from cai_ray.profiling import span
 
 GGUF_MAGIC = b"GGUF"
@@ -236,20 +237,6 @@ def _load_error(src: Path, err: Exception) -> ModelError:
     return ModelError(
         f"transformers could not load the GGUF model ({type(err).__name__}: {err})", where=str(src)
     )
-
-
-def stop_token_ids(tok, vocab_size: int | None = None) -> list[int]:
-    """The EOS id, then each special token of the vocabulary that ends a chat turn.
-
-    Special only: Gemma's `</s>` (id 212) is ordinary text (HTML strikethrough), and ids past
-    the model's `vocab_size` are left out (transformers' byte-level GGUF tokenizer adds an
-    `<|endoftext|>` the model cannot emit when the file lacks one).
-    """
-    vocab = tok.get_vocab()
-    special = {t.content for t in tok.added_tokens_decoder.values() if t.special}
-    ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    ids += [vocab[t] for t in _TURN_END_TOKENS if t in special and vocab[t] not in ids]
-    return [i for i in ids if vocab_size is None or i < vocab_size]
 
 
 def _publish(tmp: Path, out: Path, *, overwrite: bool) -> None:

@@ -87,13 +87,9 @@ def init_model(
     return out
 
 
-# Tokens that end an assistant turn in common chat templates (ChatML, Gemma, Llama 3).
-_TURN_END_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>", "<eos>", "</s>")
-
-
 def _preset_tokenizer(tokenizer: str | Path | None):
     """(tokenizer, ids that end a sample): the project's own, or the one in `tokenizer`."""
-    from cai_ray.models.tokenizer import IM_END, build_tokenizer, load_tokenizer
+    from cai_ray.models.tokenizer import IM_END, build_tokenizer, load_tokenizer, stop_token_ids
 
     if tokenizer is None:
         tok = build_tokenizer()
@@ -112,10 +108,7 @@ def _preset_tokenizer(tokenizer: str | Path | None):
             f"transformers could not load the tokenizer ({type(err).__name__}: {err})",
             where=str(src),
         ) from None
-    vocab = tok.get_vocab()
-    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    eos += [vocab[t] for t in _TURN_END_TOKENS if t in vocab and vocab[t] not in eos]
-    return tok, eos
+    return tok, stop_token_ids(tok)
 
 
 def ensure_model(cfg: ModelConfig, *, run_dir: str | Path, head: Head = "causal") -> Path:

@@ -95,3 +95,21 @@ def load_tokenizer(path: str | Path, *, padding_side: str = "left") -> PreTraine
         # Llama-family tokenizers often lack one; EOS as pad is the usual choice for generation.
         tok.pad_token = tok.eos_token
     return tok
+
+
+# Tokens that end an assistant turn in common chat templates (ChatML, Gemma, Llama 3).
+_TURN_END_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>", "<eos>", "</s>")
+
+
+def stop_token_ids(tok, vocab_size: int | None = None) -> list[int]:
+    """The EOS id, then each special token of the vocabulary that ends a chat turn.
+
+    Special only: Gemma's `</s>` (id 212) is ordinary text (HTML strikethrough), and ids past
+    the model's `vocab_size` are left out (transformers' byte-level GGUF tokenizer adds an
+    `<|endoftext|>` the model cannot emit when the file lacks one).
+    """
+    vocab = tok.get_vocab()
+    special = {t.content for t in tok.added_tokens_decoder.values() if t.special}
+    ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    ids += [vocab[t] for t in _TURN_END_TOKENS if t in special and vocab[t] not in ids]
+    return [i for i in ids if vocab_size is None or i < vocab_size]

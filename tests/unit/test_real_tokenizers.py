@@ -228,3 +228,14 @@ def test_boilerplate_is_stripped_from_revisions_only():
     text = "Sure, here is how to bake bread: mix flour and water."
     assert clean_output(text) == "mix flour and water."  # a revision's preamble is dropped
     assert clean_answer(text) == text  # an answer or RL sample keeps what the model said
+
+
+def test_presets_over_real_tokenizers_stop_at_turn_ends_only(real_tiny_models, tokenizers):
+    """Gemma's `</s>` is ordinary text (HTML): a sample must not stop there."""
+    import json
+
+    for name, path in real_tiny_models.items():
+        eos = json.loads((path / "generation_config.json").read_text())["eos_token_id"]
+        tok = tokenizers[name]
+        ends = {"qwen3": ["<|im_end|>", "<|endoftext|>"], "gemma3": ["<end_of_turn>", "<eos>"]}
+        assert sorted(eos) == sorted(tok.convert_tokens_to_ids(ends[name]))
