@@ -257,6 +257,7 @@ def eval_with_feedback_model(
     order: Order = "both",
     sampling: Any = None,
     rejects: list[dict[str, Any]] | None = None,
+    shots: Sequence[tuple[Any, str | None]] = (),
 ) -> EvalReport:
     """The model answers each multiple-choice prompt: P(option) is the normalised probability of
     its marker (disjoint events, as stage 4 scores them).
@@ -266,23 +267,27 @@ def eval_with_feedback_model(
     each order's own accuracy is reported beside it. order="file": the file's order only, right
     when the correct option scores best. With `cot` a rationale is sampled first after "Let's
     think step-by-step:" in the Human/Assistant framing, then the options are scored after
-    "So the answer is:" (paper Fig. 4).
+    "So the answer is:" (paper Fig. 4). `shots` are few-shot examples and the question each is
+    shown under (`cai_ray.labeling.few_shots`), prepended as stage 4 prepends them.
     """
     from cai_ray.engines.base import SamplingParams
 
     rejects = list(rejects or [])
     params = sampling or SamplingParams(temperature=0.0, max_new_tokens=128)
     params = dataclasses.replace(params, n=1, stop=RATIONALE_STOP)
-    items, too_long = _fitting(items, engine, extra=8 + (params.max_new_tokens if cot else 0))
+    prefix = _shot_prefix(shots, cot=cot)
+    extra = 8 + (params.max_new_tokens if cot else 0)
+    extra += engine.count_tokens([prefix])[0] if prefix else 0
+    items, too_long = _fitting(items, engine, extra=extra)
     rejects += too_long
     method = "feedback-cot" if cot else "feedback"
     if order == "file":
-        probs = _choice_probabilities(engine, items, cot=cot, params=params)
+        probs = _choice_probabilities(engine, items, cot=cot, params=params, shots=shots)
         hits = [_best(p) == it.correct for p, it in zip(probs, items, strict=True)]
         return _report(name, method, items, hits, rejects, order="file")
     items, swapped, unswappable = _both_orders(items)
     rejects += unswappable
-    probs = _choice_probabilities(engine, [*items, *swapped], cot=cot, params=params)
+    probs = _choice_probabilities(engine, [*items, *swapped], cot=cot, params=params, shots=shots)
     first, second = probs[: len(items)], probs[len(items) :]
     hits_file = [_best(p) == it.correct for p, it in zip(first, items, strict=True)]
     hits_swap = [_best(p) == it.correct for p, it in zip(second, swapped, strict=True)]
@@ -321,20 +326,31 @@ def _both_orders(items: Sequence[EvalItem]) -> tuple[list[EvalItem], list[EvalIt
     return kept, swapped, rejects
 
 
+def _shot_prefix(shots: Sequence[tuple[Any, str | None]], *, cot: bool) -> str:
+    """The answered few-shot examples before a question, in stage 4's layout."""
+    if cot:
+        return "".join(ex.as_transcript(question=q) for ex, q in shots)
+    answered = "\n\n".join(ex.as_transcript(question=q) for ex, q in shots)
+    return f"{answered}\n\n" if answered else ""
+
+
 def _choice_probabilities(
-    engine: Any, items: Sequence[EvalItem], *, cot: bool, params: Any
+    engine: Any, items: Sequence[EvalItem], *, cot: bool, params: Any, shots=()
 ) -> list[list[float]]:
     """Per item, its options' probabilities: one `generate` (CoT) and one `score_options`."""
     from cai_ray.engines.base import ScoreRequest
 
+    head = _shot_prefix(shots, cot=cot)
     prefixes = [it.prompt.rstrip() for it in items]
     if cot:
-        prompts = [_cot_prompt(p) for p in prefixes]
+        prompts = [head + _cot_prompt(p) for p in prefixes]
         gens = engine.generate(prompts, params) if prompts else []
         prefixes = [
             cot_scoring_prefix(p, clean_rationale(g[0].text))
             for p, g in zip(prompts, gens, strict=True)
         ]
+    elif head:
+        prefixes = [head + p.lstrip("\n") for p in prefixes]
     requests = [ScoreRequest(p, it.options) for p, it in zip(prefixes, items, strict=True)]
     scores = engine.score_options(requests) if requests else []
     return [option_probabilities(disjoint_logprobs(s.logprobs, s.option_token_ids)) for s in scores]

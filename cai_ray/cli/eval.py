@@ -34,10 +34,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="feedback model: ask each question in both orders and average (default where every "
         "question has two options), or in the file's order only (default otherwise)",
     )
+    parser.add_argument(
+        "--few-shot",
+        type=int,
+        default=0,
+        help="feedback model: prepend N of the constitution's answered feedback examples (CoT "
+        "examples with --cot), as stage 4 does (default 0: zero-shot)",
+    )
+    parser.add_argument(
+        "--constitution",
+        default="constitutions/default.yaml",
+        help="where the few-shot examples come from",
+    )
     parser.add_argument("--limit", type=int, help="only the first N rows")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="rationale length (CoT)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="engine dtype"
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     parser.add_argument("-o", "--output", help="write the report as JSON here")
     parser.set_defaults(func=_eval)
 
@@ -51,6 +67,10 @@ def _eval(args: argparse.Namespace) -> int:
         raise CaiRayError("--cot needs --as feedback", hint="a PM has no chain of thought")
     if args.order and args.kind == "pm":
         raise CaiRayError("--order needs --as feedback", hint="a PM reads no options")
+    if args.few_shot < 0 or (args.few_shot and args.kind == "pm"):
+        raise CaiRayError("--few-shot needs --as feedback and N >= 0", where="--few-shot")
+    if args.batch_size < 1:
+        raise CaiRayError("--batch-size must be at least 1", where="--batch-size")
     path = Path(args.file) if args.file else DEFAULT_DATA / EVAL_FILES[args.name]
     items, rejects = read_eval_file(path)
     items = items[: args.limit] if args.limit else items
@@ -64,7 +84,15 @@ def _eval(args: argparse.Namespace) -> int:
         from cai_ray.engines import make_engine
         from cai_ray.engines.base import SamplingParams
 
-        engine = make_engine(args.model, EngineConfig(device=args.device, threads=args.threads))
+        engine = make_engine(
+            args.model,
+            EngineConfig(
+                device=args.device,
+                threads=args.threads,
+                dtype=args.dtype,
+                batch_size=args.batch_size,
+            ),
+        )
         sampling = SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens)
         order = args.order or ("both" if all(len(it.options) == 2 for it in items) else "file")
         report = eval_with_feedback_model(
@@ -75,10 +103,34 @@ def _eval(args: argparse.Namespace) -> int:
             order=order,
             sampling=sampling,
             rejects=rejects,
+            shots=_shots(args),
         )
     print(report.table())
     if args.output:
         out = {**report.to_dict(), "file": str(path), "model": args.model}
+        if args.kind == "feedback":
+            out["few_shot"] = args.few_shot
         Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.output}")
     return 0
+
+
+def _shots(args: argparse.Namespace) -> list:
+    """The few-shot examples and their questions, drawn as stage 4 draws them."""
+    if not args.few_shot:
+        return []
+    from cai_ray.config import resolve_path
+    from cai_ray.constitution import load_constitution
+    from cai_ray.labeling import LabelSettings, few_shots
+
+    constitution = load_constitution(resolve_path(args.constitution))
+    settings = LabelSettings(few_shot=args.few_shot, cot=args.cot)
+    shots = few_shots(constitution, key="eval", settings=settings)
+    if len(shots) < args.few_shot:
+        kind = "chain-of-thought" if args.cot else "feedback"
+        raise CaiRayError(
+            f"the constitution has {len(shots)} {kind} examples, --few-shot asks {args.few_shot}",
+            where=str(args.constitution),
+            hint="lower --few-shot or add examples to the constitution",
+        )
+    return shots
