@@ -16,6 +16,7 @@ from itertools import combinations
 from typing import Any, Literal
 
 from cai_ray.constitution import ANSWER_PREFIX, render_multiple_choice
+from cai_ray.constitution.render import options_question
 from cai_ray.eval_config import (
     ENGAGES_OPTION,
     EVADES_OPTION,
@@ -61,11 +62,6 @@ class JudgeJob:
     queries: list[LabelQuery]
 
 
-def _with_options_cue(question: str) -> str:
-    q = question.strip()
-    return q if q.endswith("Options:") else f"{q}\nOptions:"
-
-
 def _two_orders(
     slot_id: str, convo: Sequence[Mapping[str, str]], question: str, first: str, second: str
 ) -> list[LabelQuery]:
@@ -102,7 +98,7 @@ def comparison_queries(
             response_b=response_b,
             settings=settings.label_settings(),
         )
-    question = _with_options_cue(settings.helpfulness_question)
+    question = options_question(settings.helpfulness_question)
     return _two_orders(HELPFULNESS_ID, messages, question, response_a, response_b)
 
 
@@ -112,7 +108,7 @@ def evasiveness_queries(
     """Queries for P(the response engages with the request): the answer ends the conversation
     and the two options are "engages" and "evades", shown in both orders."""
     convo = [*messages, {"role": "assistant", "content": response}]
-    question = _with_options_cue(settings.evasiveness_question)
+    question = options_question(settings.evasiveness_question)
     return _two_orders(
         EVASIVENESS_ID, convo, question, settings.engages_option, settings.evades_option
     )

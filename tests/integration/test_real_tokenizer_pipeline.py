@@ -163,5 +163,6 @@ def test_labels_record_the_three_token_options_that_were_scored(run, tokenizer):
     for trace, split in zip(labels["trace"], labels["split_options"], strict=True):
         entries = json.loads(trace) if isinstance(trace, str) else list(trace)
         for entry in entries:
-            assert entry["option_token_ids"] == want  # ▁( A ) and ▁( B ): three tokens each
+            scored = [[int(t) for t in ids] for ids in entry["option_token_ids"]]
+            assert scored == want  # ▁( A ) and ▁( B ): three tokens each
         assert split  # reported as split in the trace and the manifest
