@@ -141,6 +141,15 @@ class RewardBackend:
         return {"model": self.name, "ok": value["scores"][0] == value["scores"][0]}  # not NaN
 
 
+def split_gpu_memory(engine: EngineConfig, ways: int) -> EngineConfig:
+    """`engine` for one of `ways` vLLM engines on one GPU: vLLM's gpu_memory_utilization is the
+    fraction of the whole device one engine takes (config/cache.py), so two engines that each
+    ask for 0.85 cannot both start."""
+    v = engine.vllm
+    share = v.model_copy(update={"gpu_memory_utilization": v.gpu_memory_utilization / ways})
+    return engine.model_copy(update={"vllm": share})
+
+
 def _assistant(text: str) -> dict[str, str]:
     return {"role": "assistant", "content": text}
 
@@ -162,8 +171,10 @@ class ConstitutionBackend:
         from cai_ray.engines import make_engine
 
         self.constitution = load_constitution(constitution)
-        self.critic = make_engine(critique_path, engine)
         same = str(feedback_path) == str(critique_path)
+        if not same:  # two engines on the replica's GPU: vLLM's share is per engine
+            engine = split_gpu_memory(engine, 2)
+        self.critic = make_engine(critique_path, engine)
         self.judge = self.critic if same else make_engine(feedback_path, engine)
         self.fmt = PromptFormat.of(fmt).load(critique_path)
         self.seed = seed
@@ -206,11 +217,12 @@ class ConstitutionBackend:
 
         convo = _conversation(request["messages"])
         a, b = request["response_a"], request["response_b"]
-        principles = self._feedback_principles(request, convo, a, b)
+        key = _pair_key(convo, a, b)
+        principles = self._feedback_principles(request, key)
         text = convo.render_transcript(add_generation_prompt=False)
+        shots = self._feedback_shots(key, request.get("few_shot", 0))
         reqs = []
         for p in principles:
-            shots = self._feedback_shots(p.question, request.get("few_shot", 0))
             for first, second in ((a, b), (b, a)):  # both orders cancel position bias
                 prompt = build_feedback_prompt(text, p.question, first, second, few_shot=shots)
                 reqs.append(ScoreRequest(prompt, OPTIONS))
@@ -247,20 +259,24 @@ class ConstitutionBackend:
     def _critique_principles(self, ids: list[str] | None):
         return [self._lookup(self.constitution.critique_principle, i) for i in ids or []]
 
-    def _feedback_principles(self, request: dict[str, Any], convo: Conversation, a: str, b: str):
+    def _feedback_principles(self, request: dict[str, Any], key: str):
         from cai_ray.constitution import choose_principles
 
         ids = request.get("principle_ids")
         if ids:
             return [self._lookup(self.constitution.feedback_principle, i) for i in ids]
         pool = self._lookup(lambda _: self.constitution.require_feedback(), None)
-        # Drawn per comparison (paper 4.1), fixed by its content so a retry gets the same label.
-        key = hashlib.sha256(f"{convo.prompt_id}\0{a}\0{b}".encode()).hexdigest()[:16]
         return choose_principles(pool, seed=self.seed, key=key, k=request["num_principles"])
 
-    def _feedback_shots(self, question: str, count: int) -> str:
-        examples = self.constitution.feedback_examples[:count]
-        return "\n\n".join(ex.as_transcript(question) for ex in examples)
+    def _feedback_shots(self, key: str, count: int) -> str:
+        """Answered few-shot examples, each under its own principle as stage 4 shows them."""
+        from cai_ray.labeling import LabelSettings, few_shots
+
+        if not count:
+            return ""
+        settings = LabelSettings(few_shot=count, seed=self.seed)
+        shots = few_shots(self.constitution, key=key, settings=settings)
+        return "\n\n".join(ex.as_transcript(question=q) for ex, q in shots)
 
     @staticmethod
     def _lookup(find, principle_id):
@@ -272,6 +288,12 @@ class ConstitutionBackend:
             raise ApiError(
                 400, exc.message + (f" ({exc.hint})" if exc.hint else ""), param="principle_ids"
             ) from None
+
+
+def _pair_key(convo: Conversation, a: str, b: str) -> str:
+    """Principles are drawn per comparison (paper 4.1), fixed by its content: a retry of the
+    same request gets the same label."""
+    return hashlib.sha256(f"{convo.prompt_id}\0{a}\0{b}".encode()).hexdigest()[:16]
 
 
 def _split_answer(messages: list[dict[str, str]], response: str | None):
