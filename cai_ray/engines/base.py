@@ -21,7 +21,13 @@ FinishReason = Literal["stop", "length"]
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample. temperature 0 means greedy; `seed` makes sampling reproducible."""
+    """How to sample. `seed` makes sampling reproducible.
+
+    temperature 0 is greedy decoding, which has one answer: `n > 1` then gives `n` copies of
+    it on every engine (vLLM refuses greedy n > 1, so VLLMEngine asks once and copies). A
+    stage that needs different samples (preference pairs, RL groups) must sample at T > 0.
+    Empty stop strings are ignored.
+    """
 
     temperature: float = 1.0
     top_p: float = 1.0

