@@ -124,6 +124,7 @@ def run_outputs(run_dir: Path) -> dict[str, Any]:
         return json.loads(path.read_text()) if path.is_file() else {}
 
     pm_eval = run_dir / "pm-train" / "eval.json"
+    elo = run_dir / "evaluate" / "elo.json"
     ev = manifest("evaluate")
     return {
         "sl_generate": manifest("sl-generate").get("outputs"),
@@ -133,13 +134,56 @@ def run_outputs(run_dir: Path) -> dict[str, Any]:
         "pm_start": manifest("pm-train").get("models"),
         "pm_eval": json.loads(pm_eval.read_text()) if pm_eval.is_file() else None,
         "rl_train": manifest("rl-train").get("outputs"),
-        "elo": ev.get("elo"),
+        "elo": json.loads(elo.read_text()) if elo.is_file() else None,
         "refusal": ev.get("refusal"),
         "metrics": ev.get("metrics"),
         "revision_rounds": ev.get("revision_rounds"),
         "judge": ev.get("judge"),
         "notes": ev.get("notes"),
     }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The "Real model" tables of benchmarks/README.md from a report."""
+    o = report["outputs"]
+    lines = ["| stage | wall s | peak RSS GiB | load average (start, end) |", "|---|---|---|---|"]
+    for s in report["stages"]:
+        load = ", ".join(f"{x:.1f}" for x in s["load_average_1m"])
+        lines.append(f"| {s['stage']} | {s['wall_s']:.0f} | {s['peak_rss_gib']:.1f} | {load} |")
+    lines.append(f"| **all** | **{report['pipeline_wall_s']:.0f}** | | |")
+    lines += ["", "| feedback model on 438 HHH | accuracy (both orders) | file order | swapped "
+              "| (A) correct | (B) correct | order disagreement |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for e in report["hhh_feedback"]:
+        pos, by = e["by_position"], e["accuracy_by_order"] or {}
+        lines.append(
+            f"| {e['label']} (n={e['total']}) | {e['accuracy']:.3f} | {by.get('file', 0):.3f} | "
+            f"{by.get('swapped', 0):.3f} | {pos['(A)']['accuracy']:.3f} | "
+            f"{pos['(B)']['accuracy']:.3f} | {e['order_disagreement']:.2f} |"
+        )
+    pm = (o.get("pm_eval") or [{}])[-1]
+    lines += ["", f"PM (from {o['pm_start']['start']['kind']}): held-out accuracy "
+              f"{pm.get('accuracy', float('nan')):.3f} on {pm.get('pairs')} pairs, ECE "
+              f"{pm.get('ece', float('nan')):.3f}"]  # fmt: skip
+    lines += ["", "| checkpoint | harmlessness Elo [95%] | helpfulness Elo [95%] | refusal on "
+              "harmful | over-refusal on benign | P(evasive) harmful / benign | PM score harmful "
+              "/ benign | words |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    elo, met = o["elo"], o["metrics"]
+    for name in elo["checkpoints"]:
+        h, u = elo["harmlessness"][name], elo["helpfulness"][name]
+        mh, mb = met["harmful"][name], met["helpful"][name]
+        r = o["refusal"]["checkpoints"][name]
+        lines.append(
+            f"| {name} | {h['elo']:+.1f} [{h['low']:+.1f}, {h['high']:+.1f}] | "
+            f"{u['elo']:+.1f} [{u['low']:+.1f}, {u['high']:+.1f}] | "
+            f"{r['harmful_refusal_rate']:.2f} | {r['over_refusal_rate']:.2f} | "
+            f"{mh['p_evasive_mean']:.3f} / {mb['p_evasive_mean']:.3f} | "
+            f"{mh['pm_mean']:+.2f} / {mb['pm_mean']:+.2f} | {mh['words_mean']:.0f} |"
+        )
+    rounds = o.get("revision_rounds") or []
+    lines += ["", "PM score by revision round: " + ", ".join(
+        f"round {r['round']} {r['mean']:+.2f} ± {r['sem']:.2f}" for r in rounds
+    )]  # fmt: skip
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -150,7 +194,11 @@ def main() -> None:
     ap.add_argument("--hhh-limit", type=int, help="HHH rows for the zero- and few-shot evals")
     ap.add_argument("--cot-limit", type=int, default=100, help="HHH rows for the CoT eval")
     ap.add_argument("--no-hhh", action="store_true")
+    ap.add_argument("--markdown", metavar="JSON", help="print the tables of a written report")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return
 
     sys.path.insert(0, str(ROOT))
     from cai_ray.config import load_config, resolve_path
