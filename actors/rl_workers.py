@@ -41,6 +41,13 @@ class RLRolloutWorker:
         """'vllm' or 'hf', as resolved on this worker's node (it may differ from the driver's)."""
         return "vllm" if type(self.engine).__name__ == "VLLMEngine" else "hf"
 
+    def engine_info(self) -> tuple[str, str]:
+        """(engine kind, 'cpu' or 'cuda'): what the weight sync can use (actors.weight_sync)."""
+        kind = self.engine_kind()
+        if kind == "vllm":
+            return kind, "cpu" if self.engine.on_cpu else "cuda"
+        return kind, str(self.engine.device).split(":")[0]
+
     def generate(
         self, conversations: list[list[dict[str, str]]], params: SamplingParams
     ) -> list[list[dict[str, Any]]]:

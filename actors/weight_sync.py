@@ -14,20 +14,39 @@ from typing import Any
 from cai_ray.errors import ConfigError
 
 
-def resolve_weight_sync(mode: str, *, rollout_engine: str, policy_gpus: float, ranks: int) -> str:
-    """`auto` is NCCL when vLLM rollouts and GPU learner ranks (Ray actors) are both in play.
+def resolve_weight_sync(
+    mode: str,
+    *,
+    rollout_engine: str,
+    rollout_device: str = "cuda",
+    policy_gpus: float,
+    ranks: int,
+    colocated: bool = False,
+) -> str:
+    """`auto` is NCCL when vLLM rollouts on CUDA and GPU learner ranks (Ray actors) are both in
+    play and the roles are not colocated; the object store otherwise (CPU engines always).
+
+    Colocated, rollout worker i shares rank i's bundle, so with GPUs rank 0 and a vLLM worker
+    can sit on one device in one NCCL group, which NCCL refuses ("Duplicate GPU detected").
 
     >>> resolve_weight_sync("auto", rollout_engine="hf", policy_gpus=0, ranks=2)
     'object_store'
+    >>> resolve_weight_sync("auto", rollout_engine="vllm", policy_gpus=1, ranks=1, colocated=True)
+    'object_store'
     """
-    nccl_ok = rollout_engine == "vllm" and policy_gpus > 0 and ranks >= 1
+    problems = []
+    if rollout_engine != "vllm" or rollout_device != "cuda":
+        problems.append(f"rollout engine {rollout_engine!r} on {rollout_device!r}")
+    if not (policy_gpus > 0 and ranks >= 1):
+        problems.append(f"policy.gpus_per_rank={policy_gpus}, policy.num_ranks={ranks}")
+    if colocated:
+        problems.append("placement=colocated")
     if mode == "auto":
-        return "nccl" if nccl_ok else "object_store"
-    if mode == "nccl" and not nccl_ok:
+        return "object_store" if problems else "nccl"
+    if mode == "nccl" and problems:
         raise ConfigError(
-            "weight_sync=nccl needs vLLM rollout engines and policy ranks on GPUs "
-            f"(rollout engine {rollout_engine!r}, policy.gpus_per_rank={policy_gpus}, "
-            f"policy.num_ranks={ranks})",
+            "weight_sync=nccl needs vLLM rollout engines on CUDA, policy ranks on GPUs and "
+            f"separate placement ({'; '.join(problems)})",
             where="rl_train.weight_sync",
             hint="use weight_sync: object_store (or auto)",
         )

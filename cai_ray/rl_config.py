@@ -144,7 +144,9 @@ class RLTrainConfig(Section):
         "separate", description="colocated: rollout worker i shares learner rank i's bundle"
     )
     weight_sync: Literal["auto", "object_store", "nccl"] = Field(
-        "auto", description="nccl: GPU to GPU into vLLM engines; auto picks it when possible"
+        "auto",
+        description="nccl: GPU to GPU into vLLM engines; auto picks it when possible (vLLM on "
+        "CUDA, policy ranks on GPUs, placement separate), else the object store",
     )
     checkpoint_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
@@ -179,6 +181,13 @@ class RLTrainConfig(Section):
             raise ValueError(
                 "placement=colocated pairs rollout worker i with policy rank i: set "
                 "rollout.size equal to policy.num_ranks (>= 1)"
+            )
+        if self.placement == "colocated" and self.weight_sync == "nccl":
+            # Rollout worker i sits in rank i's bundle: rank 0 and a vLLM worker could share
+            # one GPU in one NCCL group, which NCCL refuses (issue 15).
+            raise ValueError(
+                "weight_sync=nccl cannot run with placement=colocated (rank 0 and a rollout "
+                "engine may share a GPU in one NCCL group): use weight_sync: object_store or auto"
             )
         return self
 

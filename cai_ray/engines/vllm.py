@@ -360,6 +360,15 @@ class VLLMEngine(Engine):
             ) from err
         from cai_ray.models import model_id as content_id
 
+        try:  # the engine core outlives a SIGKILLed frontend unless told to follow it
+            self.worker_pids = self._rpc("cai_exit_with", args=(os.getpid(),), timeout_s=120)
+        except Exception as err:
+            self.close()
+            raise ModelError(
+                f"vLLM started but its workers did not answer ({type(err).__name__}: {err})",
+                where=model_path,
+                hint=_START_HINT,
+            ) from err
         self.tokenizer = self.llm.get_tokenizer()
         self.model_id = model_id or content_id(model_path)  # the same id HFEngine records
         self.weight_version = 0

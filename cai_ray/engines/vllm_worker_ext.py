@@ -23,6 +23,10 @@ worker is touched, and `VLLMEngine` marks itself unusable when a reload fails af
 from __future__ import annotations
 
 import io
+import os
+import signal
+import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -142,6 +146,31 @@ def broadcast_named_tensors(group: Any, named: Iterable[tuple[str, Any]]) -> Non
     stream.synchronize()
 
 
+def exit_when_gone(pid: int, *, interval_s: float = 1.0, grace_s: float = 10.0) -> None:
+    """End this process soon after process `pid` ends: SIGTERM to itself (vLLM's handler shuts
+    the engine down), then a hard exit after `grace_s`. Runs on a daemon thread.
+
+    vLLM's engine core does not watch its frontend: a script or driver holding an engine that
+    is SIGKILLed (or OOM-killed) left both its VLLM processes and their KV cache running
+    (measured, issue 15). Ray kills a dead actor's child processes itself; this covers the rest.
+    """
+
+    def watch() -> None:
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            except PermissionError:  # alive, another user's
+                pass
+            time.sleep(interval_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name=f"exit-with-{pid}", daemon=True).start()
+
+
 class WeightSyncWorkerExtension:
     """Mixed into vLLM's worker class (GPU or CPU); methods are called via `LLM.collective_rpc`.
 
@@ -149,6 +178,15 @@ class WeightSyncWorkerExtension:
     `cai_` prefix. `self.reload_weights` is the worker's own method (0.32/0.33 gpu_worker.py;
     the CPU worker inherits it).
     """
+
+    def cai_exit_with(self, pid: int) -> int:
+        """Exit once the frontend process `pid` is gone (`exit_when_gone`); returns this pid.
+        With one worker it runs in the engine core's process; with several, a worker's exit
+        makes the core shut down."""
+        if getattr(self, "_cai_watching", None) != pid:
+            self._cai_watching = pid
+            exit_when_gone(pid)
+        return os.getpid()
 
     def cai_stage_weights(self, payload: bytes) -> int:
         """Keep one packed chunk until `cai_apply_staged_weights`; returns tensors staged."""

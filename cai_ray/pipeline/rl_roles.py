@@ -128,6 +128,7 @@ class RLRoles:
     def __init__(self, cfg: RunConfig, models: RoleModels, stage_dir: Path):
         self.cfg, self.s, self.models, self.dir = cfg, cfg.rl_train, models, Path(stage_dir)
         self.version, self.weights, self.sync_mode = 0, None, "object_store"
+        self.rollout_engine: tuple[str, str] = ("", "")  # (kind, device) the workers report
         self.pools: list[Any] = []
         self.groups: list[Any] = []
         self.value: Any = None
@@ -216,12 +217,16 @@ class RLRoles:
         from actors.weight_sync import resolve_weight_sync
 
         s = self.s
-        kinds = set(self.rollout.broadcast(lambda h, _: h.engine_kind.remote()))
+        engines = set(self.rollout.broadcast(lambda h, _: h.engine_info.remote()))
+        kind, device = engines.pop() if len(engines) == 1 else ("mixed", "mixed")
+        self.rollout_engine = (kind, device)
         self.sync_mode = resolve_weight_sync(
             s.weight_sync,
-            rollout_engine="vllm" if kinds == {"vllm"} else "hf",
+            rollout_engine=kind,
+            rollout_device=device,
             policy_gpus=s.policy.gpus_per_rank,
             ranks=s.policy.num_ranks,
+            colocated=s.placement == "colocated",
         )
         if self.sync_mode != "nccl":
             return
@@ -234,6 +239,11 @@ class RLRoles:
         )
         self.weight_meta = self.policy.open_weight_group(addr, port, world)
         joins.result()
+
+    def sync_record(self) -> dict[str, str]:
+        """For the manifest: how weights reached the rollout engines, and which engines."""
+        kind, device = self.rollout_engine
+        return {"mode": self.sync_mode, "rollout_engine": kind, "rollout_device": device}
 
     def _reload(self, handle: Any) -> None:
         """A restarted rollout worker holds the initial weights: give it the current ones."""

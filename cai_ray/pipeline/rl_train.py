@@ -356,6 +356,7 @@ class RLLoop:
                 "reject_reasons": reject_counts(rejects),
             },
             algorithm=self.s.algorithm,
+            weight_sync=self.roles.sync_record(),
             stream=self.stream.state(),
             models={
                 "policy": self.models.policy.id,

