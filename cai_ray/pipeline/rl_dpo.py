@@ -76,8 +76,9 @@ def read_pairs(cfg: RunConfig, run_dir: Path) -> tuple[list[dict], list[dict]]:
     s = cfg.rl_train.dpo
     if s.pairs == "revisions":
         store = ShardStore(run_dir / "sl-generate" / "red_team", key="prompt_id")
-        cols = ["prompt_id", "messages", "initial_answer", "final_revision", "rounds"]
-        cols += ["initial_answer_finish"] if "initial_answer_finish" in store.columns() else []
+        cols = ["prompt_id", "messages", "initial_answer", "final_revision"]
+        # finish reasons (and so the rounds) are read where stage 1 recorded them
+        cols += [c for c in ("rounds", "initial_answer_finish") if c in store.columns()]
         stage = "sl-generate"
     else:
         store = ShardStore(run_dir / "rl-label" / "labels", key="pair_id")
@@ -95,7 +96,7 @@ def read_pairs(cfg: RunConfig, run_dir: Path) -> tuple[list[dict], list[dict]]:
         finished = {}
         if s.pairs == "revisions":
             key, chosen, rejected = row["prompt_id"], row["final_revision"], row["initial_answer"]
-            rounds = list(row["rounds"] or [])
+            rounds = list(row.get("rounds") or [])
             # A text cut at max_new_tokens is trained without EOS, never as a finished answer.
             finished = {
                 "chosen": not rounds or rounds[-1].get("revision_finish") != "length",

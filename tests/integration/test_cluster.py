@@ -297,9 +297,12 @@ def test_ray_job_submit_runs_the_pipeline_on_two_nodes(cluster):
     resolved = (run_dir / "config.yaml").read_text()
     assert "address: auto" in resolved
     outputs = {stage: _manifest(run_dir, stage)["outputs"] for stage in STAGES}
-    assert outputs["sl-generate"]["red_team"] == {"rows": 4, "rejects": 0, "reject_reasons": {}}
-    assert outputs["sl-generate"]["helpful"]["rows"] == 4
+    red = outputs["sl-generate"]["red_team"]
+    assert (red["rows"], red["rejects"], red["reject_reasons"]) == (4, 0, {})
     red_team = _rows(run_dir / "sl-generate" / "red_team")
+    cut = sum(r[-1]["revision_finish"] == "length" for r in red_team["rounds"])
+    assert red["cut_at_token_limit"]["final_revisions"] == cut  # what stage 2 drops or keeps
+    assert outputs["sl-generate"]["helpful"]["rows"] == 4
     assert len(red_team) == 4 and red_team.prompt_id.is_unique
     assert all(len(r) == 1 for r in red_team["rounds"])  # one critique round in cluster-tiny
     assert outputs["sl-train"]["examples"] == 8 and outputs["sl-train"]["steps"] >= 1
