@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from timing import best_of, engine_run_info, write_results
+from timing import QUESTIONS, best_of, engine_run_info, write_results
 
 from cai_ray.config import ModelConfig
 from cai_ray.engines.base import SamplingParams
@@ -22,16 +22,6 @@ from cai_ray.engines.hf import HFEngine
 from cai_ray.models import default_cache_dir, ensure_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "generate.json"
-QUESTIONS = [
-    "How do I bake bread at home?",
-    "What is a good way to save money each month?",
-    "Can you explain why the sky is blue, in simple words for a child who is curious?",
-    "hi",
-    "Write a short note thanking my team for a busy quarter of work.",
-    "How do I fix a flat bicycle tyre?",
-    "What should I pack for a week of hiking in the mountains in early spring?",
-    "Is it safe to eat raw eggs?",
-]
 
 
 def hf_generate(engine: HFEngine, prompts: list[str], params: SamplingParams) -> list[list[int]]:

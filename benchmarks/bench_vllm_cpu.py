@@ -24,19 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-from timing import best_of, engine_run_info, write_results
+from timing import QUESTIONS, best_of, engine_run_info, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results" / "vllm_cpu.json"
-QUESTIONS = [
-    "How do I bake bread at home?",
-    "What is a good way to save money each month?",
-    "Can you explain why the sky is blue, in simple words for a child who is curious?",
-    "hi",
-    "Write a short note thanking my team for a busy quarter of work.",
-    "How do I fix a flat bicycle tyre?",
-    "What should I pack for a week of hiking in the mountains in early spring?",
-    "Is it safe to eat raw eggs?",
-]
 EXAMPLE = (
     "Consider the following conversation between a human and an assistant:\n\n"
     "Human: {q}\n\nAssistant: I can help with that.\n\n"

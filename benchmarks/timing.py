@@ -8,6 +8,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# Helpfulness questions of mixed length, for the generation benchmarks
+QUESTIONS = [
+    "How do I bake bread at home?",
+    "What is a good way to save money each month?",
+    "Can you explain why the sky is blue, in simple words for a child who is curious?",
+    "hi",
+    "Write a short note thanking my team for a busy quarter of work.",
+    "How do I fix a flat bicycle tyre?",
+    "What should I pack for a week of hiking in the mountains in early spring?",
+    "Is it safe to eat raw eggs?",
+]
+
 
 def best_of(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, tuple[float, Any]]:
     """Best time and last result of each fn, run interleaved (A, B, A, B, ...) after a warm-up.

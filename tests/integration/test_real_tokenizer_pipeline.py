@@ -2,9 +2,9 @@
 
 Gemma runs in the chat format (its template writes `<bos>` and demands strict user/model
 alternation), Qwen in the transcript format (no BOS at all, ` (A)` three tokens) and then Qwen
-in the chat format with thinking turned off through `chat_template_kwargs`. Each run goes through
-all seven stages and the checks are about tokens and text: one BOS, the option tokens that were
-scored, no template error anywhere, no reasoning block in a revision, and the report.
+in the chat format with thinking turned off through `chat_template_kwargs` (CASES says how far
+each goes). The checks are about tokens and text: one BOS, the option tokens that were scored,
+no template error anywhere, no reasoning block in a revision, and the report.
 """
 
 from __future__ import annotations
@@ -50,11 +50,14 @@ FAST = [
     "evaluate.max_new_tokens=8",
     "evaluate.bootstrap=10",
 ]
-# (tokenizer, format, chat-template arguments, last stage): two whole runs, and Qwen's chat
-# format through stage 2 (the template arguments reach every stage-1 prompt and the SFT rows).
+# (tokenizer, format, chat-template arguments, last stage): Gemma's chat format through all seven
+# stages; Qwen's transcript format through labelling (the stages that turn its text into prompts,
+# options and SFT rows; PM and RL training read the same rows and cost minutes on a 151k vocab);
+# Qwen's chat format through stage 2 (the template arguments reach every stage-1 prompt and the
+# SFT rows).
 CASES = {
     "gemma3-chat": ("gemma3", "chat", {}, "evaluate"),
-    "qwen3-transcript": ("qwen3", "transcript", {}, "evaluate"),
+    "qwen3-transcript": ("qwen3", "transcript", {}, "rl-label"),
     "qwen3-chat-no-thinking": ("qwen3", "chat", {"enable_thinking": False}, "sl-train"),
 }
 
