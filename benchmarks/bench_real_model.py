@@ -92,6 +92,25 @@ def run_stage(name: str, config: str, sets: list[str]) -> dict[str, Any]:
     return row
 
 
+def timed_stages(run_dir: Path, config: str, sets: list[str]) -> list[dict[str, Any]]:
+    """Every stage's row; a stage finished by an earlier (killed) bench run keeps that run's row,
+    kept in RUN_DIR/bench_stages.jsonl, so a resumed bench still reports each stage's time."""
+    log = run_dir / "bench_stages.jsonl"
+    earlier = {}
+    if log.is_file():
+        earlier = {r["stage"]: r for r in map(json.loads, log.read_text().splitlines())}
+    rows = []
+    for name in STAGES:
+        row = run_stage(name, config, sets)
+        if row["skipped"] and name in earlier:
+            row = {**earlier[name], "from_earlier_run": True}
+        elif not row["skipped"]:
+            with log.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        rows.append(row)
+    return rows
+
+
 def hhh(model: Path, label: str, *extra: str) -> dict[str, Any]:
     """`cai-ray eval hhh --as feedback` on the helpful model; its JSON report."""
     out = RESULTS.parent / f"real_model_hhh_{label}.json"
@@ -208,7 +227,7 @@ def main() -> None:
     if not run_dir.is_absolute():
         run_dir = ROOT / run_dir
     t0 = time.time()
-    stages = [] if args.skip_stages else [run_stage(s, args.config, args.sets) for s in STAGES]
+    stages = [] if args.skip_stages else timed_stages(run_dir, args.config, args.sets)
     if not args.skip_stages:
         subprocess.run([CLI, "report", str(run_dir)], cwd=ROOT, check=True, capture_output=True)
     evals = []

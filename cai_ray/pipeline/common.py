@@ -161,6 +161,27 @@ def prompt_dataset(
     )
 
 
+def shard_dataset(paths: Iterable[str | Path]):
+    """A Ray Data stream of Parquet shard files (one block each), read in 0-CPU tasks.
+
+    Not `ray.data.read_parquet`, even with num_cpus=0: the stream then waits for a free CPU
+    before its first read, so a stage whose pools hold every CPU of the cluster never starts
+    (measured: a labeller pool asking for all CPUs hung rl-label until ray.batch_timeout_s).
+    """
+    import ray.data
+
+    items = [{"path": str(p)} for p in paths]
+    return ray.data.from_items(items).map_batches(
+        _read_shard, batch_size=1, batch_format="pandas", num_cpus=0
+    )
+
+
+def _read_shard(item) -> Iterator[Any]:
+    import pyarrow.parquet as pq
+
+    yield pq.read_table(item["path"].iloc[0])
+
+
 def _read_source(
     item, *, turns: str, limit: int | None, done, block_rows: int, skip: int = 0
 ) -> Iterator[Any]:

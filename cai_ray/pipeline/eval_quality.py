@@ -18,7 +18,14 @@ from typing import Any
 
 from cai_ray.config import PoolConfig, RunConfig, resolve_path
 from cai_ray.eval_metrics import label_quality, read_reference_labels, revision_curve
-from cai_ray.pipeline.common import ModelRef, StageContext, drain, map_pool, summarize
+from cai_ray.pipeline.common import (
+    ModelRef,
+    StageContext,
+    drain,
+    map_pool,
+    shard_dataset,
+    summarize,
+)
 from cai_ray.shards import SHARD_GLOB, ShardStore, reject_counts
 
 LABEL_COLUMNS = ["pair_id", "label", "label_raw", "flips", "order_checks", "principles"]
@@ -97,7 +104,6 @@ def _relabel(
 ) -> ShardStore:
     """The reference judge labels the sampled stage-4 pairs with stage 4's own settings (the
     principles are drawn by pair id, so both judges answer the same questions)."""
-    import ray.data
 
     from actors.labeler import LabelerWorker
     from cai_ray.pipeline.rl_label import label_settings
@@ -107,8 +113,7 @@ def _relabel(
     if not todo:
         return store
     judge_pool = _pool(cfg.evaluate.judge)
-    # 0-CPU reads: the pools of the main stream may hold every CPU while this streams beside it
-    ds = ray.data.read_parquet(shards, num_cpus=0).map_batches(
+    ds = shard_dataset(shards).map_batches(
         _pairs_to_label,
         fn_kwargs=dict(keep=todo),
         batch_format="pandas",
@@ -176,7 +181,6 @@ def revision_part(cfg: RunConfig, ctx: StageContext, *, pm: ModelRef | None) -> 
     """Mean PM score by revision round of stage-1 chains: `result`, `outputs`, `timings`, or a
     `note` why not."""
     import pyarrow.parquet as pq
-    import ray.data
 
     from actors.judge import PMScoreWorker
 
@@ -192,7 +196,7 @@ def revision_part(cfg: RunConfig, ctx: StageContext, *, pm: ModelRef | None) -> 
     todo = frozenset(set(_sample(ids, cfg.evaluate.revision_sample, cfg.seed)) - store.done_keys())
     if todo:
         pm_pool = _pool(cfg.evaluate.pm)
-        ds = ray.data.read_parquet(shards, num_cpus=0).map_batches(
+        ds = shard_dataset(shards).map_batches(
             _chains_to_score,
             fn_kwargs=dict(keep=todo),
             batch_format="pandas",

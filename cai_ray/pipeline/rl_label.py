@@ -20,6 +20,7 @@ from cai_ray.pipeline.common import (
     drain,
     ensure_ray,
     pool_args,
+    shard_dataset,
     summarize,
 )
 from cai_ray.shards import ShardStore, write_manifest
@@ -66,7 +67,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     ensure_ray(cfg.ray)
     check_pool_fits({"labeler": s.labeler}, ray.cluster_resources())
     store = ShardStore(ctx.stage_dir / "labels", key="pair_id")
-    ds = ray.data.read_parquet(pairs.shard_paths()).map_batches(
+    ds = shard_dataset(pairs.shard_paths()).map_batches(
         _todo,
         fn_kwargs=dict(done=frozenset(store.done_keys())),
         batch_format="pandas",

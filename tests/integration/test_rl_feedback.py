@@ -66,6 +66,22 @@ def test_pairs_then_labels_with_full_trace(ray_cluster, tmp_path, tiny_model_dir
     assert rl_label.run(cfg, progress=False)["written_at"] == manifest["written_at"]
 
 
+def test_a_labeler_holding_every_cpu_still_reads_its_pairs(ray_cluster, tmp_path, tiny_model_dir):
+    # Found on Gemma 3 270M (2 CPUs, labeler num_cpus 2): the pairs' parquet read asked for a
+    # CPU the labeler held, and the stage waited until ray.batch_timeout_s.
+    cpus = int(ray_cluster.cluster_resources()["CPU"])
+    cfg = _cfg(
+        tmp_path,
+        tiny_model_dir,
+        f"rl_label.labeler.num_cpus={cpus}",
+        "rl_label.principles_per_label=1",
+        "ray.batch_timeout_s=90",
+    )
+    rl_pairs.run(cfg, progress=False)
+    out = rl_label.run(cfg, progress=False)["outputs"]["labels"]
+    assert out["rows"] + out["rejects"] == 6 and out["rows"] > 0
+
+
 def test_cot_labels_are_clamped_and_bad_pairs_are_rejects(ray_cluster, tmp_path, tiny_model_dir):
     cfg = _cfg(
         tmp_path,
