@@ -230,12 +230,29 @@ class DeploymentConfig(Section):
     autoscaling: AutoscalingConfig | None = None  # set: autoscale instead of num_replicas
     max_ongoing_requests: int = Field(8, ge=1)
     max_queued_requests: int = Field(64, ge=-1, description="-1: unbounded queue")
-    num_cpus: float = Field(1, ge=0)
+    # Half a CPU each: ingress + policy + PM + constitution fit a 2-CPU machine (1.6 CPUs).
+    num_cpus: float = Field(0.5, ge=0)
     num_gpus: float = Field(0, ge=0)
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per replica, e.g. {accel: 1}"
+    )
+    max_constructor_retry_count: int | None = Field(
+        None, ge=1, description="replica starts before a deploy fails (None: Serve's)"
+    )
     # Serve finds a killed replica at its next health check and only then starts a new one;
     # the check is a no-op call here (no `check_health` method), so check every 2 s, not 10.
     health_check_period_s: float = Field(2, gt=0)
     health_check_timeout_s: float = Field(30, gt=0)
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"{name!r} is not a custom resource: use num_cpus / num_gpus")
+            if amount < 0:
+                raise ValueError(f"resource {name!r} must be >= 0, got {amount}")
+        return value
 
 
 class ServeConfig(Section):
@@ -268,6 +285,14 @@ class ServeConfig(Section):
     max_batch: int = Field(32, ge=1, description="most conversations per /v1/score request")
     max_rounds: int = Field(4, ge=1, description="most critique rounds per /v1/critique request")
     request_timeout_s: float = Field(120, gt=0)
+    deploy_timeout_s: float = Field(
+        300, gt=0, description="fail (and tear down) if the replicas are not healthy by then"
+    )
+    fit_check: bool = Field(
+        True,
+        description="fail before deploying if the deployments ask more than the cluster has "
+        "(false: a cluster that autoscales, adding nodes on demand)",
+    )
 
 
 class RLPairsConfig(Section):

@@ -9,12 +9,24 @@ answer 503); critique `serve.critique_path`, else `models.critique`, else the po
 
 from __future__ import annotations
 
+import contextlib
+import re
+import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cai_ray.config import DeploymentConfig, ModelConfig, RunConfig, resolve_path
-from cai_ray.errors import CaiRayError
+from cai_ray.config import DeploymentConfig, ModelConfig, RunConfig, ServeConfig, resolve_path
+from cai_ray.errors import CaiRayError, ConfigError
+
+# Serve deployment name -> its section under `serve.` (the PM's is `reward_model`).
+DEPLOYMENTS = {
+    "ingress": "ingress",
+    "policy": "policy",
+    "reward": "reward_model",
+    "constitution": "constitution",
+}
 
 
 @dataclass(frozen=True)
@@ -67,15 +79,127 @@ def plan_serve(
     )
 
 
+# -- will it fit: what the deployments ask against what the cluster has ----------------------
+
+_EPS = 1e-6  # Ray keeps resources to 4 decimals; 0.1 + 0.5 + 0.5 + 0.5 must not exceed 1.6
+
+
+@dataclass(frozen=True)
+class DeploymentAsk:
+    """What one Serve deployment needs to start: `replicas` x `per_replica` resources."""
+
+    name: str  # the Serve deployment
+    key: str  # its config section, e.g. "serve.reward_model"
+    replicas: int  # started at deploy: num_replicas, or autoscaling.min_replicas
+    replicas_key: str  # the key that sets `replicas`
+    per_replica: Mapping[str, float]  # {"CPU": 0.5, "GPU": 1, "<custom>": 1}, no zeros
+
+    def total(self, resource: str) -> float:
+        return self.replicas * self.per_replica.get(resource, 0.0)
+
+
+def deployment_asks(sc: ServeConfig, *, reward: bool = True) -> list[DeploymentAsk]:
+    """The deployments `cai-ray serve` starts (the PM's only with a `reward` model) and what
+    each asks of the cluster."""
+    asks = []
+    for name, section in DEPLOYMENTS.items():
+        if name == "reward" and not reward:
+            continue
+        d: DeploymentConfig = getattr(sc, section)
+        per = {"CPU": d.num_cpus, "GPU": d.num_gpus, **d.resources}
+        key = f"serve.{section}"
+        auto = d.autoscaling
+        asks.append(
+            DeploymentAsk(
+                name=name,
+                key=key,
+                replicas=auto.min_replicas if auto is not None else d.num_replicas,
+                replicas_key=f"{key}.{'autoscaling.min_replicas' if auto else 'num_replicas'}",
+                per_replica={r: float(v) for r, v in per.items() if v > 0},
+            )
+        )
+    return asks
+
+
+def _resource_key(ask: DeploymentAsk, resource: str) -> str:
+    field = {"CPU": "num_cpus", "GPU": "num_gpus"}.get(resource, f"resources.{resource}")
+    return f"{ask.key}.{field}"
+
+
+def _n(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def check_fit(
+    asks: Iterable[DeploymentAsk],
+    cluster: Mapping[str, float],
+    nodes: Iterable[Mapping[str, float]] | None = None,
+) -> None:
+    """A ConfigError naming each deployment, its ask, the cluster's total and the keys to
+    change, unless every deployment's replicas fit `cluster` (ray.cluster_resources()) and each
+    replica fits on one of `nodes` (the alive nodes' resources; None: not checked). Packing the
+    replicas onto the nodes is left to Ray (a fragmented cluster ends at serve.deploy_timeout_s)."""
+    asks = list(asks)
+    nodes = list(nodes) if nodes is not None else None
+    resources = sorted({r for a in asks for r in a.per_replica}, key=lambda r: (r != "CPU", r))
+    problems: list[str] = []
+    keys: list[str] = []
+    for resource in resources:
+        users = [a for a in asks if a.per_replica.get(resource, 0) > 0]
+        have = float(cluster.get(resource, 0.0))
+        want = sum(a.total(resource) for a in users)
+        if want > have + _EPS:
+            detail = ", ".join(
+                f"{a.name} {a.replicas} x {_n(a.per_replica[resource])}" for a in users
+            )
+            problems.append(
+                f"the deployments ask for {_n(want)} {resource} in all ({detail}), "
+                f"the cluster has {_n(have)}"
+            )
+            for a in users:
+                keys += [_resource_key(a, resource), a.replicas_key]
+        if nodes:
+            largest = max(float(n.get(resource, 0.0)) for n in nodes)
+            for a in users:
+                if a.per_replica[resource] > largest + _EPS:
+                    problems.append(
+                        f"{a.name} asks for {_n(a.per_replica[resource])} {resource} a replica, "
+                        f"the largest node has {_n(largest)}"
+                    )
+                    keys.append(_resource_key(a, resource))
+    if not problems:
+        return
+    change = ", ".join(dict.fromkeys(keys))
+    raise ConfigError(
+        "the Serve deployments do not fit the cluster: " + "; ".join(problems),
+        where="serve",
+        hint=f"lower {change} (fractions share a CPU or GPU, e.g. num_cpus: 0.5), or give the "
+        "cluster more (ray.num_cpus on a local one); `ray status` shows what it has",
+    )
+
+
+def check_cluster_fit(sc: ServeConfig, *, reward: bool) -> None:
+    """`check_fit` against the connected Ray cluster's total resources and its alive nodes."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    check_fit(deployment_asks(sc, reward=reward), ray.cluster_resources(), nodes or None)
+
+
 def _options(d: DeploymentConfig, name: str) -> dict[str, Any]:
+    actor: dict[str, Any] = {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus}
+    if d.resources:
+        actor["resources"] = dict(d.resources)
     opts: dict[str, Any] = {
         "name": name,
         "max_ongoing_requests": d.max_ongoing_requests,
         "max_queued_requests": d.max_queued_requests,
-        "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
+        "ray_actor_options": actor,
         "health_check_period_s": d.health_check_period_s,
         "health_check_timeout_s": d.health_check_timeout_s,
     }
+    if d.max_constructor_retry_count is not None:
+        opts["max_constructor_retry_count"] = d.max_constructor_retry_count
     if d.autoscaling is not None:
         opts["autoscaling_config"] = d.autoscaling.model_dump()
     else:
@@ -141,7 +265,10 @@ def serve_app(
     reward: str | Path | None = None,
     plan: ServePlan | None = None,
 ) -> str:
-    """Deploy the app on Ray Serve (joining or starting Ray per `cfg.ray`); returns its URL."""
+    """Deploy the app on Ray Serve (joining or starting Ray per `cfg.ray`); returns its URL once
+    every replica is healthy. Fails before deploying when the deployments cannot fit the cluster
+    (`serve.fit_check`), and after `serve.deploy_timeout_s` or a replica that cannot start, with
+    the app torn down."""
     from ray import serve
 
     from cai_ray.pipeline.common import ensure_ray
@@ -149,6 +276,9 @@ def serve_app(
     plan = plan or plan_serve(cfg, policy=policy, reward=reward)
     ensure_ray(cfg.ray)
     sc = cfg.serve
+    if sc.fit_check:
+        check_cluster_fit(sc, reward=plan.reward is not None)
+    deadline = time.monotonic() + sc.deploy_timeout_s
     serve.start(
         http_options={
             "host": sc.host,
@@ -158,7 +288,24 @@ def serve_app(
         }
     )
     try:
-        serve.run(build_app(cfg, plan), name=sc.app_name, route_prefix=sc.route_prefix)
+        _deploy(build_app(cfg, plan), sc, deadline)
+    except BaseException:
+        _delete_app(sc.app_name)
+        raise
+    return f"http://{sc.host}:{sc.port}{sc.route_prefix.rstrip('/')}"
+
+
+def _deploy(app, sc: ServeConfig, deadline: float) -> None:
+    """Submit the app without Serve's wait (which has no end), then poll its status until it is
+    RUNNING; a CaiRayError when it fails or the deadline passes."""
+    from ray import serve
+
+    try:
+        serve.run_many(
+            [serve.RunTarget(app, name=sc.app_name, route_prefix=sc.route_prefix)],
+            wait_for_ingress_deployment_creation=False,
+            wait_for_applications_running=False,
+        )
     except Exception as exc:
         from cai_ray.serve.app import _as_api_error
 
@@ -169,7 +316,103 @@ def serve_app(
             f"the Serve app failed to start: {exc}",
             hint="check the model paths and `ray status`; replica logs are under /tmp/ray",
         ) from None
-    return f"http://{sc.host}:{sc.port}{sc.route_prefix.rstrip('/')}"
+    status = None
+    while True:
+        status = serve.status().applications.get(sc.app_name)
+        state = _value(status.status) if status is not None else "NOT_STARTED"
+        if state == "RUNNING":
+            break
+        if state == "DEPLOY_FAILED":
+            raise _failed(status)
+        if time.monotonic() >= deadline:
+            raise _timed_out(status, sc.deploy_timeout_s, _free_resources())
+        time.sleep(0.5)
+    _wait_for_proxies()
+
+
+def _wait_for_proxies() -> None:
+    """Serve's own last step of `serve.run`: the HTTP proxies route to the app (at most 60 s)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        _get_global_client().wait_for_proxies_serving(wait_for_applications_running=True)
+    except (ImportError, AttributeError):  # a Serve without it: /health answers a moment later
+        pass
+    except TimeoutError as exc:
+        raise CaiRayError(f"the Serve HTTP proxy did not come up: {exc}") from None
+
+
+def _value(state: Any) -> str:
+    return str(getattr(state, "value", state))
+
+
+def _reason(message: str) -> str:
+    """The replica's own error out of a Serve status message (often a whole traceback): the last
+    `SomeError: text` line, else the message's first line."""
+    lines = [ln.strip() for ln in (message or "").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Exit)\b.*:", ln)]
+    text = errors[-1] if errors else (lines[0] if lines else "no reason given")
+    return text if len(text) <= 400 else text[:400] + "..."
+
+
+def _section(name: str) -> str:
+    return f"serve.{DEPLOYMENTS.get(name, name)}"
+
+
+def _failed(status) -> CaiRayError:
+    """A DEPLOY_FAILED app: each failed deployment with its replica's error."""
+    failed = [
+        f"{name} ({_section(name)}): {_reason(d.message)}"
+        for name, d in status.deployments.items()
+        if _value(d.status) in ("DEPLOY_FAILED", "UNHEALTHY")
+    ]
+    detail = "; ".join(failed) or _reason(status.message)
+    return CaiRayError(
+        f"the Serve app failed to start: {detail}",
+        hint="check the deployment's model path (serve.policy_path, serve.reward_path, "
+        "models.*); replica logs are under /tmp/ray/session_latest/logs/serve",
+    )
+
+
+def _free_resources() -> str:
+    """`free now: 0.9 of 2 CPU, ...` for the cluster's CPUs, GPUs and custom resources."""
+    import ray
+
+    try:
+        total, free = ray.cluster_resources(), ray.available_resources()
+    except Exception:
+        return ""
+    skip = ("memory", "object_store_memory", "node:", "accelerator_type:")
+    shown = [r for r in total if not r.startswith(skip)]
+    shown.sort(key=lambda r: (r not in ("CPU", "GPU"), r))
+    return "free now: " + ", ".join(f"{_n(free.get(r, 0.0))} of {_n(total[r])} {r}" for r in shown)
+
+
+def _timed_out(status, timeout_s: float, free: str = "") -> CaiRayError:
+    """The deadline passed: each deployment not yet healthy, with what Serve says it waits for."""
+    waiting = []
+    for name, d in (status.deployments if status is not None else {}).items():
+        if _value(d.status) == "HEALTHY":
+            continue
+        replicas = ", ".join(f"{n} {_value(s)}" for s, n in (d.replica_states or {}).items())
+        state = _value(d.status) + (f" [replicas: {replicas}]" if replicas else "")
+        why = _reason(d.message) if d.message else "still starting"
+        waiting.append(f"{name} ({_section(name)}) {state}: {why}")
+    detail = "; ".join(waiting) or "the app was never created"
+    return CaiRayError(
+        f"the Serve app was not healthy after {_n(timeout_s)} s (serve.deploy_timeout_s): "
+        f"{detail}" + (f" ({free})" if free else ""),
+        hint="raise serve.deploy_timeout_s for a slow model load, or lower the deployments' "
+        "num_cpus / num_gpus if replicas wait to be scheduled (`ray status`)",
+    )
+
+
+def _delete_app(name: str) -> None:
+    """Tear down a failed deploy: its replicas stop (Serve waits at most 60 s)."""
+    from ray import serve
+
+    with contextlib.suppress(Exception):  # the deploy's own error is the one to report
+        serve.delete(name)
 
 
 def describe(url: str, plan: ServePlan) -> str:
