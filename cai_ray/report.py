@@ -40,7 +40,8 @@ for (const img of document.images) {
 </script>"""
 _CSS = """body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}
 table{border-collapse:collapse;font-size:90%}td,th{border:1px solid #ccc;padding:3px 6px;
-vertical-align:top;text-align:left}pre{white-space:pre-wrap;background:#f6f6f6;padding:6px}
+vertical-align:top;text-align:left}.hashes td+td{word-break:break-all}
+pre{white-space:pre-wrap;background:#f6f6f6;padding:6px}
 img{max-width:100%}.missing{color:#777;font-style:italic}details{margin:4px 0}"""
 
 
@@ -117,12 +118,13 @@ def _rows(folder: Path, *, columns: list[str] | None = None, limit: int | None =
     return out
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
+def _table(header: list[str], rows: list[list[Any]], cls: str = "") -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
     )
-    return f"<table><tr>{head}</tr>{body}</table>"
+    attr = f' class="{cls}"' if cls else ""
+    return f"<table{attr}><tr>{head}</tr>{body}</table>"
 
 
 def _run_section(page: _Page, manifests: dict[str, dict]) -> str:
@@ -133,7 +135,7 @@ def _run_section(page: _Page, manifests: dict[str, dict]) -> str:
     ]
     parts = [f"<p>Run directory: <code>{html.escape(str(page.run_dir))}</code></p>"]
     parts.append(
-        _table(["stage", "config hash", "stage hash", "constitution hash"], hashes)
+        _table(["stage", "config hash", "stage hash", "constitution hash"], hashes, "hashes")
         if hashes
         else _missing("no stage has written a manifest yet")
     )
