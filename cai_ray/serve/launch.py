@@ -325,7 +325,9 @@ def _deploy(app, sc: ServeConfig, deadline: float) -> None:
         if state == "DEPLOY_FAILED":
             raise _failed(status)
         if time.monotonic() >= deadline:
-            raise _timed_out(status, sc.deploy_timeout_s, _free_resources())
+            asks = {a.name: a for a in deployment_asks(sc)}
+            asked = {r for a in asks.values() for r in a.per_replica}
+            raise _timed_out(status, sc.deploy_timeout_s, _free_resources(asked), asks)
         time.sleep(0.5)
     _wait_for_proxies()
 
@@ -374,8 +376,9 @@ def _failed(status) -> CaiRayError:
     )
 
 
-def _free_resources() -> str:
-    """`free now: 0.9 of 2 CPU, ...` for the cluster's CPUs, GPUs and custom resources."""
+def _free_resources(asked: Iterable[str] = ()) -> str:
+    """`free now: 0.9 of 2 CPU, ...` for the cluster's CPUs, GPUs, custom resources and any
+    resource the deployments ask for (`0 of 0 accel` where the cluster has none)."""
     import ray
 
     try:
@@ -383,19 +386,29 @@ def _free_resources() -> str:
     except Exception:
         return ""
     skip = ("memory", "object_store_memory", "node:", "accelerator_type:")
-    shown = [r for r in total if not r.startswith(skip)]
-    shown.sort(key=lambda r: (r not in ("CPU", "GPU"), r))
-    return "free now: " + ", ".join(f"{_n(free.get(r, 0.0))} of {_n(total[r])} {r}" for r in shown)
+    shown = {r for r in total if not r.startswith(skip)} | set(asked)
+    order = sorted(shown, key=lambda r: (r != "CPU", r != "GPU", r))
+    return "free now: " + ", ".join(
+        f"{_n(free.get(r, 0.0))} of {_n(total.get(r, 0.0))} {r}" for r in order
+    )
 
 
-def _timed_out(status, timeout_s: float, free: str = "") -> CaiRayError:
-    """The deadline passed: each deployment not yet healthy, with what Serve says it waits for."""
+def _timed_out(
+    status, timeout_s: float, free: str = "", asks: Mapping[str, DeploymentAsk] | None = None
+) -> CaiRayError:
+    """The deadline passed: each deployment not yet healthy, what a replica of it asks for, and
+    what Serve says it waits for."""
     waiting = []
     for name, d in (status.deployments if status is not None else {}).items():
         if _value(d.status) == "HEALTHY":
             continue
         replicas = ", ".join(f"{n} {_value(s)}" for s, n in (d.replica_states or {}).items())
         state = _value(d.status) + (f" [replicas: {replicas}]" if replicas else "")
+        ask = (asks or {}).get(name)
+        if ask is not None and ask.per_replica:
+            state += ", a replica asks " + " + ".join(
+                f"{_n(v)} {r}" for r, v in ask.per_replica.items()
+            )
         why = _reason(d.message) if d.message else "still starting"
         waiting.append(f"{name} ({_section(name)}) {state}: {why}")
     detail = "; ".join(waiting) or "the app was never created"

@@ -77,6 +77,7 @@ def test_over_asking_config_fails_before_any_replica_starts(
     assert main(argv) == 2
     took = time.monotonic() - start
     err = capsys.readouterr().err
+    print(f"took {took:.1f} s: {err}")
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1, err
     line = lines[0]
@@ -116,9 +117,11 @@ def test_unschedulable_replica_times_out_with_its_deployment_named(
         serve_app(cfg, policy=tiny_model_dir)
     took = time.monotonic() - start
     message = info.value.message
+    print(f"took {took:.1f} s: {info.value}")
     assert "not healthy after 8 s (serve.deploy_timeout_s)" in message
     assert "policy (serve.policy)" in message
-    assert "free now:" in message and "CPU" in message
+    assert "a replica asks 0.25 CPU + 1 no_such_accelerator" in message
+    assert "free now:" in message and "0 of 0 no_such_accelerator" in message
     assert 8 <= took < 8 + 70, took  # the timeout, then Serve's bounded delete
     _assert_torn_down(app)
 
@@ -151,6 +154,7 @@ def test_broken_model_fails_the_deploy_naming_the_deployment(ray_cluster, tiny_m
         serve_app(cfg, policy=broken)
     took = time.monotonic() - start
     message = info.value.message
+    print(f"took {took:.1f} s: {info.value}")
     assert message.startswith("the Serve app failed to start: policy (serve.policy): "), message
     assert "Error" in message and "constitution" not in message
     assert "\n" not in message

@@ -155,8 +155,12 @@ def test_the_timeout_error_names_what_is_not_healthy():
             "reward": NS(status="UPDATING", replica_states={"STARTING": 1}, message=""),
         }
     )
-    err = _timed_out(status, 5, "free now: 0 of 2 CPU")
+    asks = {a.name: a for a in _asks(["serve.reward_model.resources={accel: 1}"])}
+    err = _timed_out(status, 5, "free now: 0 of 2 CPU", asks)
     assert "not healthy after 5 s (serve.deploy_timeout_s)" in err.message
-    assert "reward (serve.reward_model) UPDATING [replicas: 1 STARTING]" in err.message
+    assert (
+        "reward (serve.reward_model) UPDATING [replicas: 1 STARTING], "
+        "a replica asks 0.5 CPU + 1 accel: still starting"
+    ) in err.message
     assert "ingress" not in err.message and "free now: 0 of 2 CPU" in err.message
     assert "the app was never created" in _timed_out(None, 5).message
