@@ -213,6 +213,11 @@ def main() -> None:
     ap.add_argument("--hhh-limit", type=int, help="HHH rows for the zero- and few-shot evals")
     ap.add_argument("--cot-limit", type=int, default=100, help="HHH rows for the CoT eval")
     ap.add_argument("--no-hhh", action="store_true")
+    ap.add_argument(
+        "--reuse-hhh",
+        action="store_true",
+        help="take the HHH rows from the last report (they depend on the helpful model only)",
+    )
     ap.add_argument("--markdown", metavar="JSON", help="print the tables of a written report")
     args = ap.parse_args()
     if args.markdown:
@@ -231,7 +236,11 @@ def main() -> None:
     if not args.skip_stages:
         subprocess.run([CLI, "report", str(run_dir)], cwd=ROOT, check=True, capture_output=True)
     evals = []
-    if not args.no_hhh:
+    if args.reuse_hhh and RESULTS.is_file():
+        evals = [
+            {**e, "from_earlier_run": True} for e in json.loads(RESULTS.read_text())["hhh_feedback"]
+        ]
+    elif not args.no_hhh:
         models = sorted((run_dir / "models").iterdir())
         helpful = next(m for m in models if (m / "config.json").is_file())
         limit = ["--limit", str(args.hhh_limit)] if args.hhh_limit else []
