@@ -228,7 +228,16 @@ class DeploymentConfig(Section):
 
     num_replicas: int = Field(1, ge=1)
     autoscaling: AutoscalingConfig | None = None  # set: autoscale instead of num_replicas
-    max_ongoing_requests: int = Field(8, ge=1)
+    max_ongoing_requests: int = Field(32, ge=1, description="requests a replica holds at once")
+    max_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="model deployments: most requests run as one engine batch (None: "
+        "max_ongoing_requests; 1: no batching)",
+    )
+    batch_wait_s: float = Field(
+        0.005, ge=0, description="model deployments: how long a request waits for a batch to fill"
+    )
     max_queued_requests: int = Field(64, ge=-1, description="-1: unbounded queue")
     # Half a CPU each: ingress + policy + PM + constitution fit a 2-CPU machine (1.6 CPUs).
     num_cpus: float = Field(0.5, ge=0)
@@ -243,6 +252,18 @@ class DeploymentConfig(Section):
     # the check is a no-op call here (no `check_health` method), so check every 2 s, not 10.
     health_check_period_s: float = Field(2, gt=0)
     health_check_timeout_s: float = Field(30, gt=0)
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> DeploymentConfig:
+        if self.max_batch_size is None:
+            object.__setattr__(self, "max_batch_size", self.max_ongoing_requests)  # frozen
+        elif self.max_batch_size > self.max_ongoing_requests:
+            raise ValueError(
+                f"max_batch_size {self.max_batch_size} is over max_ongoing_requests "
+                f"{self.max_ongoing_requests}: a replica never holds that many requests; raise "
+                "max_ongoing_requests or lower max_batch_size"
+            )
+        return self
 
     @field_validator("resources")
     @classmethod
@@ -272,7 +293,9 @@ class ServeConfig(Section):
     reward_path: str | None = None
     critique_path: str | None = None
     reward: ModelConfig | None = None  # a trained PM dir; a preset is a random classifier
-    ingress: DeploymentConfig = DeploymentConfig(num_cpus=0.1, max_ongoing_requests=64)
+    ingress: DeploymentConfig = DeploymentConfig(
+        num_cpus=0.1, max_ongoing_requests=64
+    )  # no batching
     policy: DeploymentConfig = DeploymentConfig()
     reward_model: DeploymentConfig = DeploymentConfig()
     constitution: DeploymentConfig = DeploymentConfig()

@@ -273,7 +273,7 @@ def _generate_step(engine, s: CritiqueSettings, prompts, results, what: str):
     for attempt in range(s.empty_retries + 1):
         if not todo:
             break
-        seed = _batch_seed(s.seed, [results[i].prompt_id for i in todo], f"{what}#{attempt}")
+        seed = _step_seed(s.seed, f"{what}#{attempt}")
         params = SamplingParams(**{**s.sampling.__dict__, "n": 1, "seed": seed})
         gens = engine.generate([prompts[i] for i in todo], params)
         for i, samples in zip(todo, gens, strict=True):
@@ -287,7 +287,9 @@ def _generate_step(engine, s: CritiqueSettings, prompts, results, what: str):
     return out
 
 
-def _batch_seed(seed: int, prompt_ids: Sequence[str], step: str) -> int:
-    """A distinct seed per step and batch: critique and revision must not share a stream."""
-    key = f"{seed}:{step}:{','.join(prompt_ids)}".encode()
+def _step_seed(seed: int, step: str) -> int:
+    """A distinct seed per step: critique and revision must not share a stream. (The engines
+    seed each prompt from it and the prompt's tokens, so a chain's samples do not depend on
+    which other chains share its batch.)"""
+    key = f"{seed}:{step}".encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:4], "little")

@@ -23,6 +23,9 @@ FinishReason = Literal["stop", "length"]
 class SamplingParams:
     """How to sample. `seed` makes sampling reproducible.
 
+    A seeded sample depends only on (seed, its prompt's tokens, its index j): not on the
+    other prompts of the call or the batch size (`prompt_seed`).
+
     temperature 0 is greedy decoding, which has one answer: `n > 1` then gives `n` copies of
     it on every engine (vLLM refuses greedy n > 1, so VLLMEngine asks once and copies). A
     stage that needs different samples (preference pairs, RL groups) must sample at T > 0.
@@ -47,6 +50,16 @@ class SamplingParams:
         if self.n < 1:
             raise CaiRayError(f"n must be >= 1, got {self.n}")
         object.__setattr__(self, "stop", tuple(self.stop))
+
+
+def prompt_seed(seed: int, prompt_ids: Sequence[int]) -> int:
+    """The seed of one prompt's samples under a request's `seed` (sample j uses this + j, as
+    vLLM numbers a request's samples): every prompt gets its own random stream, whatever else
+    shares its batch, so a seeded sample depends only on (seed, prompt, j)."""
+    import hashlib
+
+    key = hashlib.blake2b(f"{seed}|{list(prompt_ids)}".encode(), digest_size=8).digest()
+    return int.from_bytes(key, "little") >> 32  # 32 bits: vLLM adds j, torch takes 64
 
 
 @dataclass
@@ -96,6 +109,14 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[list[Generation]]:
         """Sample `params.n` continuations for each prompt; result[i] holds prompt i's samples."""
+
+    def generate_many(
+        self, requests: Sequence[tuple[Sequence[str], SamplingParams]]
+    ) -> list[list[list[Generation]]]:
+        """Several `generate` requests, each with its own params; result[r] is request r's.
+        Engines that batch across params (HF, vLLM) run them together; a request's samples do
+        not depend on the others."""
+        return [self.generate(prompts, params) for prompts, params in requests]
 
     @abc.abstractmethod
     def score_options(self, requests: Sequence[ScoreRequest]) -> list[OptionScores]:

@@ -13,10 +13,18 @@ from __future__ import annotations
 import gc
 import inspect
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cai_ray.engines.base import Engine, Generation, OptionScores, SamplingParams, ScoreRequest
+from cai_ray.engines.base import (
+    Engine,
+    Generation,
+    OptionScores,
+    SamplingParams,
+    ScoreRequest,
+    prompt_seed,
+)
 from cai_ray.errors import CaiRayError, ModelError
 from cai_ray.profiling import span
 
@@ -67,7 +75,6 @@ class HFEngine(Engine):
 
     # -- Engine interface -------------------------------------------------------------------
 
-    @span("generate")
     def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[list[Generation]]:
         """Sample `params.n` continuations per prompt.
 
@@ -76,33 +83,44 @@ class HFEngine(Engine):
           before the first stop string.
         - `logprobs` are the policy's: log-softmax of the raw logits (temperature 1, no top-p),
           which is what the RL ratio and KL terms need.
-        - `seed` makes a call reproducible: the same prompts, params and batch size give the same
-          samples. Prompts are processed longest first in chunks of `batch_size // n` prompts.
+        - `seed` makes sampling reproducible per sample: sample j of a prompt draws from its own
+          generator (`prompt_seed` + j), so it does not depend on the other prompts in the call,
+          their order or the batch size (up to the float rounding of a differently shaped
+          batch, which can flip a near-tie).
         """
-        import torch
+        return self.generate_many([(prompts, params)])[0]
 
-        encoded = [self._encode(p) for p in prompts]
-        budget = self.max_context - params.max_new_tokens
-        for i, ids in enumerate(encoded):
-            if len(ids) > budget:
-                raise CaiRayError(
-                    f"prompt has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} "
-                    f"the model's context of {self.max_context} leaves room for {budget}",
-                    where=f"prompt {i}",
-                    hint="shorten the prompt or lower max_new_tokens",
-                )
-        gen = None
-        if params.seed is not None:
-            gen = torch.Generator(device=self.device).manual_seed(params.seed)
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-        per_chunk = max(1, self.batch_size // params.n)
-        results: list[list[Generation]] = [[] for _ in encoded]
-        for start in range(0, len(order), per_chunk):
-            chunk = order[start : start + per_chunk]
-            for i, gens in zip(
-                chunk, self._generate_chunk([encoded[i] for i in chunk], params, gen), strict=True
-            ):
-                results[i] = gens
+    @span("generate")
+    def generate_many(
+        self, requests: Sequence[tuple[Sequence[str], SamplingParams]]
+    ) -> list[list[list[Generation]]]:
+        """Several requests, each with its own sampling params, in shared forward passes
+        (Serve's request batching). Prompts run longest first in chunks of about `batch_size`
+        sequences; a prompt's n samples share one prefill."""
+        rows: list[_Prompt] = []
+        for r, (prompts, params) in enumerate(requests):
+            budget = self.max_context - params.max_new_tokens
+            for i, text in enumerate(prompts):
+                ids = self._encode(text)
+                if len(ids) > budget:
+                    where = f"prompt {i}" if len(requests) == 1 else f"request {r}, prompt {i}"
+                    raise CaiRayError(
+                        f"prompt has {len(ids)} tokens; with max_new_tokens="
+                        f"{params.max_new_tokens} the model's context of {self.max_context} "
+                        f"leaves room for {budget}",
+                        where=where,
+                        hint="shorten the prompt or lower max_new_tokens",
+                    )
+                rows.append(_Prompt(r, i, ids, params))
+        results: list[list[list[Generation]]] = [[[] for _ in p] for p, _ in requests]
+        chunk: list[_Prompt] = []
+        for row in sorted(rows, key=lambda x: -len(x.ids)):
+            if chunk and sum(x.params.n for x in chunk) + row.params.n > self.batch_size:
+                self._generate_chunk(chunk, results)
+                chunk = []
+            chunk.append(row)
+        if chunk:
+            self._generate_chunk(chunk, results)
         return results
 
     @span("score")
@@ -192,30 +210,28 @@ class HFEngine(Engine):
         )
         return out.logits.float(), getattr(out, self._cache_kw)
 
-    def _generate_chunk(
-        self, prompts: list[list[int]], params: SamplingParams, gen
-    ) -> list[list[Generation]]:
+    def _generate_chunk(self, prompts: list[_Prompt], results) -> None:
         import torch
 
-        n, pad = params.n, self.tokenizer.pad_token_id
-        ids, mask = _pad(prompts, pad, self.device, left=True)  # (B, T)
+        pad, dev = self.tokenizer.pad_token_id, self.device
+        ids, mask = _pad([p.ids for p in prompts], pad, dev, left=True)  # (B, T)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        rows = _Rows(prompts, self)
+        owner = torch.tensor(rows.owner, device=dev)  # (R,): the prompt of each sample row
         with torch.inference_mode():
             logits, cache = self._forward(ids, mask, positions)  # (B, 1, V)
-            # Prefill once per prompt, then fan the cache out to n samples.
-            logits = logits[:, -1].repeat_interleave(n, dim=0)  # (B*n, V)
-            cache.batch_repeat_interleave(n)
-            mask = mask.repeat_interleave(n, dim=0)
-            last_pos = positions[:, -1].repeat_interleave(n, dim=0)  # (B*n,)
-            rows = _Rows(len(prompts) * n, self)
-            active = list(range(len(prompts) * n))  # row ids still sampling
-            for _step in range(params.max_new_tokens):
-                tokens, logprobs = _sample(logits, params, gen)
-                keep = rows.append(active, tokens.tolist(), logprobs, params)
+            # Prefill once per prompt, then fan the cache out to its n samples.
+            logits = logits[:, -1][owner]  # (R, V)
+            cache.batch_select_indices(owner)
+            mask, last_pos = mask[owner], positions[owner, -1]
+            active = list(range(len(rows.owner)))  # row ids still sampling
+            for _step in range(rows.longest):
+                tokens, logprobs = rows.sample(active, logits)
+                keep = rows.append(active, tokens.tolist(), logprobs)
                 if not keep:
                     break
                 if len(keep) < len(active):  # drop finished rows from every tensor and the cache
-                    sel = torch.tensor(keep, device=self.device)
+                    sel = torch.tensor(keep, device=dev)
                     cache.batch_select_indices(sel)
                     tokens, mask, last_pos = tokens[sel], mask[sel], last_pos[sel]
                     active = [active[j] for j in keep]
@@ -223,7 +239,8 @@ class HFEngine(Engine):
                 last_pos = last_pos + 1
                 logits, cache = self._forward(tokens[:, None], mask, last_pos[:, None], cache)
                 logits = logits[:, -1]
-        return rows.generations(prompts, n, params)
+        for p, gens in zip(prompts, rows.generations(), strict=True):
+            results[p.request][p.index] = gens
 
     # -- scoring ----------------------------------------------------------------------------
 
@@ -288,81 +305,132 @@ class HFEngine(Engine):
         return [flat[bounds[i] : bounds[i + 1]] for i in range(len(plans))]
 
 
-class _Rows:
-    """Per-row bookkeeping of the sampling loop: tokens, logprobs, finish reasons, stop checks."""
+@dataclass
+class _Prompt:
+    """One prompt of a `generate_many` call: where its samples go, its tokens and params."""
 
-    def __init__(self, count: int, engine: HFEngine):
+    request: int
+    index: int
+    ids: list[int]
+    params: SamplingParams
+
+
+class _Rows:
+    """Per-sample-row state of the sampling loop: each row's own params and random stream,
+    its tokens, logprobs, finish reason and stop checks."""
+
+    def __init__(self, prompts: list[_Prompt], engine: HFEngine):
+        import torch
+
+        self.prompts = prompts
+        self.owner = [k for k, p in enumerate(prompts) for _ in range(p.params.n)]
+        self.params = [prompts[k].params for k in self.owner]
+        self.sample_index = [j for p in prompts for j in range(p.params.n)]
+        count = len(self.owner)
         self.tokens: list[list[int]] = [[] for _ in range(count)]
         self.logprobs: list[list[float]] = [[] for _ in range(count)]
         self.finish: list[str | None] = [None] * count
+        self.longest = max(p.max_new_tokens for p in self.params)
         self.tokenizer = engine.tokenizer
         self.stop_ids = engine._stop_ids
+        self.temperature = torch.tensor([p.temperature for p in self.params])
+        self.top_p = torch.tensor([p.top_p for p in self.params])
+        self.generators = [
+            None if p.seed is None else _row_generator(p.seed, prompts[k].ids, j)
+            for p, k, j in zip(self.params, self.owner, self.sample_index, strict=True)
+        ]
+        self.want_logprobs = any(p.logprobs for p in self.params)
 
-    def append(
-        self, active: list[int], tokens: list[int], logprobs, params: SamplingParams
-    ) -> list[int]:
+    def sample(self, active: list[int], logits):
+        """Next token per active row from (A, V) float logits, with each row's temperature,
+        top-p and random stream; plus its policy logprob when any row asks for them."""
+        import torch
+
+        sel = torch.tensor(active)
+        temps, top_p = self.temperature[sel].to(logits.device), self.top_p[sel].to(logits.device)
+        tokens = logits.argmax(-1)
+        hot = (temps > 0).nonzero()[:, 0]
+        if len(hot):
+            draws = [self._uniform(active[k]) for k in hot.tolist()]
+            uniform = torch.tensor(draws, dtype=logits.dtype, device=logits.device)
+            tokens[hot] = _inverse_cdf(logits[hot] / temps[hot, None], top_p[hot], uniform)
+        logprobs = None
+        if self.want_logprobs:
+            logprobs = logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
+        return tokens, logprobs
+
+    def _uniform(self, row: int) -> float:
+        import torch
+
+        return torch.rand(1, generator=self.generators[row]).item()
+
+    def append(self, active: list[int], tokens: list[int], logprobs) -> list[int]:
         """Record one sampled token per active row; return the positions still running."""
         lps = logprobs.tolist() if logprobs is not None else None
+        check = []
         for j, (row, tok) in enumerate(zip(active, tokens, strict=True)):
+            params = self.params[row]
             self.tokens[row].append(tok)
-            if lps is not None:
+            if lps is not None and params.logprobs:
                 self.logprobs[row].append(lps[j])
             if tok in self.stop_ids:
                 self.finish[row] = "stop"
             elif len(self.tokens[row]) >= params.max_new_tokens:
                 self.finish[row] = "length"
-        if params.stop:
+            if params.stop and self.finish[row] != "stop":
+                check.append(row)
+        if check:
             # Decode whole rows: a stop string may span several tokens (or end inside one).
-            check = [r for r in active if self.finish[r] != "stop"]
             texts = self.tokenizer.batch_decode(
                 [self.tokens[r] for r in check], skip_special_tokens=True
             )
             for row, text in zip(check, texts, strict=True):
-                if any(s in text for s in params.stop if s):
+                if any(s in text for s in self.params[row].stop if s):
                     self.finish[row] = "stop"
         return [j for j, row in enumerate(active) if self.finish[row] is None]
 
-    def generations(
-        self, prompts: list[list[int]], n: int, params: SamplingParams
-    ) -> list[list[Generation]]:
+    def generations(self) -> list[list[Generation]]:
+        """Per prompt of the chunk, its n samples."""
         texts = self.tokenizer.batch_decode(self.tokens, skip_special_tokens=True)
-        out: list[list[Generation]] = []
-        for i, prompt in enumerate(prompts):
-            gens = []
-            for row in range(i * n, (i + 1) * n):
-                gens.append(
-                    Generation(
-                        text=_cut_at_stop(texts[row], params.stop),
-                        token_ids=self.tokens[row],
-                        finish_reason=self.finish[row] or "length",
-                        prompt_tokens=len(prompt),
-                        logprobs=self.logprobs[row] if params.logprobs else None,
-                    )
+        out: list[list[Generation]] = [[] for _ in self.prompts]
+        for row, k in enumerate(self.owner):
+            params = self.params[row]
+            out[k].append(
+                Generation(
+                    text=_cut_at_stop(texts[row], params.stop),
+                    token_ids=self.tokens[row],
+                    finish_reason=self.finish[row] or "length",
+                    prompt_tokens=len(self.prompts[k].ids),
+                    logprobs=self.logprobs[row] if params.logprobs else None,
                 )
-            out.append(gens)
+            )
         return out
 
 
-def _sample(logits, params: SamplingParams, gen):
-    """Next token per row from (A, V) float logits; plus its policy logprob when asked."""
+def _row_generator(seed: int, prompt: list[int], sample: int):
+    """A CPU generator for sample `sample` of `prompt` under `seed`: its own stream, whatever
+    else is in the batch."""
     import torch
 
-    if params.temperature == 0:
-        tokens = logits.argmax(-1)
-    else:
-        scaled = logits / params.temperature
-        if params.top_p < 1.0:
-            # Nucleus: keep the smallest set of top tokens whose mass reaches top_p.
-            sorted_logits, idx = scaled.sort(-1, descending=True)
-            cum = sorted_logits.softmax(-1).cumsum(-1)
-            drop = cum - sorted_logits.softmax(-1) >= params.top_p  # mass before this token
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-            scaled = torch.full_like(scaled, float("-inf")).scatter(-1, idx, sorted_logits)
-        tokens = torch.multinomial(scaled.softmax(-1), 1, generator=gen)[:, 0]
-    logprobs = None
-    if params.logprobs:
-        logprobs = logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
-    return tokens, logprobs
+    return torch.Generator().manual_seed(prompt_seed(seed, prompt) + sample)
+
+
+def _inverse_cdf(scaled, top_p, uniform):
+    """Tokens drawn from softmax(scaled) (A, V) by inverse CDF in vocabulary order, one uniform
+    per row; a row with top_p < 1 first keeps its smallest set of top tokens whose mass reaches
+    top_p (nucleus). Each row's draw depends only on its own logits, top_p and uniform."""
+    import torch
+
+    probs = scaled.softmax(-1)
+    cut = (top_p < 1).nonzero()[:, 0]
+    if len(cut):
+        part = probs[cut]
+        ranked, order = part.sort(dim=-1, descending=True, stable=True)
+        drop = (ranked.cumsum(-1) - ranked) >= top_p[cut, None]  # mass ahead of each token
+        probs[cut] = part.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), 0.0)
+    cdf = probs.cumsum(-1)
+    target = (uniform * cdf[:, -1])[:, None]
+    return torch.searchsorted(cdf, target, right=True).clamp(max=probs.shape[-1] - 1)[:, 0]
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> str:

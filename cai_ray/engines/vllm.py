@@ -31,6 +31,7 @@ from cai_ray.engines.base import (
     OptionScores,
     SamplingParams,
     ScoreRequest,
+    prompt_seed,
 )
 from cai_ray.engines.vllm_worker_ext import (
     DEFAULT_CHUNK_BYTES,
@@ -379,15 +380,36 @@ class VLLMEngine(Engine):
 
     # -- Engine interface -------------------------------------------------------------------
 
-    @span("generate")
     def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[list[Generation]]:
         """Sample `params.n` continuations per prompt (one vLLM batch, prefix cache on)."""
+        return self.generate_many([(prompts, params)])[0]
+
+    @span("generate")
+    def generate_many(
+        self, requests: Sequence[tuple[Sequence[str], SamplingParams]]
+    ) -> list[list[list[Generation]]]:
+        """Several requests, each with its own sampling params, in one vLLM batch."""
         self._check_usable()
-        token_prompts = [self._encode(p) for p in prompts]
-        self._check_length(token_prompts)
-        outputs = self._run(token_prompts, to_vllm_sampling_kwargs(params))
-        copies = params.n if is_greedy(params) else 1
-        return [copies_of(from_request_output(out, stop=params.stop), copies) for out in outputs]
+        token_prompts, sampling = [], []
+        for prompts, params in requests:
+            ids = [self._encode(p) for p in prompts]
+            self._check_length(ids)
+            token_prompts += ids
+            kwargs = to_vllm_sampling_kwargs(params)
+            for prompt in ids:  # a seed per prompt: its samples do not depend on the batch
+                seed = None if params.seed is None else prompt_seed(params.seed, prompt)
+                sampling.append({**kwargs, "seed": seed})
+        outputs = iter(self._run(token_prompts, sampling))
+        results = []
+        for prompts, params in requests:
+            copies = params.n if is_greedy(params) else 1
+            results.append(
+                [
+                    copies_of(from_request_output(next(outputs), stop=params.stop), copies)
+                    for _ in prompts
+                ]
+            )
+        return results
 
     @span("score")
     def score_options(self, requests: Sequence[ScoreRequest]) -> list[OptionScores]:
@@ -577,11 +599,21 @@ class VLLMEngine(Engine):
                     hint="shorten the prompt or raise max_model_len",
                 )
 
-    def _run(self, prompts: Sequence[list[int]], sampling_kwargs: dict[str, Any]) -> list[Any]:
-        """One `LLM.generate` batch; what vLLM refuses as the client's fault is a CaiRayError
-        (`VLLMValidationError` is not a ValueError)."""
+    def _run(
+        self,
+        prompts: Sequence[list[int]],
+        sampling_kwargs: dict[str, Any] | Sequence[dict[str, Any]],
+    ) -> list[Any]:
+        """One `LLM.generate` batch (one params for all prompts, or one per prompt); what vLLM
+        refuses as the client's fault is a CaiRayError (`VLLMValidationError` is not a
+        ValueError)."""
         try:
-            sampling = self._vllm.SamplingParams(**sampling_kwargs)
+            make = self._vllm.SamplingParams
+            kinds = [sampling_kwargs] if isinstance(sampling_kwargs, dict) else sampling_kwargs
+            if all(kw == kinds[0] for kw in kinds):
+                sampling = make(**kinds[0])
+            else:
+                sampling = [make(**kw) for kw in kinds]
             return self.llm.generate(
                 [{"prompt_token_ids": ids} for ids in prompts], sampling, use_tqdm=False
             )

@@ -21,7 +21,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cai_ray.errors import CaiRayError
 from cai_ray.serve import schemas as s
 from cai_ray.serve.auth import check_bearer
-from cai_ray.serve.backends import ConstitutionBackend, PolicyBackend, RewardBackend
+from cai_ray.serve.backends import (
+    ConstitutionBackend,
+    PolicyBackend,
+    RewardBackend,
+    compare_scores,
+    raise_if_error,
+)
+from cai_ray.serve.backends import assistant_turn as _turn
 from cai_ray.serve.schemas import ApiError
 
 api = FastAPI(title="cai-ray", docs_url=None, redoc_url=None)
@@ -69,55 +76,100 @@ def _as_api_error(exc: BaseException) -> ApiError:
     return ApiError(503, f"model backend failed: {type(exc).__name__}", type="server_error")
 
 
+# -- model deployments: a request waits up to `batch_wait_s` for others (at most
+# `max_batch_size`), and the batch runs as one engine call in a worker thread, so the replica's
+# event loop keeps accepting requests meanwhile. A request that fails its own checks gets its
+# error; the rest of its batch is unaffected (backends.py).
+
+
+def _batching(handler, deployment) -> None:
+    handler.set_max_batch_size(deployment["max_batch_size"])
+    handler.set_batch_wait_timeout_s(deployment["batch_wait_s"])
+
+
+async def _one(handler, item):
+    return raise_if_error(await handler(item))
+
+
 @serve.deployment
 class PolicyDeployment:
     """The policy engine (OpenAI endpoints)."""
 
-    def __init__(self, path: str, engine, **kwargs: Any):
+    def __init__(self, path: str, engine, *, batching: dict[str, Any], **kwargs: Any):
         self.backend = PolicyBackend(path, engine, **kwargs)
+        _batching(self._generate, batching)
 
-    def chat(self, messages: list[dict[str, str]], params: dict[str, Any]) -> dict[str, Any]:
-        return self.backend.chat(messages, params)
+    async def chat(self, messages: list[dict[str, str]], params: dict[str, Any]) -> dict[str, Any]:
+        prompt = self.backend.render_chat(messages)
+        return (await _one(self._generate, ([prompt], params, True)))[0]
 
-    def complete(self, prompts: list[str], params: dict[str, Any]) -> list[dict[str, Any]]:
-        return self.backend.generate(prompts, params, chat=False)
+    async def complete(self, prompts: list[str], params: dict[str, Any]) -> list[dict[str, Any]]:
+        return await _one(self._generate, (prompts, params, False))
 
-    def ping(self) -> dict[str, Any]:
-        return self.backend.ping()
+    @serve.batch
+    async def _generate(self, items: list[tuple]) -> list[Any]:
+        return await asyncio.to_thread(self.backend.generate_batch, items)
+
+    async def ping(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self.backend.ping)
 
 
 @serve.deployment
 class RewardDeployment:
     """The preference model (`/v1/score`, `/v1/compare`)."""
 
-    def __init__(self, path: str, engine, **kwargs: Any):
+    def __init__(self, path: str, engine, *, batching: dict[str, Any], **kwargs: Any):
         self.backend = RewardBackend(path, engine, **kwargs)
+        _batching(self._score, batching)
 
-    def score(self, conversations: list[list[dict[str, str]]]) -> dict[str, Any]:
-        return self.backend.score(conversations)
+    async def score(self, conversations: list[list[dict[str, str]]]) -> dict[str, Any]:
+        return await _one(self._score, conversations)
 
-    def compare(self, messages: list[dict[str, str]], a: str, b: str) -> dict[str, Any]:
-        return self.backend.compare(messages, a, b)
+    async def compare(self, messages: list[dict[str, str]], a: str, b: str) -> dict[str, Any]:
+        out = await self.score([[*messages, _turn(a)], [*messages, _turn(b)]])
+        return compare_scores(out)
 
-    def ping(self) -> dict[str, Any]:
-        return self.backend.ping()
+    @serve.batch
+    async def _score(self, items: list[list[list[dict[str, str]]]]) -> list[Any]:
+        return await asyncio.to_thread(self.backend.score_batch, items)
+
+    async def ping(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self.backend.ping)
 
 
 @serve.deployment
 class ConstitutionDeployment:
     """The constitution's critique and labeller roles (`/v1/critique`, `/v1/label`)."""
 
-    def __init__(self, critique_path: str, feedback_path: str, engine, **kwargs: Any):
+    def __init__(
+        self,
+        critique_path: str,
+        feedback_path: str,
+        engine,
+        *,
+        batching: dict[str, Any],
+        **kwargs: Any,
+    ):
         self.backend = ConstitutionBackend(critique_path, feedback_path, engine, **kwargs)
+        _batching(self._critique, batching)
+        _batching(self._label, batching)
 
-    def critique(self, request: dict[str, Any]) -> dict[str, Any]:
-        return self.backend.critique(request)
+    async def critique(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await _one(self._critique, request)
 
-    def label(self, request: dict[str, Any]) -> dict[str, Any]:
-        return self.backend.label(request)
+    async def label(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await _one(self._label, request)
 
-    def ping(self) -> dict[str, Any]:
-        return self.backend.ping()
+    @serve.batch
+    async def _critique(self, items: list[dict[str, Any]]) -> list[Any]:
+        return await asyncio.to_thread(self.backend.critique_batch, items)
+
+    @serve.batch
+    async def _label(self, items: list[dict[str, Any]]) -> list[Any]:
+        return await asyncio.to_thread(self.backend.label_batch, items)
+
+    async def ping(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self.backend.ping)
 
 
 class IngressRoutes:

@@ -61,6 +61,39 @@ class PolicyBackend:
         self, prompts: list[str], params: dict[str, Any], *, chat: bool
     ) -> list[dict[str, Any]]:
         """Per prompt: `choices` [(text, finish_reason)], `prompt_tokens`, `completion_tokens`."""
+        return raise_if_error(self.generate_batch([(prompts, params, chat)])[0])
+
+    def generate_batch(
+        self, items: Sequence[tuple[list[str], dict[str, Any], bool]]
+    ) -> list[list[dict[str, Any]] | Exception]:
+        """Several requests (prompts, params, chat) in shared forward passes, each with its own
+        sampling params; a request that fails its checks gets its error, the rest still run."""
+        planned = [_attempt(self._plan, *item) for item in items]
+        ok = [i for i, p in enumerate(planned) if not isinstance(p, Exception)]
+        runs = _run_batch(
+            lambda reqs: self.engine.generate_many([(p, sp) for p, sp, _ in reqs]),
+            [planned[i] for i in ok],
+            self._lock,
+        )
+        out: list[Any] = list(planned)
+        for i, result in zip(ok, runs, strict=True):
+            if isinstance(result, Exception):
+                out[i] = result
+                continue
+            counts = planned[i][2]
+            out[i] = [
+                {
+                    "choices": [(g.text, g.finish_reason) for g in gens],
+                    "prompt_tokens": count,
+                    "completion_tokens": sum(len(g.token_ids) for g in gens),
+                }
+                for gens, count in zip(result, counts, strict=True)
+            ]
+        return out
+
+    def _plan(self, prompts: list[str], params: dict[str, Any], chat: bool):
+        """(prompts, SamplingParams, token counts) of one request, its limits checked."""
+        params = dict(params)
         stop = tuple(params.pop("stop", ()))
         if chat and self.fmt.kind == "transcript":
             stop = (*stop, *DEFAULT_STOP)  # a transcript model would go on to write the next turn
@@ -76,16 +109,7 @@ class PolicyBackend:
                     param="messages" if chat else "prompt",
                     code="context_length_exceeded",
                 )
-        with self._lock:
-            results = self.engine.generate(prompts, sampling)
-        return [
-            {
-                "choices": [(g.text, g.finish_reason) for g in gens],
-                "prompt_tokens": count,
-                "completion_tokens": sum(len(g.token_ids) for g in gens),
-            }
-            for gens, count in zip(results, counts, strict=True)
-        ]
+        return prompts, sampling, counts
 
     def ping(self) -> dict[str, Any]:
         """A real one-token forward pass (health and readiness)."""
@@ -101,7 +125,11 @@ class RewardBackend:
         from cai_ray.reward import RewardScorer
 
         self.scorer = RewardScorer(
-            path, device=engine.device, dtype=engine.dtype, threads=engine.torch_threads()
+            path,
+            device=engine.device,
+            dtype=engine.dtype,
+            threads=engine.torch_threads(),
+            batch_size=engine.batch_size,
         )
         self.fmt = fmt
         self.name = name
@@ -115,29 +143,47 @@ class RewardBackend:
 
     def score(self, conversations: list[list[dict[str, str]]]) -> dict[str, Any]:
         """`scores` (one per conversation) and `prompt_tokens`."""
-        texts = [
+        return raise_if_error(self.score_batch([conversations])[0])
+
+    def score_batch(
+        self, items: Sequence[list[list[dict[str, str]]]]
+    ) -> list[dict[str, Any] | Exception]:
+        """Several requests' conversations scored in shared forward passes."""
+        planned = [_attempt(self._texts, convos) for convos in items]
+        ok = [i for i, p in enumerate(planned) if not isinstance(p, Exception)]
+
+        def run(batch: list[list[str]]) -> list[dict[str, Any]]:
+            flat = [t for texts in batch for t in texts]
+            counts, scores = self.scorer.count_tokens(flat), self.scorer.score(flat)
+            out, k = [], 0
+            for texts in batch:
+                out.append(
+                    {
+                        "scores": scores[k : k + len(texts)],
+                        "prompt_tokens": sum(counts[k : k + len(texts)]),
+                    }
+                )
+                k += len(texts)
+            return out
+
+        result: list[Any] = list(planned)
+        for i, value in zip(ok, _run_batch(run, [planned[i] for i in ok], self._lock), strict=True):
+            result[i] = value
+        return result
+
+    def _texts(self, conversations: list[list[dict[str, str]]]) -> list[str]:
+        return [
             self.render(_conversation(c, f"conversations.{i}")) for i, c in enumerate(conversations)
         ]
-        with self._lock:
-            counts = self.scorer.count_tokens(texts)
-            scores = self.scorer.score(texts)
-        return {"scores": scores, "prompt_tokens": sum(counts)}
 
     def compare(self, messages: list[dict[str, str]], a: str, b: str) -> dict[str, Any]:
         """PM scores of both responses and P(a preferred) = sigmoid(r_a - r_b) (Bradley-Terry)."""
-        import math
-
-        out = self.score([[*messages, _assistant(a)], [*messages, _assistant(b)]])
-        ra, rb = out["scores"]
-        return {
-            "score_a": ra,
-            "score_b": rb,
-            "prob_a_preferred": 1.0 / (1.0 + math.exp(rb - ra)),
-            "prompt_tokens": out["prompt_tokens"],
-        }
+        return compare_scores(
+            self.score([[*messages, assistant_turn(a)], [*messages, assistant_turn(b)]])
+        )
 
     def ping(self) -> dict[str, Any]:
-        value = self.score([[{"role": "user", "content": "hi"}, _assistant("hello")]])
+        value = self.score([[{"role": "user", "content": "hi"}, assistant_turn("hello")]])
         return {"model": self.name, "ok": value["scores"][0] == value["scores"][0]}  # not NaN
 
 
@@ -150,8 +196,21 @@ def split_gpu_memory(engine: EngineConfig, ways: int) -> EngineConfig:
     return engine.model_copy(update={"vllm": share})
 
 
-def _assistant(text: str) -> dict[str, str]:
+def assistant_turn(text: str) -> dict[str, str]:
     return {"role": "assistant", "content": text}
+
+
+def compare_scores(out: dict[str, Any]) -> dict[str, Any]:
+    """/v1/compare from the PM scores of (a, b): P(a preferred) = sigmoid(r_a - r_b)."""
+    import math
+
+    ra, rb = out["scores"]
+    return {
+        "score_a": ra,
+        "score_b": rb,
+        "prob_a_preferred": 1.0 / (1.0 + math.exp(rb - ra)),
+        "prompt_tokens": out["prompt_tokens"],
+    }
 
 
 class ConstitutionBackend:
@@ -182,8 +241,38 @@ class ConstitutionBackend:
 
     def critique(self, request: dict[str, Any]) -> dict[str, Any]:
         """Run `rounds` critique -> revision steps on the response; the full trace comes back."""
+        return raise_if_error(self.critique_batch([request])[0])
+
+    def critique_batch(
+        self, requests: Sequence[dict[str, Any]]
+    ) -> list[dict[str, Any] | Exception]:
+        """Several critique requests; those with the same settings and principles run as one
+        batch of chains (each round's critiques, then revisions, in shared forward passes)."""
+        planned = [_attempt(self._plan_critique, r) for r in requests]
+        groups: dict[tuple, list[int]] = {}
+        for i, plan in enumerate(planned):
+            if not isinstance(plan, Exception):
+                groups.setdefault(plan["key"], []).append(i)
+        out: list[Any] = list(planned)
+        for members in groups.values():
+            first = planned[members[0]]
+            prompter = _FixedPrompter(self.constitution, first["settings"])
+            prompter.fixed = first["principles"]
+            chains = [planned[i]["chain"] for i in members]
+            results = _run_batch(
+                lambda batch, p=prompter: run_chains(self.critic, p, batch), chains, self._lock
+            )
+            for i, result in zip(members, results, strict=True):
+                out[i] = (
+                    result
+                    if isinstance(result, Exception)
+                    else _attempt(_critique_response, planned[i]["chain"][2], result)
+                )
+        return out
+
+    def _plan_critique(self, request: dict[str, Any]) -> dict[str, Any]:
         convo, answer = _split_answer(request["messages"], request.get("response"))
-        principles = self._critique_principles(request.get("principle_ids"))
+        principles = tuple(self._critique_principles(request.get("principle_ids")))
         settings = CritiqueSettings(
             rounds=request["rounds"],
             fmt=self.fmt,
@@ -195,25 +284,41 @@ class ConstitutionBackend:
                 stop=DEFAULT_STOP,
             ),
         )
-        prompter = _FixedPrompter(self.constitution, settings)
-        prompter.fixed = tuple(principles)
-        with self._lock:
-            (result,) = run_chains(self.critic, prompter, [(convo.prompt_id, convo, answer)])
-        if result.reject and "too long" in result.reject:
-            raise ApiError(400, result.reject, param="messages", code="context_length_exceeded")
-        rounds = [r.to_row() for r in result.rounds]
-        return {
-            "response": answer,
-            "revision": rounds[-1]["revision"] if rounds else None,
-            "critiques": [r["critique"] for r in rounds],
-            "revisions": [r["revision"] for r in rounds],
-            "rounds": rounds,
-            "rejected": result.reject,
-        }
+        key = (
+            request["rounds"],
+            request.get("few_shot"),
+            request["seed"],
+            request["temperature"],
+            request["max_tokens"],
+            tuple(p.id for p in principles),
+        )
+        chain = (convo.prompt_id, convo, answer)
+        return {"key": key, "settings": settings, "principles": principles, "chain": chain}
 
     def label(self, request: dict[str, Any]) -> dict[str, Any]:
         """P(response_a preferred) per feedback principle, both orders averaged, then the mean."""
-        from cai_ray.feedback import OPTIONS, build_feedback_prompt, prob_first_preferred
+        return raise_if_error(self.label_batch([request])[0])
+
+    def label_batch(self, requests: Sequence[dict[str, Any]]) -> list[dict[str, Any] | Exception]:
+        """Several label requests' multiple-choice prompts scored in one `score_options` call."""
+        planned = [_attempt(self._plan_label, r) for r in requests]
+        ok = [i for i, p in enumerate(planned) if not isinstance(p, Exception)]
+
+        def run(plans: list[tuple[list, list[ScoreRequest]]]) -> list[dict[str, Any]]:
+            scores = self.judge.score_options([r for _, reqs in plans for r in reqs])
+            out, k = [], 0
+            for principles, reqs in plans:
+                out.append(_label_response(principles, scores[k : k + len(reqs)]))
+                k += len(reqs)
+            return out
+
+        result: list[Any] = list(planned)
+        for i, value in zip(ok, _run_batch(run, [planned[i] for i in ok], self._lock), strict=True):
+            result[i] = value
+        return result
+
+    def _plan_label(self, request: dict[str, Any]) -> tuple[list, list[ScoreRequest]]:
+        from cai_ray.feedback import OPTIONS, build_feedback_prompt
 
         convo = _conversation(request["messages"])
         a, b = request["response_a"], request["response_b"]
@@ -226,28 +331,7 @@ class ConstitutionBackend:
             for first, second in ((a, b), (b, a)):  # both orders cancel position bias
                 prompt = build_feedback_prompt(text, p.question, first, second, few_shot=shots)
                 reqs.append(ScoreRequest(prompt, OPTIONS))
-        with self._lock:
-            scores = self.judge.score_options(reqs)
-        detail = []
-        for i, p in enumerate(principles):
-            first = prob_first_preferred(*scores[2 * i].logprobs)
-            second = 1.0 - prob_first_preferred(*scores[2 * i + 1].logprobs)
-            detail.append(
-                {
-                    "id": p.id,
-                    "question": p.question,
-                    "prob_a_shown_first": first,
-                    "prob_a_shown_second": second,
-                    "prob_a_preferred": 0.5 * (first + second),
-                }
-            )
-        overall = sum(d["prob_a_preferred"] for d in detail) / len(detail)
-        return {
-            "prob_a_preferred": overall,
-            "preferred": "a" if overall >= 0.5 else "b",
-            "principles": detail,
-            "prompt_tokens": sum(s.prefix_tokens for s in scores),
-        }
+        return principles, reqs
 
     def ping(self) -> dict[str, Any]:
         with self._lock:
@@ -290,6 +374,47 @@ class ConstitutionBackend:
             ) from None
 
 
+def _critique_response(answer: str, result) -> dict[str, Any]:
+    """The /v1/critique body of one finished chain."""
+    if result.reject and "too long" in result.reject:
+        raise ApiError(400, result.reject, param="messages", code="context_length_exceeded")
+    rounds = [r.to_row() for r in result.rounds]
+    return {
+        "response": answer,
+        "revision": rounds[-1]["revision"] if rounds else None,
+        "critiques": [r["critique"] for r in rounds],
+        "revisions": [r["revision"] for r in rounds],
+        "rounds": rounds,
+        "rejected": result.reject,
+    }
+
+
+def _label_response(principles, scores) -> dict[str, Any]:
+    """The /v1/label body: per principle both orders, averaged; then the mean over principles."""
+    from cai_ray.feedback import prob_first_preferred
+
+    detail = []
+    for i, p in enumerate(principles):
+        first = prob_first_preferred(*scores[2 * i].logprobs)
+        second = 1.0 - prob_first_preferred(*scores[2 * i + 1].logprobs)
+        detail.append(
+            {
+                "id": p.id,
+                "question": p.question,
+                "prob_a_shown_first": first,
+                "prob_a_shown_second": second,
+                "prob_a_preferred": 0.5 * (first + second),
+            }
+        )
+    overall = sum(d["prob_a_preferred"] for d in detail) / len(detail)
+    return {
+        "prob_a_preferred": overall,
+        "preferred": "a" if overall >= 0.5 else "b",
+        "principles": detail,
+        "prompt_tokens": sum(s.prefix_tokens for s in scores),
+    }
+
+
 def _pair_key(convo: Conversation, a: str, b: str) -> str:
     """Principles are drawn per comparison (paper 4.1), fixed by its content: a retry of the
     same request gets the same label."""
@@ -319,3 +444,36 @@ class _FixedPrompter(ChainPrompter):
         if self.fixed:
             return self.fixed[round_index % len(self.fixed)]
         return super().principle(prompt_id, round_index)
+
+
+def _attempt(fn, *args):
+    """fn(*args), or the user error it raised (one request of a batch failing its checks)."""
+    from cai_ray.errors import CaiRayError
+
+    try:
+        return fn(*args)
+    except (ApiError, CaiRayError) as exc:
+        return exc
+
+
+def _run_batch(run, batch: list, lock: threading.Lock) -> list:
+    """run(batch) under the engine lock, one result per item; when the whole batch fails with
+    a user error, each item again on its own, so only the one at fault gets the error."""
+    from cai_ray.errors import CaiRayError
+
+    if not batch:
+        return []
+    try:
+        with lock:
+            return run(batch)
+    except (ApiError, CaiRayError) as exc:
+        if len(batch) == 1:
+            return [exc]
+    return [_run_batch(run, [item], lock)[0] for item in batch]
+
+
+def raise_if_error(result):
+    """A batched request's own result, or its error raised."""
+    if isinstance(result, Exception):
+        raise result
+    return result

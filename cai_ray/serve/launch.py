@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cai_ray.config import DeploymentConfig, ModelConfig, RunConfig, ServeConfig, resolve_path
+from cai_ray.config import (
+    DeploymentConfig,
+    EngineConfig,
+    ModelConfig,
+    RunConfig,
+    ServeConfig,
+    resolve_path,
+)
 from cai_ray.errors import CaiRayError, ConfigError
 
 # Serve deployment name -> its section under `serve.` (the PM's is `reward_model`).
@@ -207,6 +214,16 @@ def _options(d: DeploymentConfig, name: str) -> dict[str, Any]:
     return opts
 
 
+def _batching(d: DeploymentConfig) -> dict[str, Any]:
+    return {"max_batch_size": d.max_batch_size, "batch_wait_s": d.batch_wait_s}
+
+
+def _batch_engine(engine: EngineConfig, d: DeploymentConfig) -> EngineConfig:
+    """The engine of a batching deployment: a full batch of one-prompt requests in one forward
+    pass (the HF engine's `batch_size` counts sequences; vLLM schedules its own)."""
+    return engine.model_copy(update={"batch_size": max(engine.batch_size, d.max_batch_size)})
+
+
 def build_app(cfg: RunConfig, plan: ServePlan):
     """The bound Serve application (ingress + model deployments)."""
     from cai_ray.conversation import PromptFormat
@@ -223,7 +240,8 @@ def build_app(cfg: RunConfig, plan: ServePlan):
     critic = cfg.models.critique or cfg.models.helpful
     policy = PolicyDeployment.options(**_options(sc.policy, "policy")).bind(
         str(plan.policy),
-        cfg.engine,
+        _batch_engine(cfg.engine, sc.policy),
+        batching=_batching(sc.policy),
         fmt=PromptFormat(cfg.format, dict(source.chat_template_kwargs)),
         max_prompt_tokens=sc.max_prompt_tokens,
         name=sc.policy_name,
@@ -231,12 +249,17 @@ def build_app(cfg: RunConfig, plan: ServePlan):
     reward = None
     if plan.reward is not None:
         reward = RewardDeployment.options(**_options(sc.reward_model, "reward")).bind(
-            str(plan.reward), cfg.engine, fmt=cfg.format, name=sc.reward_name
+            str(plan.reward),
+            _batch_engine(cfg.engine, sc.reward_model),
+            batching=_batching(sc.reward_model),
+            fmt=cfg.format,
+            name=sc.reward_name,
         )
     constitution = ConstitutionDeployment.options(**_options(sc.constitution, "constitution")).bind(
         str(plan.critique),
         str(plan.feedback),
-        cfg.engine,
+        _batch_engine(cfg.engine, sc.constitution),
+        batching=_batching(sc.constitution),
         constitution=str(resolve_path(cfg.constitution)),
         fmt=PromptFormat(cfg.format, dict(critic.chat_template_kwargs)),
         seed=cfg.seed,

@@ -15,7 +15,7 @@ def vllm_device() -> str | None:
         from vllm.platforms import current_platform
     except Exception as exc:  # an install for another torch/CUDA fails in many ways
         if os.environ.get("CAI_RAY_REQUIRE_VLLM"):  # `make test-vllm-engine`: no silent skips
-            raise RuntimeError(f"CAI_RAY_REQUIRE_VLLM is set but vLLM does not import: {exc}")
+            raise RuntimeError(f"CAI_RAY_REQUIRE_VLLM is set; vLLM does not import: {exc}") from exc
         return None
     return "cpu" if current_platform.is_cpu() else "cuda"
 

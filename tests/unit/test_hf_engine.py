@@ -83,6 +83,64 @@ def test_seed_reproduces_and_different_seeds_differ(engine):
     assert first[0][0].token_ids != first[0][1].token_ids  # n samples are distinct draws
 
 
+def _tokens(result):
+    return [[g.token_ids for g in gens] for gens in result]
+
+
+def test_seeded_samples_do_not_depend_on_the_rest_of_the_call(engine, tiny_model_dir):
+    """Serve batches unrelated requests together: a seeded sample must be the same alone, next
+    to other prompts, in another order, and in another chunking of the batch."""
+    params = SamplingParams(temperature=1.0, max_new_tokens=10, n=2, seed=3)
+    alone = engine.generate([PROMPTS[1]], params)[0]
+    crowded = engine.generate([PROMPTS[0], PROMPTS[2], PROMPTS[1]], params)[2]
+    assert _tokens([alone]) == _tokens([crowded])
+    wide = HFEngine(tiny_model_dir, threads=2, batch_size=64)
+    try:
+        assert _tokens(wide.generate([PROMPTS[2], PROMPTS[1]], params)[1:]) == _tokens([alone])
+    finally:
+        wide.close()
+
+
+def test_generate_many_equals_each_request_alone(engine):
+    """Requests with different temperatures, top-p, lengths, n, stops and logprobs share
+    forward passes and each gets exactly what it would get alone."""
+    requests = [
+        (PROMPTS[:2], SamplingParams(temperature=0, max_new_tokens=6)),
+        ([PROMPTS[2]], SamplingParams(temperature=0.7, max_new_tokens=12, n=3, seed=11)),
+        ([PROMPTS[0]], SamplingParams(top_p=0.8, max_new_tokens=9, seed=5, logprobs=True)),
+        ([PROMPTS[1]], SamplingParams(max_new_tokens=15, stop=("e",), seed=2)),
+    ]
+    together = engine.generate_many(requests)
+    assert [len(r) for r in together] == [2, 1, 1, 1]
+    for (prompts, params), got in zip(requests, together, strict=True):
+        alone = engine.generate(prompts, params)
+        assert _tokens(got) == _tokens(alone)
+        assert [[g.text for g in gens] for gens in got] == [
+            [g.text for g in gens] for gens in alone
+        ]
+        for gens in got:
+            assert len(gens) == params.n
+            assert all(len(g.token_ids) <= params.max_new_tokens for g in gens)
+            assert all((g.logprobs is not None) == params.logprobs for g in gens)
+    assert all("e" not in g.text for g in together[3][0])
+
+
+def test_inverse_cdf_sampling_follows_the_distribution():
+    """The sampler behind every sampled token: frequencies follow softmax(logits), and top-p
+    keeps the smallest top set whose mass reaches p."""
+    from cai_ray.engines.hf import _inverse_cdf
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().repeat(20_000, 1)
+    uniform = torch.rand(20_000, generator=torch.Generator().manual_seed(0))
+    drawn = _inverse_cdf(logits, torch.ones(20_000), uniform)
+    freq = torch.bincount(drawn, minlength=4).float() / 20_000
+    assert torch.allclose(freq, probs, atol=0.015)
+    nucleus = _inverse_cdf(logits, torch.full((20_000,), 0.75), uniform)
+    freq = torch.bincount(nucleus, minlength=4).float() / 20_000
+    assert torch.allclose(freq, torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.015)
+
+
 def test_length_finish_and_counts(engine):
     (gen,) = engine.generate([PROMPTS[1]], SamplingParams(max_new_tokens=5, seed=0))[0]
     assert gen.finish_reason == "length"

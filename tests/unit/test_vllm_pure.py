@@ -383,19 +383,24 @@ class FakeLLM:
         self.llm_engine = SimpleNamespace(set_weight_version=record)
 
     def generate(self, prompts, sampling, use_tqdm=True):
-        assert isinstance(sampling, FakeSamplingParams)
-        self.calls.append(("generate", sampling.kwargs))
+        # vLLM: one SamplingParams for all prompts, or a list of exactly one per prompt.
+        per = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        if len(per) != len(prompts):
+            raise ValueError("The lengths of prompts and sampling_params must be the same.")
+        assert all(isinstance(p, FakeSamplingParams) for p in per)
+        kwargs = [p.kwargs for p in sampling] if isinstance(sampling, list) else sampling.kwargs
+        self.calls.append(("generate", kwargs))
         if self.reject:
             raise FakeValidationError(self.reject)
         outs = []
-        for i, prompt in enumerate(prompts):
+        for i, (prompt, params) in enumerate(zip(prompts, per, strict=True)):
             ids = prompt["prompt_token_ids"]
             if len(ids) >= self.model_config.max_model_len:
                 raise FakeValidationError(f"The decoder prompt (length {len(ids)}) is longer")
-            plp = toy_prompt_logprobs(ids) if "prompt_logprobs" in sampling.kwargs else None
+            plp = toy_prompt_logprobs(ids) if "prompt_logprobs" in params.kwargs else None
             samples = [
                 _completion(j, f"out{i}.{j}", [42 + j], "length", [{42 + j: Logprob(-0.3)}])
-                for j in range(sampling.kwargs.get("n", 1))
+                for j in range(params.kwargs.get("n", 1))
             ]
             outs.append(RequestOutput(f"r{i}", None, ids, plp, samples))
         return outs
