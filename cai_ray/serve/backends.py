@@ -29,6 +29,22 @@ def _conversation(messages: Sequence[dict[str, str]], param: str = "messages") -
         raise ApiError(400, str(exc), param=param, code="invalid_value") from None
 
 
+class BatchStats:
+    """How requests were batched on this replica, for /ready and the tests: requests, engine
+    batches, the largest batch."""
+
+    def __init__(self) -> None:
+        self.requests = self.batches = self.largest = 0
+
+    def add(self, size: int) -> None:
+        self.requests += size
+        self.batches += 1
+        self.largest = max(self.largest, size)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"requests": self.requests, "batches": self.batches, "largest_batch": self.largest}
+
+
 class PolicyBackend:
     """The policy engine: renders chat requests the run's way and enforces the prompt limits."""
 
@@ -41,13 +57,17 @@ class PolicyBackend:
         max_prompt_tokens: int,
         name: str,
     ):
-        from cai_ray.engines import make_engine
+        from cai_ray.engines import make_async_engine, make_engine
 
-        self.engine = make_engine(path, engine, model_id=None)
+        # vLLM: its async engine, where each request joins the running batch (continuous
+        # batching); HF: the deployment batches requests (`generate_batch`).
+        self.async_engine = make_async_engine(path, engine)
+        self.engine = self.async_engine or make_engine(path, engine, model_id=None)
         self.fmt = PromptFormat.of(fmt).load(path)  # its own tokenizer: any engine kind
         self.max_prompt_tokens = max_prompt_tokens
         self.name = name
         self._lock = threading.Lock()  # the HF engine is not thread-safe
+        self.stats = BatchStats()
 
     def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
         """The prompt for a chat request: the chat template or the paper's transcript."""
@@ -70,6 +90,7 @@ class PolicyBackend:
         sampling params; a request that fails its checks gets its error, the rest still run."""
         planned = [_attempt(self._plan, *item) for item in items]
         ok = [i for i, p in enumerate(planned) if not isinstance(p, Exception)]
+        self.stats.add(len(ok))
         runs = _run_batch(
             lambda reqs: self.engine.generate_many([(p, sp) for p, sp, _ in reqs]),
             [planned[i] for i in ok],
@@ -90,6 +111,33 @@ class PolicyBackend:
                 for gens, count in zip(result, counts, strict=True)
             ]
         return out
+
+    async def generate_async(
+        self, prompts: list[str], params: dict[str, Any], *, chat: bool
+    ) -> list[dict[str, Any]]:
+        """`generate` on the async engine: the prompts run concurrently with every other
+        request the replica holds."""
+        import asyncio
+
+        prompts, sampling, counts = self._plan(prompts, params, chat)
+        self.stats.add(1)
+        results = await asyncio.gather(
+            *(self.async_engine.generate_async(p, sampling) for p in prompts)
+        )
+        return [
+            {
+                "choices": [(g.text, g.finish_reason) for g in gens],
+                "prompt_tokens": count,
+                "completion_tokens": sum(len(g.token_ids) for g in gens),
+            }
+            for gens, count in zip(results, counts, strict=True)
+        ]
+
+    async def ping_async(self) -> dict[str, Any]:
+        out = await self.generate_async(
+            ["Hello"], {"temperature": 0.0, "max_new_tokens": 1}, chat=False
+        )
+        return {"model": self.name, "ok": bool(out[0]["choices"]), "pid": os.getpid()}
 
     def _plan(self, prompts: list[str], params: dict[str, Any], chat: bool):
         """(prompts, SamplingParams, token counts) of one request, its limits checked."""
@@ -115,7 +163,8 @@ class PolicyBackend:
         """A real one-token forward pass (health and readiness)."""
         out = self.generate(["Hello"], {"temperature": 0.0, "max_new_tokens": 1}, chat=False)
         # the pid of the replica that answered, for kill drills (tests/integration)
-        return {"model": self.name, "ok": bool(out[0]["choices"]), "pid": os.getpid()}
+        ok = bool(out[0]["choices"])
+        return {"model": self.name, "ok": ok, "pid": os.getpid(), "batching": self.stats.as_dict()}
 
 
 class RewardBackend:

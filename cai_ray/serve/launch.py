@@ -204,6 +204,7 @@ def _options(d: DeploymentConfig, name: str) -> dict[str, Any]:
         "ray_actor_options": actor,
         "health_check_period_s": d.health_check_period_s,
         "health_check_timeout_s": d.health_check_timeout_s,
+        "logging_config": {"enable_access_log": d.access_log},
     }
     if d.max_constructor_retry_count is not None:
         opts["max_constructor_retry_count"] = d.max_constructor_retry_count

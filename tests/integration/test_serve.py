@@ -141,6 +141,46 @@ def test_raw_sse_ends_with_done(http):
     assert "usage" in json.loads(events[-2][len("data: ") :])
 
 
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(http):
+    """Requests that share an engine batch (different temperatures, lengths, n and seeds) get
+    exactly what each gets alone; one that fails its own checks fails alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [
+        {
+            "model": "policy",
+            "messages": [{"role": "user", "content": f"Tell me about item {i}."}],
+            "max_tokens": 4 + i % 5,
+            "temperature": (0.0, 0.8, 1.0)[i % 3],
+            "seed": i,
+            "n": 1 + i % 2,
+        }
+        for i in range(8)
+    ]
+    bodies[5]["messages"] = [{"role": "user", "content": "word " * 400}]  # over 200 tokens
+
+    def post(body):
+        return http.post("/v1/chat/completions", json=body)
+
+    def texts(resp):
+        return [c["message"]["content"] for c in resp.json()["choices"]]
+
+    alone = [post(b) for b in bodies]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(post, bodies))
+    for i, (a, t) in enumerate(zip(alone, together, strict=True)):
+        if i == 5:
+            _assert_error(t, 400, "context_length_exceeded")
+            continue
+        assert t.status_code == 200, t.text
+        assert texts(t) == texts(a)
+        assert len(texts(t)) == bodies[i]["n"]
+        assert t.json()["usage"] == a.json()["usage"]
+    batching = http.get("/ready").json()["models"]["policy"]["batching"]
+    assert batching["largest_batch"] > 1
+    assert batching["batches"] < batching["requests"]
+
+
 def test_reward_score_and_compare(http):
     convo = [*USER, {"role": "assistant", "content": "Water them."}]
     one = http.post("/v1/score", json={"messages": convo}).json()

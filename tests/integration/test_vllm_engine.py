@@ -162,12 +162,31 @@ def test_prompt_too_long_and_max_context(engine):
         engine.score_options([ScoreRequest("word " * 2000, (" a",))])
 
 
+def test_generate_many_runs_mixed_requests_as_each_alone(engine):
+    """Serve's batches: requests with their own params in one vLLM batch; a seeded request's
+    samples are the same alone and next to others (each prompt has its own seed)."""
+    requests = [
+        (["\n\nHuman: hi\n\nAssistant:"], SamplingParams(temperature=0, max_new_tokens=5, n=2)),
+        ([PROMPT], SamplingParams(temperature=0.9, max_new_tokens=8, n=3, seed=4)),
+        ([PROMPT, "\n\nHuman: yo\n\nAssistant:"], SamplingParams(max_new_tokens=6, seed=9)),
+    ]
+    together = engine.generate_many(requests)
+    assert [[len(gens) for gens in r] for r in together] == [[2], [3], [1, 1]]
+    for (prompts, params), got in zip(requests, together, strict=True):
+        alone = engine.generate(prompts, params)
+        assert [[g.token_ids for g in gens] for gens in got] == [
+            [g.token_ids for g in gens] for gens in alone
+        ]
+        assert all(len(g.token_ids) <= params.max_new_tokens for gens in got for g in gens)
+
+
 def test_serve_chat_path_on_vllm(engine, model_dir, monkeypatch):
     # Serve's policy backend over VLLMEngine in chat format (it loads its own tokenizer).
     import cai_ray.engines
     from cai_ray.serve.backends import PolicyBackend
 
     monkeypatch.setattr(cai_ray.engines, "make_engine", lambda *a, **k: engine)
+    monkeypatch.setattr(cai_ray.engines, "make_async_engine", lambda *a, **k: None)
     backend = PolicyBackend(
         str(model_dir), _config(), fmt="chat", max_prompt_tokens=256, name="policy"
     )

@@ -106,3 +106,12 @@ def test_yaml_round_trip(tmp_path):
     f = tmp_path / "resolved.yaml"
     f.write_text(cfg.to_yaml())
     assert load_config(f) == cfg
+
+
+def test_serve_batch_size_defaults_to_the_admission_limit_and_cannot_exceed_it():
+    from cai_ray.config import DeploymentConfig
+
+    assert DeploymentConfig(max_ongoing_requests=4).max_batch_size == 4
+    assert DeploymentConfig(max_ongoing_requests=4, max_batch_size=1).max_batch_size == 1
+    with pytest.raises(ValueError, match="max_batch_size 8 is over max_ongoing_requests 4"):
+        DeploymentConfig(max_ongoing_requests=4, max_batch_size=8)
