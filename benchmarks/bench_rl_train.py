@@ -32,7 +32,10 @@ RESULTS = ROOT / "benchmarks" / "results" / "rl_train.json"
 SPLIT = ("time_generate_s", "time_score_s", "time_train_s", "time_sync_s", "step_time_s")
 
 
-def loop_case(model: Path, *, rollouts: int, ranks: int, steps: int, tokens: int) -> dict:
+def loop_case(
+    model: Path, *, rollouts: int, ranks: int, steps: int, tokens: int, extra: tuple[str, ...] = ()
+) -> dict:
+    """One rl_train run; `extra` are further --set overrides (bench_vllm_rollout.py's engine)."""
     from cai_ray.pipeline import rl_train
 
     run_dir = Path(tempfile.mkdtemp(prefix="bench-rl-"))
@@ -55,6 +58,7 @@ def loop_case(model: Path, *, rollouts: int, ranks: int, steps: int, tokens: int
                 f"rl_train.policy={{num_ranks: {ranks}, micro_batch_size: {8 // ranks}, "
                 "cpus_per_rank: 0.5}",
                 "rl_train.value={micro_batch_size: 8}",
+                *extra,
             ],
         )
         t0 = time.perf_counter()
@@ -66,11 +70,13 @@ def loop_case(model: Path, *, rollouts: int, ranks: int, steps: int, tokens: int
         timed = rows[1:]  # the first step pays the stream's and the actors' start-up
         mean = {k: sum(r[k] for r in timed) / len(timed) for k in SPLIT}
         samples = sum(r["samples"] for r in timed)
+        generated = sum(r["response_len"] * r["samples"] for r in timed)
         return {
             "rollout_workers": rollouts,
             "learner_ranks": ranks,
             **{k: round(v, 4) for k, v in mean.items()},
             "samples_per_s": round(samples / sum(r["step_time_s"] for r in timed), 2),
+            "rollout_tokens_per_s": round(generated / sum(r["time_generate_s"] for r in timed), 1),
             "wall_s": round(wall, 1),
         }
     finally:
