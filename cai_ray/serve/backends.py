@@ -137,7 +137,8 @@ class PolicyBackend:
         out = await self.generate_async(
             ["Hello"], {"temperature": 0.0, "max_new_tokens": 1}, chat=False
         )
-        return {"model": self.name, "ok": bool(out[0]["choices"]), "pid": os.getpid()}
+        ok = bool(out[0]["choices"])
+        return {"model": self.name, "ok": ok, "pid": os.getpid(), "engine": "vllm-async"}
 
     def _plan(self, prompts: list[str], params: dict[str, Any], chat: bool):
         """(prompts, SamplingParams, token counts) of one request, its limits checked."""
@@ -164,7 +165,13 @@ class PolicyBackend:
         out = self.generate(["Hello"], {"temperature": 0.0, "max_new_tokens": 1}, chat=False)
         # the pid of the replica that answered, for kill drills (tests/integration)
         ok = bool(out[0]["choices"])
-        return {"model": self.name, "ok": ok, "pid": os.getpid(), "batching": self.stats.as_dict()}
+        return {
+            "model": self.name,
+            "ok": ok,
+            "pid": os.getpid(),
+            "engine": "hf-batched",
+            "batching": self.stats.as_dict(),
+        }
 
 
 class RewardBackend:

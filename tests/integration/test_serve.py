@@ -176,7 +176,9 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(http):
         assert texts(t) == texts(a)
         assert len(texts(t)) == bodies[i]["n"]
         assert t.json()["usage"] == a.json()["usage"]
-    batching = http.get("/ready").json()["models"]["policy"]["batching"]
+    policy = http.get("/ready").json()["models"]["policy"]
+    assert policy["engine"] == "hf-batched"
+    batching = policy["batching"]
     assert batching["largest_batch"] > 1
     assert batching["batches"] < batching["requests"]
 

@@ -115,6 +115,13 @@ def test_concurrent_seeded_requests_match_each_alone(client):
         assert list(pool.map(ask, range(6))) == alone
 
 
+def test_the_policy_runs_on_the_async_engine(server):
+    import httpx
+
+    ready = httpx.get(f"{server}/ready", timeout=120).json()
+    assert ready["models"]["policy"]["engine"] == "vllm-async"  # continuous batching
+
+
 def test_constitution_label_on_vllm(server):
     import httpx
 
