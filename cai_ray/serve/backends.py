@@ -88,29 +88,13 @@ class PolicyBackend:
     ) -> list[list[dict[str, Any]] | Exception]:
         """Several requests (prompts, params, chat) in shared forward passes, each with its own
         sampling params; a request that fails its checks gets its error, the rest still run."""
-        planned = [_attempt(self._plan, *item) for item in items]
-        ok = [i for i, p in enumerate(planned) if not isinstance(p, Exception)]
-        self.stats.add(len(ok))
-        runs = _run_batch(
-            lambda reqs: self.engine.generate_many([(p, sp) for p, sp, _ in reqs]),
-            [planned[i] for i in ok],
-            self._lock,
-        )
-        out: list[Any] = list(planned)
-        for i, result in zip(ok, runs, strict=True):
-            if isinstance(result, Exception):
-                out[i] = result
-                continue
-            counts = planned[i][2]
-            out[i] = [
-                {
-                    "choices": [(g.text, g.finish_reason) for g in gens],
-                    "prompt_tokens": count,
-                    "completion_tokens": sum(len(g.token_ids) for g in gens),
-                }
-                for gens, count in zip(result, counts, strict=True)
-            ]
-        return out
+
+        def run(plans: list[tuple[list[str], SamplingParams, list[int]]]) -> list[list[dict]]:
+            self.stats.add(len(plans))
+            results = self.engine.generate_many([(p, sp) for p, sp, _ in plans])
+            return [_choices(r, counts) for r, (_, _, counts) in zip(results, plans, strict=True)]
+
+        return _batch_each(items, lambda item: self._plan(*item), run, self._lock)
 
     async def generate_async(
         self, prompts: list[str], params: dict[str, Any], *, chat: bool
@@ -124,14 +108,7 @@ class PolicyBackend:
         results = await asyncio.gather(
             *(self.async_engine.generate_async(p, sampling) for p in prompts)
         )
-        return [
-            {
-                "choices": [(g.text, g.finish_reason) for g in gens],
-                "prompt_tokens": count,
-                "completion_tokens": sum(len(g.token_ids) for g in gens),
-            }
-            for gens, count in zip(results, counts, strict=True)
-        ]
+        return _choices(results, counts)
 
     async def ping_async(self) -> dict[str, Any]:
         out = await self.generate_async(
@@ -205,8 +182,6 @@ class RewardBackend:
         self, items: Sequence[list[list[dict[str, str]]]]
     ) -> list[dict[str, Any] | Exception]:
         """Several requests' conversations scored in shared forward passes."""
-        planned = [_attempt(self._texts, convos) for convos in items]
-        ok = [i for i, p in enumerate(planned) if not isinstance(p, Exception)]
 
         def run(batch: list[list[str]]) -> list[dict[str, Any]]:
             flat = [t for texts in batch for t in texts]
@@ -222,10 +197,7 @@ class RewardBackend:
                 k += len(texts)
             return out
 
-        result: list[Any] = list(planned)
-        for i, value in zip(ok, _run_batch(run, [planned[i] for i in ok], self._lock), strict=True):
-            result[i] = value
-        return result
+        return _batch_each(items, self._texts, run, self._lock)
 
     def _texts(self, conversations: list[list[dict[str, str]]]) -> list[str]:
         return [
@@ -357,8 +329,6 @@ class ConstitutionBackend:
 
     def label_batch(self, requests: Sequence[dict[str, Any]]) -> list[dict[str, Any] | Exception]:
         """Several label requests' multiple-choice prompts scored in one `score_options` call."""
-        planned = [_attempt(self._plan_label, r) for r in requests]
-        ok = [i for i, p in enumerate(planned) if not isinstance(p, Exception)]
 
         def run(plans: list[tuple[list, list[ScoreRequest]]]) -> list[dict[str, Any]]:
             scores = self.judge.score_options([r for _, reqs in plans for r in reqs])
@@ -368,10 +338,7 @@ class ConstitutionBackend:
                 k += len(reqs)
             return out
 
-        result: list[Any] = list(planned)
-        for i, value in zip(ok, _run_batch(run, [planned[i] for i in ok], self._lock), strict=True):
-            result[i] = value
-        return result
+        return _batch_each(requests, self._plan_label, run, self._lock)
 
     def _plan_label(self, request: dict[str, Any]) -> tuple[list, list[ScoreRequest]]:
         from cai_ray.feedback import OPTIONS, build_feedback_prompt
@@ -510,6 +477,29 @@ def _attempt(fn, *args):
         return fn(*args)
     except (ApiError, CaiRayError) as exc:
         return exc
+
+
+def _choices(results, counts: list[int]) -> list[dict[str, Any]]:
+    """Per prompt: `choices` [(text, finish_reason)], `prompt_tokens`, `completion_tokens`."""
+    return [
+        {
+            "choices": [(g.text, g.finish_reason) for g in gens],
+            "prompt_tokens": count,
+            "completion_tokens": sum(len(g.token_ids) for g in gens),
+        }
+        for gens, count in zip(results, counts, strict=True)
+    ]
+
+
+def _batch_each(items: Sequence[Any], plan, run, lock: threading.Lock) -> list:
+    """One result per item: plan each (a user error is that item's result), then run the
+    planned ones as one batch (`_run_batch`)."""
+    planned = [_attempt(plan, item) for item in items]
+    ok = [i for i, p in enumerate(planned) if not isinstance(p, Exception)]
+    out: list[Any] = list(planned)
+    for i, value in zip(ok, _run_batch(run, [planned[i] for i in ok], lock), strict=True):
+        out[i] = value
+    return out
 
 
 def _run_batch(run, batch: list, lock: threading.Lock) -> list:
