@@ -70,7 +70,7 @@ def make_async_engine(model_path: str | Path, config: EngineConfig, *, model_id:
     None for the HF engine (Serve batches its requests instead)."""
     if resolve_engine_kind(config) != "vllm":
         return None
-    from cai_ray.engines.vllm import AsyncVLLMEngine
+    from cai_ray.engines.vllm_async import AsyncVLLMEngine
 
     return AsyncVLLMEngine(**_vllm_options(model_path, config), model_id=model_id)
 

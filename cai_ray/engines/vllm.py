@@ -310,8 +310,8 @@ def _engine_kwargs(
     enable_prefix_caching: bool,
     enforce_eager: bool,
     cpu_kvcache_space_gib: float,
-    seed: int,
-    extra: dict[str, Any] | None,
+    seed: int = 0,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """vLLM engine arguments (`vllm.LLM` and `AsyncEngineArgs` take the same ones)."""
     kwargs: dict[str, Any] = {
@@ -706,97 +706,6 @@ class VLLMEngine(Engine):
         # vLLM tags outputs with it. (`LLM` has no method for it in 0.32 or 0.33; its engine does.)
         self.llm.llm_engine.set_weight_version(str(version))
         self.weight_version = version
-
-
-class AsyncVLLMEngine:
-    """vLLM's `AsyncLLM` for serving: every request joins the engine's running batch as it
-    arrives (continuous batching), instead of waiting for a batch to form and finish. The same
-    model, arguments and sampling semantics as `VLLMEngine` (greedy n copies, a seed per
-    prompt, stop strings cut); no weight sync or scoring (Serve's policy only generates).
-    """
-
-    def __init__(
-        self,
-        model_path: str,
-        *,
-        device: str = "auto",
-        threads: int | None = None,
-        model_id: str | None = None,
-        **options: Any,
-    ):
-        vllm, self.on_cpu = _import_vllm(model_path, device)
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        self._vllm = vllm
-        self._client_errors = _client_errors()
-        defaults = {
-            "dtype": "auto",
-            "tensor_parallel_size": 1,
-            "gpu_memory_utilization": 0.85,
-            "max_model_len": None,
-            "enable_prefix_caching": True,
-            "enforce_eager": False,
-            "cpu_kvcache_space_gib": 1.0,
-            "seed": 0,
-            "extra": None,
-        }
-        kwargs = _engine_kwargs(self.on_cpu, **{**defaults, **options})
-        with _starting(model_path, threads, on_cpu=self.on_cpu):
-            self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model_path, **kwargs))
-        from cai_ray.models import model_id as content_id
-
-        self.tokenizer = self.llm.get_tokenizer()
-        self.model_id = model_id or content_id(model_path)
-        self.max_context = int(self.llm.model_config.max_model_len)
-        self._watched = False
-
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        from cai_ray.tokens import encode
-
-        return [encode(self.tokenizer, t) for t in texts]
-
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return [len(ids) for ids in self.tokenize(texts)]
-
-    async def generate_async(self, prompt: str, params: SamplingParams) -> list[Generation]:
-        """`params.n` samples of one prompt, as `VLLMEngine.generate` gives them."""
-        import uuid
-
-        if not self._watched:  # the engine core follows this process if it is killed
-            await self.llm.collective_rpc("cai_exit_with", args=(os.getpid(),))
-            self._watched = True
-        (ids,) = self.tokenize([prompt])
-        if len(ids) >= self.max_context:
-            raise CaiRayError(
-                f"prompt has {len(ids)} tokens; the model accepts {self.max_context} in all",
-                where=self.model_id,
-                hint="shorten the prompt or raise max_model_len",
-            )
-        kwargs = to_vllm_sampling_kwargs(params)
-        if params.seed is not None:
-            kwargs["seed"] = prompt_seed(params.seed, ids)
-        try:
-            sampling = self._vllm.SamplingParams(**kwargs)
-            final = None
-            stream = self.llm.generate(
-                {"prompt_token_ids": ids}, sampling, request_id=uuid.uuid4().hex
-            )
-            async for out in stream:
-                final = out
-        except self._client_errors as err:
-            raise CaiRayError(
-                f"vLLM refused the request: {err}",
-                where=self.model_id,
-                hint="check the sampling parameters and prompt length against the model",
-            ) from err
-        copies = params.n if is_greedy(params) else 1
-        return copies_of(from_request_output(final, stop=params.stop), copies)
-
-    def close(self) -> None:
-        llm = self.__dict__.pop("llm", None)
-        if llm is not None:
-            llm.shutdown()
 
 
 def _client_errors() -> tuple[type[BaseException], ...]:
