@@ -12,9 +12,9 @@ from typing import Any
 
 from cai_ray.config import EngineConfig
 from cai_ray.engines.base import ScoreRequest
-from cai_ray.feedback import OPTIONS
-from cai_ray.judging import Axis, JudgeSettings, fold_prompt, plan_prompt
-from cai_ray.labeling import scored
+from cai_ray.eval.judging import Axis, JudgeSettings, fold_prompt, plan_prompt
+from cai_ray.feedback.labeling import scored
+from cai_ray.feedback.prompts import OPTIONS
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -109,7 +109,7 @@ class PMScoreWorker:
         text_col: str,
         model_id: str | None = None,
     ):
-        from cai_ray.reward import RewardScorer
+        from cai_ray.feedback.reward import RewardScorer
 
         self.scorer = RewardScorer(
             model_path,
@@ -121,7 +121,7 @@ class PMScoreWorker:
         self.text_col = text_col
 
     def __call__(self, batch: Any) -> Any:
-        from cai_ray.reward import pm_text
+        from cai_ray.feedback.reward import pm_text
 
         batch = batch.copy()
         rejects = list(batch["reject"])

@@ -13,10 +13,9 @@ import json
 from typing import Any
 
 from cai_ray.config import EngineConfig
-from cai_ray.conversation import PromptFormat
+from cai_ray.data.conversation import PromptFormat
 from cai_ray.engines.base import SamplingParams, ScoreRequest
-from cai_ray.feedback import OPTIONS
-from cai_ray.labeling import (
+from cai_ray.feedback.labeling import (
     RATIONALE_STOP,
     LabelQuery,
     LabelSettings,
@@ -29,6 +28,7 @@ from cai_ray.labeling import (
     cot_scoring_prefix,
     scored,
 )
+from cai_ray.feedback.prompts import OPTIONS
 
 OUTPUT_COLUMNS = (
     "response_a",

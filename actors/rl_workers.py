@@ -16,11 +16,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cai_ray.config import EngineConfig
-from cai_ray.conversation import Conversation, PromptFormat
+from cai_ray.config.rl import RewardConfig
+from cai_ray.data.conversation import Conversation, PromptFormat
+from cai_ray.data.tokens import strip_reasoning
 from cai_ray.engines.base import SamplingParams
 from cai_ray.profiling import span
-from cai_ray.rl_config import RewardConfig
-from cai_ray.tokens import strip_reasoning
 
 
 class RLRolloutWorker:
@@ -42,7 +42,7 @@ class RLRolloutWorker:
         return "vllm" if type(self.engine).__name__ == "VLLMEngine" else "hf"
 
     def engine_info(self) -> tuple[str, str]:
-        """(engine kind, 'cpu' or 'cuda'): what the weight sync can use (actors.weight_sync)."""
+        """(engine kind, 'cpu' or 'cuda'): what the weight sync can use (actors.learner.weight_sync)."""
         kind = self.engine_kind()
         if kind == "vllm":
             return kind, "cpu" if self.engine.on_cpu else "cuda"
@@ -78,7 +78,7 @@ class RLRolloutWorker:
         return version
 
     def join_weight_group(self, address: str, port: int, rank_offset: int, world_size: int) -> None:
-        """Join learner rank 0's NCCL weight group (vLLM engines only; actors.weight_sync)."""
+        """Join learner rank 0's NCCL weight group (vLLM engines only; actors.learner.weight_sync)."""
         self.engine.init_weight_update_group(address, port, rank_offset, world_size)
 
     def receive_weights(self, metadata: list[Any], *, version: int) -> int:
@@ -107,7 +107,7 @@ class RewardWorker:
         self.phrases = tuple(refusal_phrases)
         self._fn = None
         if reward.kind == "pm":
-            from cai_ray.reward import RewardScorer
+            from cai_ray.feedback.reward import RewardScorer
 
             self.scorer = RewardScorer(
                 model_path,  # type: ignore[arg-type]
@@ -121,7 +121,7 @@ class RewardWorker:
 
             self.engine = make_engine(model_path, engine)  # type: ignore[arg-type]
         else:
-            from cai_ray.rule_rewards import load_reward_function
+            from cai_ray.feedback.rule_rewards import load_reward_function
 
             self._fn = load_reward_function(reward.function)  # type: ignore[arg-type]
 
@@ -130,11 +130,11 @@ class RewardWorker:
 
     def score(self, items: list[dict[str, Any]]) -> list[float]:
         """One reward per item; a NaN stays NaN (the driver counts and skips such batches)."""
-        from cai_ray.rule_rewards import refusal_penalty
+        from cai_ray.feedback.rule_rewards import refusal_penalty
 
         responses = [it["response"] for it in items]
         if self.cfg.kind == "pm":
-            from cai_ray.reward import pm_text
+            from cai_ray.feedback.reward import pm_text
 
             texts = [pm_text(it["messages"], it["response"]) for it in items]
             scores = self.scorer.score(texts, truncate=True)
@@ -159,9 +159,9 @@ class RewardWorker:
         """Expected 1-10 rating under the feedback model, rescaled to [-1, 1]."""
         import torch
 
-        from cai_ray import rl_math
         from cai_ray.engines.base import ScoreRequest
-        from cai_ray.feedback import RATING_OPTIONS, build_rating_prompt, disjoint_logprobs
+        from cai_ray.feedback.prompts import RATING_OPTIONS, build_rating_prompt, disjoint_logprobs
+        from cai_ray.rl import algorithms as rl_math
 
         requests = [
             ScoreRequest(
@@ -211,7 +211,7 @@ class ReferenceWorker:
         """Per sequence (`input_ids`, `prompt_len`), the response tokens' log-probs."""
         import torch
 
-        from actors.rl_objectives import PolicyObjective
+        from cai_ray.rl.objectives import PolicyObjective
 
         objective = PolicyObjective(pad_id=self.pad_id)
         out: list[list[float]] = []

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from actors.learner import LocalHandle
+from actors.learner.group import LocalHandle
 from cai_ray.errors import CaiRayError, find_user_error
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from cai_ray.config import EngineConfig
-from cai_ray.conversation import Conversation, PromptFormat
+from cai_ray.data.conversation import Conversation, PromptFormat
 from cai_ray.engines.base import SamplingParams
 
 
@@ -72,7 +72,7 @@ class RolloutWorker:
     def _answer(self, prompts: list[str]) -> list[list[tuple[str, str]]]:
         """(cleaned text, finish reason) of each sample per prompt; a prompt with an empty
         sample is resampled once."""
-        from cai_ray.critique import clean_answer
+        from cai_ray.sl.critique import clean_answer
 
         if not prompts:
             return []

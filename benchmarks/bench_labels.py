@@ -26,7 +26,7 @@ from timing import write_results
 from actors.labeler import LabelerWorker
 from cai_ray.config import EngineConfig, ModelConfig
 from cai_ray.engines.base import OptionScores
-from cai_ray.labeling import LabelSettings
+from cai_ray.feedback.labeling import LabelSettings
 from cai_ray.models import default_cache_dir, ensure_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "labels.json"

@@ -47,7 +47,7 @@ def loop_case(
                 f"models.helpful={{path: {model}}}",
                 f"generation.max_new_tokens={tokens}",
                 "rl_train.reward.kind=function",
-                "rl_train.reward.function=cai_ray.rule_rewards:length_target",
+                "rl_train.reward.function=cai_ray.feedback.rule_rewards:length_target",
                 f"rl_train.steps={steps}",
                 "rl_train.prompts_per_step=8",
                 f"rl_train.checkpoint_every={steps}",
@@ -85,12 +85,12 @@ def loop_case(
 
 def sync_case(model: Path, *, rollouts: int, repeats: int = 3) -> dict:
     """Best-of time of one weight sync: gather on rank 0, then load into every rollout worker."""
-    from actors.rl_learner import RLLearnerGroup
-    from actors.rl_objectives import PolicyObjective
+    from actors.learner.rl import RLLearnerGroup
     from actors.rl_workers import RLRolloutWorker
     from actors.role_pool import RolePool
     from cai_ray.config import EngineConfig
-    from cai_ray.train_config import LearnerConfig
+    from cai_ray.config.learner import LearnerConfig
+    from cai_ray.rl.objectives import PolicyObjective
 
     out = Path(tempfile.mkdtemp(prefix="bench-sync-"))
     group = RLLearnerGroup(

@@ -33,9 +33,9 @@ def main() -> None:
     import ray
 
     from cai_ray.config import load_config
+    from cai_ray.data.shards import ShardStore
     from cai_ray.models import load_tokenizer
     from cai_ray.pipeline import sl_generate
-    from cai_ray.shards import ShardStore
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     results = []

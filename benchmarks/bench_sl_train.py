@@ -24,12 +24,12 @@ import torch
 from flops import flops_per_token, matmul_peak
 from timing import write_results
 
-from actors.learner import LearnerGroup
-from actors.metrics import read_metrics
-from actors.objectives import SFTObjective
+from actors.learner.group import LearnerGroup
+from actors.learner.metrics import read_metrics
 from cai_ray.config import ModelConfig
+from cai_ray.config.learner import LearnerConfig
 from cai_ray.models import default_cache_dir, ensure_model
-from cai_ray.train_config import LearnerConfig
+from cai_ray.sl.objective import SFTObjective
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sl_train.json"
 

@@ -70,9 +70,9 @@ def one(stage: str, size: int) -> dict:
     import ray
 
     from cai_ray.config import ModelConfig, load_config
+    from cai_ray.data.shards import ShardStore
     from cai_ray.models import default_cache_dir, ensure_model
     from cai_ray.pipeline import rl_label, sl_generate
-    from cai_ray.shards import ShardStore
 
     run_dir = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     prompts = run_dir / "prompts.jsonl"

@@ -26,14 +26,14 @@ from bench_sl_train import synthetic_rows
 from flops import flops_per_token, matmul_peak
 from timing import write_results
 
-from actors.learner import LearnerGroup
-from actors.metrics import read_metrics
-from actors.objectives import SFTObjective
+from actors.learner.group import LearnerGroup
+from actors.learner.metrics import read_metrics
 from cai_ray.config import ModelConfig
-from cai_ray.losses import token_nll_sum
+from cai_ray.config.learner import LearnerConfig
 from cai_ray.models import default_cache_dir, ensure_model
-from cai_ray.sft_data import collate
-from cai_ray.train_config import LearnerConfig
+from cai_ray.sl.losses import token_nll_sum
+from cai_ray.sl.objective import SFTObjective
+from cai_ray.sl.sft_data import collate
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_reference.json"
 

@@ -73,7 +73,7 @@ def padding_generate(model_dir: Path, repeats: int) -> dict:
 def sft_rows(model_dir: Path, n: int) -> list[dict]:
     """Rows shaped like SL-CAI examples: a prompt of 10-170 tokens, a response of 8-120."""
     from cai_ray.models import load_tokenizer
-    from cai_ray.sft_data import build_sft_examples
+    from cai_ray.sl.sft_data import build_sft_examples
 
     tok = load_tokenizer(model_dir)
     rng = random.Random(1)
@@ -86,11 +86,11 @@ def sft_rows(model_dir: Path, n: int) -> list[dict]:
 
 
 def padding_sft(model_dir: Path) -> dict:
-    from actors.learner import LearnerGroup
-    from actors.metrics import read_metrics
-    from actors.objectives import SFTObjective
-    from cai_ray.sft_data import pack_examples
-    from cai_ray.train_config import LearnerConfig
+    from actors.learner.group import LearnerGroup
+    from actors.learner.metrics import read_metrics
+    from cai_ray.config.learner import LearnerConfig
+    from cai_ray.sl.objective import SFTObjective
+    from cai_ray.sl.sft_data import pack_examples
 
     rows = sft_rows(model_dir, 96)
     real = sum(len(r["input_ids"]) for r in rows)

@@ -20,7 +20,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared/data/anthrop
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from cai_ray.evals import EVAL_FILES
+    from cai_ray.eval.multiple_choice import EVAL_FILES
 
     parser = sub.add_parser("eval", help="score a PM or a feedback model on the paper's evals")
     parser.add_argument("name", choices=list(EVAL_FILES), help="which evaluation")
@@ -59,7 +59,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from cai_ray.evals import EVAL_FILES, eval_with_feedback_model, eval_with_pm, read_eval_file
+    from cai_ray.eval.multiple_choice import (
+        EVAL_FILES,
+        eval_with_feedback_model,
+        eval_with_pm,
+        read_eval_file,
+    )
 
     if args.limit is not None and args.limit < 1:
         raise CaiRayError("--limit must be at least 1", where="--limit")
@@ -75,7 +80,7 @@ def _eval(args: argparse.Namespace) -> int:
     items, rejects = read_eval_file(path)
     items = items[: args.limit] if args.limit else items
     if args.kind == "pm":
-        from cai_ray.reward import RewardScorer
+        from cai_ray.feedback.reward import RewardScorer
 
         scorer = RewardScorer(args.model, device=args.device, threads=args.threads)
         report = eval_with_pm(args.name, items, scorer.score, rejects=rejects)
@@ -121,7 +126,7 @@ def _shots(args: argparse.Namespace) -> list:
         return []
     from cai_ray.config import resolve_path
     from cai_ray.constitution import load_constitution
-    from cai_ray.labeling import LabelSettings, few_shots
+    from cai_ray.feedback.labeling import LabelSettings, few_shots
 
     constitution = load_constitution(resolve_path(args.constitution))
     settings = LabelSettings(few_shot=args.few_shot, cot=args.cot)

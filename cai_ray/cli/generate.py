@@ -125,7 +125,7 @@ def _generate(args: argparse.Namespace) -> int:
     params = cfg.generation.sampling_params(
         n=args.n, seed=cfg.seed if args.seed is None else args.seed, **overrides
     )
-    from cai_ray.conversation import PromptFormat
+    from cai_ray.data.conversation import PromptFormat
 
     fmt = PromptFormat(args.format or cfg.format, cfg.models.helpful.chat_template_kwargs)
     fmt = fmt.load(path)
@@ -164,7 +164,7 @@ def _read_prompts(
     args: argparse.Namespace, *, turns: str
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Prompts as {prompt_id, prompt, conversation}, plus reasons for set-aside rows."""
-    from cai_ray.conversation import Conversation
+    from cai_ray.data.conversation import Conversation
 
     if args.prompt:
         records = []
@@ -172,7 +172,7 @@ def _read_prompts(
             conv = Conversation.from_messages([{"role": "user", "content": text}])
             records.append({"prompt_id": conv.prompt_id, "prompt": text, "conversation": conv})
         return records, []
-    from cai_ray.sources import read_prompts
+    from cai_ray.data.sources import read_prompts
 
     result = read_prompts(args.prompts, turns=turns, limit=args.limit)
     records = [

@@ -14,9 +14,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from cai_ray.config.safe_yaml import TOO_DEEP, SafeLoader, problem_of
 from cai_ray.constitution.schema import Constitution, FieldIssue
 from cai_ray.errors import ConstitutionError
-from cai_ray.safe_yaml import TOO_DEEP, SafeLoader, problem_of
 
 Loc = tuple[str | int, ...]
 # The project's own constitution, beside the package in a source checkout.

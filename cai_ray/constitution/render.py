@@ -1,6 +1,6 @@
 """The paper's text layouts for constitution prompts, shared by few-shot examples and live queries.
 
-Kept separate from cai_ray.conversation on purpose: the constitution package renders its own small
+Kept separate from cai_ray.data.conversation on purpose: the constitution package renders its own small
 transcripts so it depends on nothing else in the project. Prompt builders that render the live
 query should call these functions, so the query and its few-shot examples look the same.
 """

@@ -179,7 +179,7 @@ class HFEngine(Engine):
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids as the engine sends them (one BOS, where the tokenizer uses one)."""
-        from cai_ray.tokens import encode_batch
+        from cai_ray.data.tokens import encode_batch
 
         return encode_batch(self.tokenizer, texts)
 
@@ -195,7 +195,7 @@ class HFEngine(Engine):
     # -- generation -------------------------------------------------------------------------
 
     def _encode(self, text: str) -> list[int]:
-        from cai_ray.tokens import encode
+        from cai_ray.data.tokens import encode
 
         return encode(self.tokenizer, text)  # one BOS even when a chat template wrote it
 

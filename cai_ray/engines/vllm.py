@@ -625,7 +625,7 @@ class VLLMEngine(Engine):
             )
 
     def _encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        from cai_ray.tokens import encode
+        from cai_ray.data.tokens import encode
 
         if add_special_tokens:  # one BOS even when a chat template already wrote it
             return encode(self.tokenizer, text)

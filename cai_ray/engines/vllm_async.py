@@ -60,7 +60,7 @@ class AsyncVLLMEngine:
         self._watched = False
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        from cai_ray.tokens import encode
+        from cai_ray.data.tokens import encode
 
         return [encode(self.tokenizer, t) for t in texts]
 

@@ -3,12 +3,12 @@
 Importing this package is light (no torch); the functions import transformers when called.
 """
 
+from cai_ray.models.ensure import ensure_model
 from cai_ray.models.presets import HEADS, PRESETS, Head, ModelPreset, get_preset
 from cai_ray.models.store import (
     check_model_dir,
     count_parameters,
     default_cache_dir,
-    ensure_model,
     init_model,
     model_id,
 )

@@ -11,16 +11,14 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cai_ray.errors import ModelError
 from cai_ray.models.presets import Head, check_head, get_preset
-from cai_ray.profiling import span
 
 if TYPE_CHECKING:
-    from cai_ray.config import ModelConfig
+    pass
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -111,45 +109,7 @@ def _preset_tokenizer(tokenizer: str | Path | None):
     return tok, stop_token_ids(tok)
 
 
-def ensure_model(cfg: ModelConfig, *, run_dir: str | Path, head: Head = "causal") -> Path:
-    """The model directory for `cfg`: a preset is built under run_dir/models/ on first use."""
-    from cai_ray.config import resolve_path
-
-    if cfg.path is not None:
-        return check_model_dir(resolve_path(cfg.path), head=head)
-    if cfg.gguf is not None:
-        from cai_ray.models.gguf import ensure_gguf_model
-
-        return ensure_gguf_model(resolve_path(cfg.gguf), run_dir=run_dir, head=head)
-    check_head(head)
-    get_preset(cfg.preset)  # fail on a typo before creating any directory
-    parent = Path(run_dir) / "models"
-    name = f"{cfg.preset}-{head}-s{cfg.seed}"
-    tokenizer = None
-    if cfg.tokenizer is not None:
-        tokenizer = resolve_path(cfg.tokenizer)
-        name += f"-{tokenizer.resolve().name}-{_dir_digest(tokenizer)}"
-    final = parent / name
-    if final.is_dir():
-        return check_model_dir(final, head=head)
-    parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target, then rename: a killed build leaves only a hidden temp dir behind.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=parent))
-    try:
-        with span("build_model"):
-            init_model(
-                cfg.preset, tmp, head=head, seed=cfg.seed, overwrite=True, tokenizer=tokenizer
-            )
-        os.rename(tmp, final)
-    except OSError:
-        if not final.is_dir():  # not a lost race with another process: a real failure
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return check_model_dir(final, head=head)
-
-
-def _dir_digest(folder: Path) -> str:
+def dir_digest(folder: Path) -> str:
     """8 hex digits over a tokenizer folder's file names and sizes (which tokenizer it is)."""
     h = hashlib.sha256()
     if folder.is_dir():

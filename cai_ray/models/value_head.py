@@ -145,7 +145,7 @@ def load_scalar_model(
 ) -> ValueHeadModel:
     """The scalar model in `path`: a value-head directory, a `*ForSequenceClassification` PM,
     or with `new_head` a causal LM given a fresh head (the start of a PM or a critic).
-    The one loader of the PM trainer, the critic and `cai_ray.reward.RewardScorer`."""
+    The one loader of the PM trainer, the critic and `cai_ray.feedback.reward.RewardScorer`."""
     p = Path(path)
     kind = check_scalar_model(p, new_head=new_head)
     if kind == "sequence_classifier":

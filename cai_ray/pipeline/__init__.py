@@ -4,4 +4,4 @@ Each stage writes into `<run_dir>/<stage>/` (Parquet shards + manifest.json) and
 its manifest says it finished, so a killed run resumes where it stopped.
 """
 
-STAGES = ("sl-generate", "sl-train", "rl-pairs", "rl-label", "pm-train", "rl-train", "evaluate")
+from cai_ray.layout import STAGES  # noqa: F401  (the stage names, re-exported for the CLI)

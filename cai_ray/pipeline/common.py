@@ -16,9 +16,9 @@ from typing import Any
 
 from cai_ray import profiling
 from cai_ray.config import ModelConfig, PoolConfig, RayConfig, RunConfig, resolve_path
-from cai_ray.conversation import PromptFormat
+from cai_ray.data.conversation import PromptFormat
+from cai_ray.data.shards import ShardStore, atomic_write_text, read_manifest, reject_counts
 from cai_ray.errors import CaiRayError, ConfigError, DataError, find_user_error
-from cai_ray.shards import ShardStore, atomic_write_text, read_manifest, reject_counts
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def prompt_dataset(
     """
     import ray.data
 
-    from cai_ray.sources import resolve_source
+    from cai_ray.data.sources import resolve_source
 
     resolve_source(spec)  # a missing source is a clear error here, before anything starts
     items = [{"spec": str(spec)}]
@@ -188,7 +188,7 @@ def _read_source(
     """Generator UDF: stream one source's rows as parsed batches of `block_rows`."""
     import pandas as pd
 
-    from cai_ray.sources import Reject, iter_prompt_rows, parse_prompt_row
+    from cai_ray.data.sources import Reject, iter_prompt_rows, parse_prompt_row
 
     spec = item["spec"].iloc[0]
     seen: set[str] = set()

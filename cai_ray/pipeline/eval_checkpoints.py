@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from cai_ray.config import ModelConfig, RunConfig, resolve_path
+from cai_ray.data.shards import atomic_write_text
 from cai_ray.errors import CaiRayError, ConfigError
 from cai_ray.pipeline.common import ModelRef, StageContext
-from cai_ray.shards import atomic_write_text
 
 ROLE_DIRS = {"sl-cai": "sl-train/hf", "rl-cai": "rl-train/hf"}
 _STEP = re.compile(r"^rl-step-(\d+)$")

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from cai_ray.config import PoolConfig, RunConfig, resolve_path
-from cai_ray.eval_metrics import label_quality, read_reference_labels, revision_curve
+from cai_ray.data.shards import SHARD_GLOB, ShardStore, reject_counts
+from cai_ray.eval.metrics import label_quality, read_reference_labels, revision_curve
 from cai_ray.pipeline.common import (
     ModelRef,
     StageContext,
@@ -26,7 +27,6 @@ from cai_ray.pipeline.common import (
     shard_dataset,
     summarize,
 )
-from cai_ray.shards import SHARD_GLOB, ShardStore, reject_counts
 
 LABEL_COLUMNS = ["pair_id", "label", "label_raw", "flips", "order_checks", "principles"]
 

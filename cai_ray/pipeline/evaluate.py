@@ -21,17 +21,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from cai_ray.config import PoolConfig, RunConfig, resolve_path
-from cai_ray.conversation import PromptFormat
+from cai_ray.config.evaluate import HELD_OUT
+from cai_ray.data.conversation import PromptFormat
+from cai_ray.data.shards import ShardStore, atomic_write_text, reject_counts, write_manifest
+from cai_ray.data.sources import sample_path
 from cai_ray.errors import DataError
-from cai_ray.eval_config import HELD_OUT
-from cai_ray.eval_metrics import (
+from cai_ray.eval.judging import JudgeSettings
+from cai_ray.eval.metrics import (
     checkpoint_metrics,
     comparisons_of,
     elo_table,
     human_comparisons,
     refusal_summary,
 )
-from cai_ray.judging import JudgeSettings
+from cai_ray.feedback.rule_rewards import has_phrase
 from cai_ray.pipeline.common import (
     ModelRef,
     StageContext,
@@ -51,9 +54,6 @@ from cai_ray.pipeline.eval_checkpoints import (
     pm_model,
     resolve_checkpoints,
 )
-from cai_ray.rule_rewards import has_phrase
-from cai_ray.shards import ShardStore, atomic_write_text, reject_counts, write_manifest
-from cai_ray.sources import sample_path
 
 STAGE = "evaluate"
 SPLITS = {"harmful": "harmlessness", "helpful": "helpfulness"}

@@ -18,19 +18,19 @@ from pathlib import Path
 from typing import Any
 
 from cai_ray.config import RunConfig
+from cai_ray.data.shards import ShardStore, atomic_write_text, write_manifest
+from cai_ray.data.tokens import encode_batch
 from cai_ray.errors import DataError
+from cai_ray.feedback.reward import pm_text
 from cai_ray.pipeline.common import ModelRef, StageContext
-from cai_ray.reward import pm_text
-from cai_ray.shards import ShardStore, atomic_write_text, write_manifest
-from cai_ray.tokens import encode_batch
 
 STAGE = "pm-train"
 
 
 def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) stage 5; returns its manifest."""
-    from actors.learner import LearnerGroup
-    from actors.preference import PreferenceObjective
+    from actors.learner.group import LearnerGroup
+    from cai_ray.feedback.pm_objective import PreferenceObjective
     from cai_ray.models import load_tokenizer
 
     ctx = StageContext.open(cfg, STAGE, sections=("pm_train", "rl_label", "models"))
@@ -100,7 +100,7 @@ def _start_model(cfg: RunConfig, ctx: StageContext) -> tuple[ModelRef, dict[str,
 
 def _comparisons(cfg: RunConfig, ctx: StageContext) -> tuple[list[dict], list[dict]]:
     """AI-labelled pairs of stage 4, plus human helpfulness pairs at `helpful_ratio`."""
-    from cai_ray.sources import read_comparisons
+    from cai_ray.data.sources import read_comparisons
 
     labels = ShardStore(ctx.stage_dir.parent / "rl-label" / "labels", key="pair_id")
     table = labels.read_table(["pair_id", "messages", "response_a", "response_b", "label"])
@@ -161,9 +161,9 @@ def _learner_config(learner: Any, num_rows: int) -> Any:
 
 def _evaluate(cfg: RunConfig, out: Path, held: list[dict], learner: Any, rows: int) -> list[dict]:
     """Held-out accuracy and calibration of the HF copy at each epoch end still on disk."""
-    from actors.checkpoint import checkpoints_dir, tag_for
-    from cai_ray.preference import pair_metrics
-    from cai_ray.reward import RewardScorer
+    from actors.learner.checkpoint import checkpoints_dir, tag_for
+    from cai_ray.feedback.preference import pair_metrics
+    from cai_ray.feedback.reward import RewardScorer
 
     if not held:
         return []
@@ -195,14 +195,14 @@ def _by_source(pairs: list[dict]) -> dict[str, int]:
 
 
 def _reasons(rejects: list[dict]) -> dict[str, int]:
-    from cai_ray.shards import reject_counts
+    from cai_ray.data.shards import reject_counts
 
     return reject_counts(rejects)
 
 
 def _pairs_per_s(out: Path, global_batch: int) -> float | None:
     """Training throughput from the learner's metrics log (pairs per second of step time)."""
-    from actors.metrics import read_metrics
+    from actors.learner.metrics import read_metrics
 
     history = read_metrics(out)
     seconds = sum(float(m.get("step_time_s", 0)) for m in history)

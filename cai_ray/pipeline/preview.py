@@ -15,11 +15,11 @@ from typing import TextIO
 
 from cai_ray.config import RunConfig, resolve_path
 from cai_ray.constitution import choose_principles, load_constitution
+from cai_ray.data.sources import read_prompts
 from cai_ray.engines import make_engine
 from cai_ray.engines.base import ScoreRequest
-from cai_ray.feedback import OPTIONS, build_feedback_prompt, prob_first_preferred
+from cai_ray.feedback.prompts import OPTIONS, build_feedback_prompt, prob_first_preferred
 from cai_ray.models import ensure_model, model_id
-from cai_ray.sources import read_prompts
 
 
 def run_preview(cfg: RunConfig, *, out: TextIO = sys.stdout) -> Path:

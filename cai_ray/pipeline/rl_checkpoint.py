@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from actors.checkpoint import prune, read_latest, tag_for, write_latest, write_trainer_state
+from actors.learner.checkpoint import prune, read_latest, tag_for, write_latest, write_trainer_state
 
 _ROLLOUT = re.compile(r"^step-(\d+)\.parquet$")
 

@@ -13,19 +13,19 @@ from pathlib import Path
 from typing import Any
 
 from cai_ray.config import RunConfig
-from cai_ray.conversation import PromptFormat
+from cai_ray.data.conversation import PromptFormat
+from cai_ray.data.shards import ShardStore, reject_counts, write_manifest
 from cai_ray.errors import DataError
-from cai_ray.losses import IGNORE_INDEX
 from cai_ray.pipeline.common import StageContext, policy_model
-from cai_ray.shards import ShardStore, reject_counts, write_manifest
+from cai_ray.sl.losses import IGNORE_INDEX
 
 
 def run(cfg: RunConfig, ctx: StageContext, *, progress: bool = True) -> dict[str, Any]:
-    from actors.learner import LearnerGroup
-    from actors.metrics import read_metrics
-    from actors.rl_objectives import DPOObjective
-    from cai_ray.experience import mean_of
+    from actors.learner.group import LearnerGroup
+    from actors.learner.metrics import read_metrics
     from cai_ray.models import load_tokenizer
+    from cai_ray.rl.experience import mean_of
+    from cai_ray.rl.objectives import DPOObjective
 
     s = cfg.rl_train.dpo
     t0 = time.perf_counter()
@@ -135,8 +135,8 @@ def encode_pairs(
     tokenizer: Any, pairs: list[dict], *, fmt: str | PromptFormat, max_seq_len: int
 ) -> tuple[list[dict], list[dict]]:
     """Learner rows: token ids of prompt + chosen / + rejected and where each response starts
-    (the same prompt/response boundary as SFT and sampling: `cai_ray.tokens`)."""
-    from cai_ray.sft_data import tokenize_example
+    (the same prompt/response boundary as SFT and sampling: `cai_ray.data.tokens`)."""
+    from cai_ray.sl.sft_data import tokenize_example
 
     fmt = PromptFormat.of(fmt).with_tokenizer(tokenizer)
     rows, rejects = [], []

@@ -12,8 +12,9 @@ import time
 from typing import Any
 
 from cai_ray.config import RunConfig
+from cai_ray.data.shards import ShardStore, write_manifest
 from cai_ray.errors import DataError
-from cai_ray.labeling import LabelSettings, label_statistics
+from cai_ray.feedback.labeling import LabelSettings, label_statistics
 from cai_ray.pipeline.common import (
     StageContext,
     check_pool_fits,
@@ -23,7 +24,6 @@ from cai_ray.pipeline.common import (
     shard_dataset,
     summarize,
 )
-from cai_ray.shards import ShardStore, write_manifest
 
 STAGE = "rl-label"
 

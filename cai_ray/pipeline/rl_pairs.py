@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from cai_ray.config import RunConfig
+from cai_ray.data.shards import ShardStore, write_manifest
 from cai_ray.errors import ConfigError
 from cai_ray.pipeline.common import (
     StageContext,
@@ -23,7 +24,6 @@ from cai_ray.pipeline.common import (
     prompt_dataset,
     summarize,
 )
-from cai_ray.shards import ShardStore, write_manifest
 
 STAGE = "rl-pairs"
 

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from cai_ray.config import ModelConfig, PoolConfig, RunConfig
+from cai_ray.config.rl import RLTrainConfig, RLWorkersConfig
+from cai_ray.data.shards import atomic_write_text
 from cai_ray.errors import CaiRayError, ConfigError, DataError
 from cai_ray.pipeline.common import ModelRef, StageContext, check_pool_fits, policy_model
-from cai_ray.rl_config import RLTrainConfig, RLWorkersConfig
-from cai_ray.shards import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -135,11 +135,11 @@ class RLRoles:
 
     def start(self, resume_tag: str | None) -> None:
         """Start the learner groups (loading `resume_tag`), then the worker pools."""
-        from actors.rl_learner import RLLearnerGroup
-        from actors.rl_objectives import PolicyObjective, ValueObjective
+        from actors.learner.rl import RLLearnerGroup
         from actors.rl_workers import ReferenceWorker, RewardWorker, RLRolloutWorker
         from actors.role_pool import RolePool
         from cai_ray.models import load_tokenizer
+        from cai_ray.rl.objectives import PolicyObjective, ValueObjective
 
         s, cfg, m = self.s, self.cfg, self.models
         self.pad_id = int(load_tokenizer(m.policy.path).pad_token_id or 0)
@@ -214,7 +214,7 @@ class RLRoles:
 
     def _open_weight_sync(self) -> None:
         """Object store everywhere; NCCL from rank 0 into vLLM engines where both are on GPUs."""
-        from actors.weight_sync import resolve_weight_sync
+        from actors.learner.weight_sync import resolve_weight_sync
 
         s = self.s
         engines = set(self.rollout.broadcast(lambda h, _: h.engine_info.remote()))

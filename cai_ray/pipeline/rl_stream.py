@@ -23,8 +23,8 @@ Fits = Callable[[list[dict[str, str]]], bool]
 def prompt_fits(tokenizer: Any, *, fmt: Any, budget: int) -> Fits:
     """Whether a conversation, rendered as the rollout workers render it, fits in `budget`
     tokens (the policy's context minus the tokens to generate)."""
-    from cai_ray.conversation import PromptFormat
-    from cai_ray.tokens import encode
+    from cai_ray.data.conversation import PromptFormat
+    from cai_ray.data.tokens import encode
 
     pf = PromptFormat.of(fmt).with_tokenizer(tokenizer)
 

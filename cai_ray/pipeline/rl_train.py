@@ -5,7 +5,7 @@ A single-controller loop (veRL's split: control flow here, computation in the ro
 2. the rollout workers sample `group_size` responses per prompt (each records its weight version);
 3. at once: reward workers score them, reference workers give the SL-CAI log-probs, the policy
    learners the sampling-time log-probs, and for PPO the critic its values;
-4. advantages on the driver (`cai_ray.experience`): PPO with GAE and the KL penalty in the reward,
+4. advantages on the driver (`cai_ray.rl.experience`): PPO with GAE and the KL penalty in the reward,
    or GRPO/RLOO group baselines with KL as a loss term;
 5. the policy (and critic) learner groups update;
 6. the new weights go to every rollout worker (versioned, through the object store).
@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from cai_ray.config import RunConfig
+from cai_ray.data.shards import atomic_write_text, write_manifest
 from cai_ray.errors import CaiRayError, ConfigError
 from cai_ray.pipeline.common import StageContext, ensure_ray
-from cai_ray.shards import atomic_write_text, write_manifest
 
 STAGE = "rl-train"
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
 
         return rl_dpo.run(cfg, ctx, progress=progress)
     check_group_sampling(cfg)
-    from actors.learner import RankDiedError
+    from actors.learner.group import RankDiedError
 
     ensure_ray(cfg.ray)
     restarts = 0
@@ -100,7 +100,7 @@ class RLLoop:
     def run(self, *, progress: bool) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
-        from actors.metrics import MetricsSink, read_metrics
+        from actors.learner.metrics import MetricsSink, read_metrics
         from cai_ray.pipeline.rl_checkpoint import RLCheckpoints
 
         s, t0 = self.s, time.perf_counter()
@@ -145,8 +145,8 @@ class RLLoop:
 
     def _step(self, step: int, ckpt: Any) -> dict[str, Any] | None:
         """One RL step; None when the reward failed and the batch was skipped."""
-        from cai_ray import experience as xp
-        from cai_ray.rule_rewards import phrase_rate
+        from cai_ray.feedback.rule_rewards import phrase_rate
+        from cai_ray.rl import experience as xp
 
         s = self.s
         t0 = time.perf_counter()
@@ -219,7 +219,7 @@ class RLLoop:
         }
 
     def _sample(self, prompts: list[dict[str, Any]], step: int) -> list[Any]:
-        from cai_ray.experience import Sample
+        from cai_ray.rl.experience import Sample
 
         s, g = self.s, self.cfg.generation
         params = g.sampling_params(
@@ -268,7 +268,7 @@ class RLLoop:
     # -- state -------------------------------------------------------------------------------
 
     def _adv(self, beta: float) -> Any:
-        from cai_ray.experience import AdvantageSettings
+        from cai_ray.rl.experience import AdvantageSettings
 
         s = self.s
         return AdvantageSettings(
@@ -284,7 +284,7 @@ class RLLoop:
         )
 
     def _kl_controller(self, state: dict[str, Any] | None) -> Any:
-        from cai_ray import rl_math
+        from cai_ray.rl import algorithms as rl_math
 
         k = self.s.kl
         if k.controller == "adaptive":
@@ -337,8 +337,8 @@ class RLLoop:
             self.dir / "rejects.jsonl", "".join(json.dumps(r) + "\n" for r in rejects)
         )
         first, last = history[: max(1, len(history) // 5)], history[-max(1, len(history) // 5) :]
-        from cai_ray.experience import mean_of
-        from cai_ray.shards import reject_counts
+        from cai_ray.data.shards import reject_counts
+        from cai_ray.rl.experience import mean_of
 
         manifest = self.ctx.manifest(
             inputs={"red_team": self.cfg.data.red_team, "helpful": self.cfg.data.helpful},

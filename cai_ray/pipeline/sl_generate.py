@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from cai_ray.config import RunConfig
-from cai_ray.critique import CritiqueSettings
+from cai_ray.data.shards import ShardStore, write_manifest
 from cai_ray.pipeline.common import (
     StageContext,
     check_pool_fits,
@@ -22,14 +22,14 @@ from cai_ray.pipeline.common import (
     prompt_dataset,
     summarize,
 )
-from cai_ray.shards import ShardStore, write_manifest
+from cai_ray.sl.critique import CritiqueSettings
 
 STAGE = "sl-generate"
 
 
 def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) stage 1; returns its manifest."""
-    from actors.critique import CritiqueWorker
+    from actors.reviser import CritiqueWorker
     from actors.rollout import RolloutWorker
 
     ctx = StageContext.open(cfg, STAGE, sections=("sl_generate", "models", "data", "generation"))

@@ -12,19 +12,19 @@ from pathlib import Path
 from typing import Any
 
 from cai_ray.config import RunConfig
+from cai_ray.data.shards import ShardStore, read_manifest, write_manifest
 from cai_ray.errors import CaiRayError, DataError
 from cai_ray.pipeline.common import StageContext, ensure_ray
-from cai_ray.shards import ShardStore, read_manifest, write_manifest
 
 STAGE = "sl-train"
 
 
 def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) stage 2; returns its manifest."""
-    from actors.learner import LearnerGroup
-    from actors.objectives import SFTObjective
+    from actors.learner.group import LearnerGroup
     from cai_ray.models import load_tokenizer
-    from cai_ray.sft_data import build_sft_examples, mix_helpful, pack_examples, select_sft_pairs
+    from cai_ray.sl.objective import SFTObjective
+    from cai_ray.sl.sft_data import build_sft_examples, mix_helpful, pack_examples, select_sft_pairs
 
     ctx = StageContext.open(cfg, STAGE, sections=("sl_train", "models"))
     if ctx.finished is not None:
@@ -105,7 +105,7 @@ def _rows(folder: Path) -> list[dict[str, Any]]:
 def _helpful_pairs(folder: Path, *, per_prompt: int, cut: str) -> tuple[list, list]:
     """The helpful model's answers from stage 1 (`sl_generate.helpful_samples` > 0), and the
     ones set aside because they were cut at the token limit (with `cut="drop"`)."""
-    from cai_ray.sft_data import CUT_REASON, Rejected, SFTPair
+    from cai_ray.sl.sft_data import CUT_REASON, Rejected, SFTPair
 
     if not folder.is_dir():
         return [], []

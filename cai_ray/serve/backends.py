@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from cai_ray.config import DEFAULT_STOP, EngineConfig
-from cai_ray.conversation import Conversation, PromptFormat
-from cai_ray.critique import ChainPrompter, CritiqueSettings, run_chains
+from cai_ray.data.conversation import Conversation, PromptFormat
 from cai_ray.engines.base import SamplingParams, ScoreRequest
 from cai_ray.serve.schemas import ApiError
+from cai_ray.sl.critique import ChainPrompter, CritiqueSettings, run_chains
 
 
 def _conversation(messages: Sequence[dict[str, str]], param: str = "messages") -> Conversation:
@@ -155,7 +155,7 @@ class RewardBackend:
     """The preference model: scores conversations that end with an assistant turn."""
 
     def __init__(self, path: str, engine: EngineConfig, *, fmt: str, name: str):
-        from cai_ray.reward import RewardScorer
+        from cai_ray.feedback.reward import RewardScorer
 
         self.scorer = RewardScorer(
             path,
@@ -170,7 +170,7 @@ class RewardBackend:
 
     def render(self, convo: Conversation) -> str:
         """The PM's input exactly as pm-train and the RL reward workers write it (the transcript
-        of the whole conversation, `cai_ray.reward.pm_text`), whatever the run's format: a PM
+        of the whole conversation, `cai_ray.feedback.reward.pm_text`), whatever the run's format: a PM
         scores what it was trained on."""
         return convo.render_transcript(add_generation_prompt=False)
 
@@ -341,7 +341,7 @@ class ConstitutionBackend:
         return _batch_each(requests, self._plan_label, run, self._lock)
 
     def _plan_label(self, request: dict[str, Any]) -> tuple[list, list[ScoreRequest]]:
-        from cai_ray.feedback import OPTIONS, build_feedback_prompt
+        from cai_ray.feedback.prompts import OPTIONS, build_feedback_prompt
 
         convo = _conversation(request["messages"])
         a, b = request["response_a"], request["response_b"]
@@ -377,7 +377,7 @@ class ConstitutionBackend:
 
     def _feedback_shots(self, key: str, count: int) -> str:
         """Answered few-shot examples, each under its own principle as stage 4 shows them."""
-        from cai_ray.labeling import LabelSettings, few_shots
+        from cai_ray.feedback.labeling import LabelSettings, few_shots
 
         if not count:
             return ""
@@ -414,7 +414,7 @@ def _critique_response(answer: str, result) -> dict[str, Any]:
 
 def _label_response(principles, scores) -> dict[str, Any]:
     """The /v1/label body: per principle both orders, averaged; then the mean over principles."""
-    from cai_ray.feedback import prob_first_preferred
+    from cai_ray.feedback.prompts import prob_first_preferred
 
     detail = []
     for i, p in enumerate(principles):

@@ -227,7 +227,7 @@ def _batch_engine(engine: EngineConfig, d: DeploymentConfig) -> EngineConfig:
 
 def build_app(cfg: RunConfig, plan: ServePlan):
     """The bound Serve application (ingress + model deployments)."""
-    from cai_ray.conversation import PromptFormat
+    from cai_ray.data.conversation import PromptFormat
     from cai_ray.serve.app import (
         ConstitutionDeployment,
         Ingress,

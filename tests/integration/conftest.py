@@ -54,7 +54,7 @@ def _tiny_causal(path: Path, seed: int) -> Path:
 def _earlier_stages(run_dir: Path) -> None:
     """Stand-ins for stages 1, 4 and 6's metrics (their own tests run them): 3 labelled pairs,
     2 critique chains, 3 RL steps."""
-    from cai_ray.shards import ShardStore
+    from cai_ray.data.shards import ShardStore
 
     msgs = [{"role": "user", "content": "How do I hotwire a car?"}]
     base = {"messages": msgs, "prompt": msgs[0]["content"], "source": "t", "row": 0}

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from cai_ray import profiling
+from cai_ray.data.shards import ShardStore
 from cai_ray.pipeline.runner import IMPLEMENTED
-from cai_ray.shards import ShardStore
 
 ROOT = Path(__file__).resolve().parents[2]
 SETS = [  # the default local run, cut to what still gives every stage work to interrupt

@@ -13,9 +13,9 @@ import pytest
 
 from cai_ray.cli import main
 from cai_ray.config import load_config
+from cai_ray.data.shards import ShardStore
 from cai_ray.errors import ConfigError, ConstitutionError
 from cai_ray.pipeline import evaluate
-from cai_ray.shards import ShardStore
 
 NAMES = ["helpful", "sl-cai", "rl-step-1", "rl-cai"]  # as the conftest builds them
 PRINCIPLES = ["less-harmful", "no-crime"]
@@ -47,7 +47,7 @@ def test_every_pair_is_judged_in_both_orders(run):
         ("harmful", "harmlessness", "eval_harmful"),
         ("helpful", "helpfulness", "eval_benign"),
     ):
-        lines = (ROOT / f"cai_ray/samples/{sample}.jsonl").read_text().splitlines()
+        lines = (ROOT / f"cai_ray/data/samples/{sample}.jsonl").read_text().splitlines()
         held_out = {json.loads(line)["prompt"] for line in lines[1:3]}  # skip=1, limit=2
         rows = _rows(run_dir, split)
         out = manifest["outputs"][split]

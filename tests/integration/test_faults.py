@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from cai_ray.config import load_config
+from cai_ray.data.shards import ShardStore
 from cai_ray.errors import CaiRayError
-from cai_ray.shards import ShardStore
 
 ROOT = Path(__file__).resolve().parents[2]
 N = 60  # prompts: enough batches of 2 that a kill lands mid-stream

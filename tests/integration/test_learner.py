@@ -2,7 +2,7 @@
 
 Real tiny models, real DeepSpeed (gloo), a local Ray with 4 logical CPUs. The parity and resume
 tests compare runs step by step: the global batch at each step is the same rows whatever the
-number of ranks (actors/learner_data.py), so the curves agree up to float reduction order.
+number of ranks (actors/learner/data.py), so the curves agree up to float reduction order.
 Ray comes from the session fixture `ray_cluster` (tests/integration/conftest.py).
 """
 
@@ -13,12 +13,12 @@ import time
 import numpy as np
 import pytest
 
-from actors.learner import LearnerGroup
-from actors.learner_data import EpochPlan, list_shards
-from actors.metrics import read_metrics
-from actors.objectives import SFTObjective
+from actors.learner.data import EpochPlan, list_shards
+from actors.learner.group import LearnerGroup
+from actors.learner.metrics import read_metrics
+from cai_ray.config.learner import LearnerConfig
 from cai_ray.errors import CaiRayError, ConfigError, DataError, ModelError
-from cai_ray.train_config import LearnerConfig
+from cai_ray.sl.objective import SFTObjective
 
 TOPICS = ["locks", "fire", "poison", "cars", "banks", "phones", "drugs", "knives"]
 
@@ -26,9 +26,9 @@ TOPICS = ["locks", "fire", "poison", "cars", "banks", "phones", "drugs", "knives
 @pytest.fixture(scope="module")
 def rows16(tiny_model_dir):
     """16 SFT rows built the stage-2 way: select final revisions, render, tokenize."""
-    from cai_ray.conversation import Conversation, render
+    from cai_ray.data.conversation import Conversation, render
     from cai_ray.models import load_tokenizer
-    from cai_ray.sft_data import build_sft_examples, select_sft_pairs
+    from cai_ray.sl.sft_data import build_sft_examples, select_sft_pairs
 
     chains = [
         {
@@ -284,7 +284,7 @@ def test_zero3_gathers_a_complete_value_head_pm(ray_cluster, tiny_model_dir, tmp
     dir that reloads whole, the decoder trained and the head written beside it."""
     import torch
 
-    from actors.preference import PreferenceObjective
+    from cai_ray.feedback.pm_objective import PreferenceObjective
     from cai_ray.models.value_head import load_scalar_model
 
     rows = [

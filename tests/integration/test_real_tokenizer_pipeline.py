@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cai_ray.shards import ShardStore
+from cai_ray.data.shards import ShardStore
 
 pytestmark = [pytest.mark.shared_data, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,7 +117,7 @@ def test_template_arguments_reach_the_stage_1_prompts(run):
     run_dir = Path(run[3].run_dir)
     (model_dir,) = (run_dir / "models").iterdir()
     tok = load_tokenizer(model_dir)
-    from cai_ray.conversation import PromptFormat
+    from cai_ray.data.conversation import PromptFormat
 
     fmt = PromptFormat("chat", CASES[run[0]][2]).with_tokenizer(tok)
     chains = _rows(run_dir, "sl-generate/red_team")

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 from cai_ray.config import load_config
+from cai_ray.data.shards import ShardStore
 from cai_ray.errors import DataError
 from cai_ray.pipeline import rl_label, rl_pairs
-from cai_ray.shards import ShardStore
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = [
@@ -181,8 +181,8 @@ def _marker_labels(run_dir: Path, n: int) -> None:
 
 
 def test_pm_train_learns_ai_labels_and_resumes(ray_cluster, tmp_path, tiny_reward_model_dir):
+    from cai_ray.feedback.reward import RewardScorer
     from cai_ray.pipeline import pm_train
-    from cai_ray.reward import RewardScorer
 
     _marker_labels(tmp_path, 120)
     cfg = load_config(
@@ -215,9 +215,9 @@ def test_pm_train_learns_ai_labels_and_resumes(ray_cluster, tmp_path, tiny_rewar
 def test_pm_train_starts_from_the_helpful_lm_with_a_new_head(tmp_path, tiny_model_dir, capsys):
     """Unset `models.reward`: the PM starts from the pretrained LM (paper 4.1), not a random
     preset (issue 14), and says so in the manifest and the log; its output is a value-head dir."""
+    from cai_ray.feedback.reward import RewardScorer
     from cai_ray.models import check_model_dir, model_id
     from cai_ray.pipeline import pm_train
-    from cai_ray.reward import RewardScorer
 
     _marker_labels(tmp_path, 48)
     cfg = load_config(

@@ -17,10 +17,10 @@ import pandas as pd
 import pytest
 
 from cai_ray.config import load_config
+from cai_ray.data.shards import ShardStore
 from cai_ray.errors import CaiRayError, ConfigError
 from cai_ray.pipeline import rl_train
 from cai_ray.pipeline.rl_checkpoint import read_rollouts
-from cai_ray.shards import ShardStore
 
 ROOT = Path(__file__).resolve().parents[2]
 # A reward the random tiny policy can learn within a few dozen steps: answers near 8 characters
@@ -29,7 +29,7 @@ LEARN = [
     "generation.max_new_tokens=12",
     "data.limit=16",
     "rl_train.reward.kind=function",
-    "rl_train.reward.function=cai_ray.rule_rewards:length_target",
+    "rl_train.reward.function=cai_ray.feedback.rule_rewards:length_target",
     "rl_train.reward.kwargs={target_chars: 8}",
     "rl_train.prompts_per_step=8",
     "rl_train.epochs=2",

@@ -68,8 +68,8 @@ def http(served):
 def test_chat_prompt_tokens_hold_one_bos(served, http):
     import openai
 
-    from cai_ray.conversation import Conversation
-    from cai_ray.tokens import encode
+    from cai_ray.data.conversation import Conversation
+    from cai_ray.data.tokens import encode
 
     name, url, tok = served
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=60, max_retries=0)

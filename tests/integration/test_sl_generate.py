@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 
 from cai_ray.config import load_config
+from cai_ray.data.shards import ShardStore
 from cai_ray.errors import ConfigError, ConstitutionError
 from cai_ray.pipeline import sl_generate
-from cai_ray.shards import ShardStore
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = [

@@ -17,7 +17,7 @@ import pytest
 from vllm_support import EngineWatch, vllm_device
 
 from cai_ray.config import load_config
-from cai_ray.shards import ShardStore
+from cai_ray.data.shards import ShardStore
 
 DEVICE = vllm_device()
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,7 +52,7 @@ STAGES = [
     "rl_train.prompts_per_step=4",
     "rl_train.epochs=2",
     "rl_train.reward.kind=function",
-    "rl_train.reward.function=cai_ray.rule_rewards:length_target",
+    "rl_train.reward.function=cai_ray.feedback.rule_rewards:length_target",
     "rl_train.reward.kwargs={target_chars: 8}",
     "rl_train.old_logprobs=rollout",
     "rl_train.policy={micro_batch_size: 4, lr: 1.0e-2}",

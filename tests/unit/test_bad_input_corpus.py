@@ -22,9 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cai_ray.elo import read_judgements_csv
+from cai_ray.data.sources import read_comparisons, read_prompts
 from cai_ray.errors import DataError
-from cai_ray.sources import read_comparisons, read_prompts
+from cai_ray.eval.elo import read_judgements_csv
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONSTITUTION = (ROOT / "constitutions" / "default.yaml").read_text(encoding="utf-8")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cai_ray.conversation import Conversation, Turn, render, split_transcript
+from cai_ray.data.conversation import Conversation, Turn, render, split_transcript
 from cai_ray.errors import ConfigError, DataError
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"

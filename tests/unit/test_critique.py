@@ -3,10 +3,10 @@
 import pytest
 
 from cai_ray.constitution import load_constitution
-from cai_ray.conversation import Conversation
-from cai_ray.critique import ChainPrompter, CritiqueSettings, clean_output, run_chains
+from cai_ray.data.conversation import Conversation
 from cai_ray.engines.base import SamplingParams
 from cai_ray.engines.hf import HFEngine
+from cai_ray.sl.critique import ChainPrompter, CritiqueSettings, clean_output, run_chains
 
 DEFAULT = "constitutions/default.yaml"
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from cai_ray.elo import ELO_SCALE, bootstrap_elo, fit_bradley_terry, read_judgements_csv
 from cai_ray.errors import DataError
+from cai_ray.eval.elo import ELO_SCALE, bootstrap_elo, fit_bradley_terry, read_judgements_csv
 
 
 def test_two_models_three_wins_in_four():

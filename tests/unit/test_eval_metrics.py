@@ -8,7 +8,7 @@ import math
 import pytest
 
 from cai_ray.errors import DataError
-from cai_ray.eval_metrics import (
+from cai_ray.eval.metrics import (
     calibration,
     checkpoint_metrics,
     comparisons_of,

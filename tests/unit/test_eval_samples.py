@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from cai_ray.config import RunConfig, load_config
-from cai_ray.eval_config import HELD_OUT
+from cai_ray.config.evaluate import HELD_OUT
+from cai_ray.data.sources import EVAL_SAMPLES, TRAINING_SAMPLES, read_prompts, sample_path
 from cai_ray.pipeline.evaluate import training_overlap
-from cai_ray.sources import EVAL_SAMPLES, TRAINING_SAMPLES, read_prompts, sample_path
 
 ROOT = Path(__file__).resolve().parents[2]
 ID_PATTERN = {"eval_harmful": r"eval-harm-\d{3}", "eval_benign": r"eval-benign-\d{3}"}

@@ -11,7 +11,7 @@ import pytest
 
 from cai_ray.engines.base import Generation, OptionScores
 from cai_ray.errors import DataError
-from cai_ray.evals import (
+from cai_ray.eval.multiple_choice import (
     EVAL_FILES,
     eval_with_feedback_model,
     eval_with_pm,
@@ -226,7 +226,7 @@ def test_cli_both_orders_on_a_real_tokenizer_model(real_tiny_model, tmp_path, ca
     from cai_ray.cli import main
     from cai_ray.engines.base import ScoreRequest
     from cai_ray.engines.hf import HFEngine
-    from cai_ray.feedback import disjoint_logprobs, option_probabilities
+    from cai_ray.feedback.prompts import disjoint_logprobs, option_probabilities
 
     rows = [
         _hhh_row("How do I pick a lock?", "Call a locksmith.", "Use a tension wrench.", " (A)"),
@@ -275,7 +275,7 @@ def test_few_shot_examples_are_prepended_as_stage_4_does(tiny_model_dir, tmp_pat
     from cai_ray.config import resolve_path
     from cai_ray.constitution import load_constitution
     from cai_ray.engines.hf import HFEngine
-    from cai_ray.labeling import LabelSettings, few_shots
+    from cai_ray.feedback.labeling import LabelSettings, few_shots
 
     rows = [
         _hhh_row("How do I pick a lock?", "Call a locksmith.", "Use a tension wrench.", " (A)"),

@@ -8,9 +8,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from cai_ray import experience as xp  # noqa: E402
-from cai_ray import rl_math as rm  # noqa: E402
 from cai_ray.errors import CaiRayError  # noqa: E402
+from cai_ray.rl import algorithms as rm  # noqa: E402
+from cai_ray.rl import experience as xp  # noqa: E402
 
 
 def settings(algorithm: str, **kw) -> xp.AdvantageSettings:

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from cai_ray.feedback import (
+from cai_ray.feedback.prompts import (
     RATING_OPTIONS,
     build_rating_prompt,
     disjoint_logprobs,
@@ -81,7 +81,7 @@ def test_rating_options_overlap_on_real_tokenizers(rating_tokens):
 def test_certain_judge_rates_k_and_reward_is_monotone(rating_tokens):
     import torch
 
-    from cai_ray import rl_math
+    from cai_ray.rl import algorithms as rl_math
 
     ids, stop, vocab = rating_tokens
     expected = []
@@ -98,8 +98,8 @@ def test_certain_judge_rates_k_and_reward_is_monotone(rating_tokens):
 def test_reward_worker_rates_a_certain_judge_k(rating_tokens, monkeypatch):
     """RewardWorker._rlaif itself, over an engine that returns the real option tokens."""
     from actors.rl_workers import RewardWorker
+    from cai_ray.config.rl import RewardConfig
     from cai_ray.engines.base import OptionScores
-    from cai_ray.rl_config import RewardConfig
 
     ids, stop, vocab = rating_tokens
 
@@ -125,8 +125,8 @@ def _fit_to_ten(model_dir, out_dir, *, steps: int = 40):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from cai_ray.data.tokens import encode
     from cai_ray.models import load_tokenizer
-    from cai_ray.tokens import encode
 
     torch.manual_seed(0)
     torch.set_num_threads(1)  # a shared 2-core machine
@@ -149,8 +149,8 @@ def _fit_to_ten(model_dir, out_dir, *, steps: int = 40):
 def test_real_engine_ratings_are_disjoint_and_sum_to_one(real_tiny_model, tmp_path):
     from actors.rl_workers import RewardWorker
     from cai_ray.config import EngineConfig
+    from cai_ray.config.rl import RewardConfig
     from cai_ray.engines.base import ScoreRequest
-    from cai_ray.rl_config import RewardConfig
 
     worker = RewardWorker(
         RewardConfig(kind="rlaif", criterion="Rate it."),  # renders PROMPT for the item below

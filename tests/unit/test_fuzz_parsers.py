@@ -21,9 +21,8 @@ from hypothesis import strategies as st
 from cai_ray.config import RunConfig, load_config
 from cai_ray.constitution import Constitution, parse_constitution
 from cai_ray.constitution.loader import DEFAULT_CONSTITUTION
-from cai_ray.conversation import Conversation
-from cai_ray.errors import ConfigError, ConstitutionError, DataError
-from cai_ray.sources import (
+from cai_ray.data.conversation import Conversation
+from cai_ray.data.sources import (
     TURNS,
     Comparison,
     PromptRecord,
@@ -32,6 +31,7 @@ from cai_ray.sources import (
     parse_prompt_row,
     read_prompts,
 )
+from cai_ray.errors import ConfigError, ConstitutionError, DataError
 
 # A few seconds per property in the suite; CAI_RAY_FUZZ_EXAMPLES=5000 fuzzes for longer.
 EXAMPLES = int(os.environ.get("CAI_RAY_FUZZ_EXAMPLES", "100"))

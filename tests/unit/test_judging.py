@@ -11,7 +11,7 @@ from cai_ray.config import load_config
 from cai_ray.constitution import load_constitution
 from cai_ray.constitution.render import FEEDBACK_HEADER
 from cai_ray.errors import ConfigError
-from cai_ray.judging import (
+from cai_ray.eval.judging import (
     EVASIVENESS_ID,
     HELPFULNESS_ID,
     JudgeSettings,
@@ -20,7 +20,7 @@ from cai_ray.judging import (
     fold_prompt,
     plan_prompt,
 )
-from cai_ray.labeling import QueryResult
+from cai_ray.feedback.labeling import QueryResult
 
 MESSAGES = [{"role": "user", "content": "How do I pick the lock on my neighbour's door?"}]
 SETTINGS = JudgeSettings(principles_per_comparison=2, few_shot=0, seed=3)
@@ -160,8 +160,8 @@ def test_evaluate_config_errors():
 
 def test_eval_modules_stay_light():
     code = (
-        "import sys\nimport cai_ray.config, cai_ray.eval_config, cai_ray.judging, "
-        "cai_ray.eval_metrics\n"
+        "import sys\nimport cai_ray.config, cai_ray.config.evaluate, cai_ray.eval.judging, "
+        "cai_ray.eval.metrics\n"
         "print(','.join(m for m in ('ray', 'torch', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run(

@@ -10,7 +10,7 @@ import pytest
 
 from cai_ray.constitution import load_constitution
 from cai_ray.errors import ModelError
-from cai_ray.labeling import (
+from cai_ray.feedback.labeling import (
     LabelQuery,
     LabelSettings,
     QueryResult,
@@ -320,7 +320,7 @@ def test_one_layout_with_a_blank_line_before_the_question(real_tiny_model, const
 
 @pytest.fixture(scope="module", params=["qwen3", "gemma3"])
 def chat_format(request, real_tokenizer_dirs):
-    from cai_ray.conversation import PromptFormat
+    from cai_ray.data.conversation import PromptFormat
 
     return PromptFormat("chat").load(real_tokenizer_dirs[request.param])
 
@@ -338,7 +338,7 @@ def _cot_queries(constitution, fmt, *, few_shot=2):
 
 
 def test_cot_prompt_in_the_chat_format(constitution, chat_format):
-    from cai_ray.tokens import encode
+    from cai_ray.data.tokens import encode
 
     tok = chat_format.tokenizer
     for few_shot in (0, 2):
@@ -361,8 +361,8 @@ def test_cot_prompt_in_the_chat_format(constitution, chat_format):
 
 
 def test_cot_prompt_in_the_transcript_format(constitution, chat_format):
-    from cai_ray.conversation import PromptFormat
-    from cai_ray.tokens import encode
+    from cai_ray.data.conversation import PromptFormat
+    from cai_ray.data.tokens import encode
 
     tok = chat_format.tokenizer  # the paper's layout whatever the model; tokens checked on both
     for fmt in (None, PromptFormat("transcript")):

@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from actors.preference import PreferenceObjective, pm_scores
-from cai_ray.preference import agreement_count, bt_loss_sum, pair_metrics
+from cai_ray.feedback.pm_objective import PreferenceObjective, pm_scores
+from cai_ray.feedback.preference import agreement_count, bt_loss_sum, pair_metrics
 
 
 def _bt_by_hand(ra: float, rb: float, p: float) -> float:

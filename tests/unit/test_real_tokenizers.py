@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import pytest
 
-from cai_ray.conversation import Conversation, PromptFormat
-from cai_ray.critique import ChainPrompter, CritiqueSettings, clean_answer, clean_output
+from cai_ray.data.conversation import Conversation, PromptFormat
+from cai_ray.data.tokens import encode, encode_response, strip_reasoning
 from cai_ray.engines.base import SamplingParams
-from cai_ray.sft_data import select_sft_pairs, tokenize_example
-from cai_ray.tokens import encode, encode_response, strip_reasoning
+from cai_ray.sl.critique import ChainPrompter, CritiqueSettings, clean_answer, clean_output
+from cai_ray.sl.sft_data import select_sft_pairs, tokenize_example
 
 pytestmark = pytest.mark.shared_data
 
@@ -109,8 +109,8 @@ def test_response_tokens_are_what_sampling_writes(tok):
 
 
 def test_sft_and_dpo_rows_share_the_boundary(tok):
-    from cai_ray.losses import IGNORE_INDEX
     from cai_ray.pipeline.rl_dpo import encode_pairs
+    from cai_ray.sl.losses import IGNORE_INDEX
 
     for fmt in _formats(tok):
         prompt = fmt.render(CONVO)
@@ -130,9 +130,9 @@ def test_sft_and_dpo_rows_share_the_boundary(tok):
 
 def test_finish_reasons_are_recorded_per_round(real_tiny_model):
     from cai_ray.constitution import load_constitution
-    from cai_ray.critique import run_chains
     from cai_ray.engines.hf import HFEngine
     from cai_ray.pipeline.common import resolve_path
+    from cai_ray.sl.critique import run_chains
 
     engine = HFEngine(real_tiny_model, threads=1)
     constitution = load_constitution(resolve_path("constitutions/default.yaml"))
@@ -188,7 +188,7 @@ def test_chat_critique_prompt_with_a_system_turn_renders_on_both(tok):
 
 
 def test_a_template_refusal_is_a_data_error_not_a_jinja_traceback(tokenizers):
-    from cai_ray.conversation import apply_chat_template
+    from cai_ray.data.conversation import apply_chat_template
     from cai_ray.errors import DataError
 
     bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]

@@ -15,7 +15,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def scorer(tiny_reward_model_dir):
-    from cai_ray.reward import RewardScorer
+    from cai_ray.feedback.reward import RewardScorer
 
     return RewardScorer(tiny_reward_model_dir, device="cpu", threads=1, batch_size=2)
 
@@ -26,7 +26,7 @@ def test_a_sequence_classifier_scores_as_transformers_head_does(scorer, tiny_rew
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from cai_ray.tokens import encode
+    from cai_ray.data.tokens import encode
 
     assert scorer.model.kind == "sequence_classifier"
     ref = AutoModelForSequenceClassification.from_pretrained(
@@ -57,7 +57,7 @@ def test_over_long_text_is_a_user_error(scorer):
 
 
 def test_causal_model_is_refused(tiny_model_dir):
-    from cai_ray.reward import RewardScorer
+    from cai_ray.feedback.reward import RewardScorer
 
     with pytest.raises(ModelError, match="expected a preference model"):
         RewardScorer(tiny_model_dir, device="cpu", threads=1)

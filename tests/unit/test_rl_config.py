@@ -40,7 +40,7 @@ def test_impossible_combinations_are_config_errors(overrides, message):
 
 
 def test_weight_sync_resolution():
-    from actors.weight_sync import resolve_weight_sync
+    from actors.learner.weight_sync import resolve_weight_sync
 
     assert resolve_weight_sync("auto", rollout_engine="vllm", policy_gpus=1, ranks=2) == "nccl"
     assert resolve_weight_sync("auto", rollout_engine="vllm", policy_gpus=0, ranks=2) == (
@@ -67,7 +67,7 @@ COLOCATED = [
 
 def test_colocated_roles_never_sync_over_nccl():
     # Issue 15: colocated, rank 0 and a vLLM worker may share one GPU in one NCCL group.
-    from actors.weight_sync import resolve_weight_sync
+    from actors.learner.weight_sync import resolve_weight_sync
 
     s = load_config(None, COLOCATED).rl_train  # auto is allowed, and picks the object store
     gpus = dict(rollout_engine="vllm", policy_gpus=s.policy.gpus_per_rank, ranks=1)

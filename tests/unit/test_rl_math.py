@@ -8,8 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from cai_ray import rl_math as rm  # noqa: E402
 from cai_ray.errors import CaiRayError  # noqa: E402
+from cai_ray.rl import algorithms as rm  # noqa: E402
 
 torch.set_num_threads(1)
 

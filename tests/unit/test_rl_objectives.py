@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from actors.rl_objectives import (  # noqa: E402
+from cai_ray.rl.objectives import (  # noqa: E402
     DPOObjective,
     PolicyObjective,
     ValueObjective,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cai_ray import rule_rewards as rr
 from cai_ray.errors import ConfigError
+from cai_ray.feedback.prompts import rule_rewards as rr
 
 
 def test_refusal_penalty_and_rate_fold_curly_apostrophes():
@@ -22,7 +22,9 @@ def test_length_target_is_zero_at_the_target():
 
 
 def test_load_by_module_and_by_file(tmp_path):
-    assert rr.load_reward_function("cai_ray.rule_rewards:length_target") is rr.length_target
+    assert (
+        rr.load_reward_function("cai_ray.feedback.rule_rewards:length_target") is rr.length_target
+    )
     f = tmp_path / "my_reward.py"
     f.write_text("def exclaim(prompts, responses):\n    return [r.count('!') for r in responses]\n")
     fn = rr.load_reward_function(f"{f}:exclaim")
@@ -35,7 +37,7 @@ def test_load_by_module_and_by_file(tmp_path):
         ("no_colon", "not 'module:fn'"),
         ("cai_ray.no_such_module:fn", "cannot load reward module"),
         ("/no/such/file.py:fn", "cannot load reward module"),
-        ("cai_ray.rule_rewards:no_such_fn", "has no function"),
+        ("cai_ray.feedback.rule_rewards:no_such_fn", "has no function"),
     ],
 )
 def test_bad_specs_are_config_errors(spec, message):
@@ -44,7 +46,7 @@ def test_bad_specs_are_config_errors(spec, message):
 
 
 def test_rating_prompt_shows_the_response_and_ends_in_the_cue():
-    from cai_ray.feedback import RATING_CUE, RATING_OPTIONS, build_rating_prompt
+    from cai_ray.feedback.prompts import RATING_CUE, RATING_OPTIONS, build_rating_prompt
 
     text = build_rating_prompt("\n\nHuman: hi\n\nAssistant:", " hello ", criterion="Rate it.")
     assert text.endswith("Rate it.\n" + RATING_CUE)

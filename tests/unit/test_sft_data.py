@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cai_ray.config.learner import LearnerConfig, SFTConfig
 from cai_ray.errors import ConfigError
-from cai_ray.losses import IGNORE_INDEX, count_label_tokens, token_nll_mean
-from cai_ray.sft_data import (
+from cai_ray.sl.losses import IGNORE_INDEX, count_label_tokens, token_nll_mean
+from cai_ray.sl.sft_data import (
     SFTPair,
     build_sft_examples,
     collate,
@@ -16,7 +17,6 @@ from cai_ray.sft_data import (
     select_sft_pairs,
     tokenize_example,
 )
-from cai_ray.train_config import LearnerConfig, SFTConfig
 
 torch.set_num_threads(2)
 
@@ -209,7 +209,7 @@ def test_packing_fills_rows_and_restarts_positions(tiny):
 
 
 def test_packed_loss_equals_unpacked_loss(tiny):
-    from actors.objectives import SFTObjective
+    from cai_ray.sl.objective import SFTObjective
 
     model, tok = tiny
     objective = SFTObjective(pad_id=tok.pad_token_id)  # the learner's code path

@@ -9,9 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cai_ray.conversation import Conversation
-from cai_ray.errors import ConfigError, DataError
-from cai_ray.sources import (
+from cai_ray.data.conversation import Conversation
+from cai_ray.data.sources import (
     SAMPLES,
     PromptRecord,
     Reject,
@@ -24,6 +23,7 @@ from cai_ray.sources import (
     resolve_source,
     sample_path,
 )
+from cai_ray.errors import ConfigError, DataError
 
 HH_PREFIX = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: tell me a joke"
 HH_ROW = {

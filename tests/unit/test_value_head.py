@@ -12,9 +12,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from actors.preference import PreferenceObjective, pm_scores  # noqa: E402
-from actors.rl_objectives import ValueObjective  # noqa: E402
 from cai_ray.errors import ModelError  # noqa: E402
+from cai_ray.feedback.pm_objective import PreferenceObjective, pm_scores  # noqa: E402
+from cai_ray.rl.objectives import ValueObjective  # noqa: E402
 
 pytestmark = pytest.mark.shared_data
 torch.set_num_threads(1)  # tiny tensors: more threads only add contention on a busy machine
@@ -29,8 +29,8 @@ def causal_dir(request, real_tiny_models, tiny_gemma3_dir):
 
 def _pairs(tokenizer, n: int, seed: int) -> list[dict]:
     """Separable pairs: the chosen reply ends in " thanks", the rejected one never does."""
-    from cai_ray.reward import pm_text
-    from cai_ray.tokens import encode
+    from cai_ray.data.tokens import encode
+    from cai_ray.feedback.reward import pm_text
 
     rng = random.Random(seed)
     rows = []
@@ -61,9 +61,9 @@ def test_old_critic_class_is_missing_for_gemma3_and_the_value_head_loads(tiny_ge
 
 
 def test_pm_learns_saves_and_scores_the_same_through_reward_scorer(causal_dir, tmp_path):
+    from cai_ray.feedback.reward import RewardScorer
     from cai_ray.models import check_model_dir, load_tokenizer
     from cai_ray.models.value_head import scalar_kind
-    from cai_ray.reward import RewardScorer
 
     torch.manual_seed(0)
     tok = load_tokenizer(causal_dir)

@@ -1,0 +1,218 @@
+"""Config of stage 6, rl-train: the RL-CAI loop (PPO, GRPO, RLOO) and offline DPO.
+
+Defaults follow CAI_METHOD.md stage 6: PPO from the SL-CAI model against the PM, the KL penalty
+to the SL-CAI policy inside the reward with a small fixed coefficient. GRPO and RLOO sample a
+group of responses per prompt and need no critic; DPO trains offline on stage-1 or stage-4 pairs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from cai_ray.config.learner import LearnerConfig, Section
+from cai_ray.feedback.rule_rewards import DEFAULT_BOILERPLATE_PHRASES
+
+Algorithm = Literal["ppo", "grpo", "rloo", "dpo"]
+
+
+class RLWorkersConfig(Section):
+    """A set of long-lived role actors (rollout, reward, reference): how many, what each holds.
+
+    `size: 0` runs the role inside the driver (tests, debugging). `engine` (rollout only):
+    None uses the run's top-level `engine`.
+    """
+
+    size: int = Field(1, ge=0)
+    num_cpus: float = Field(1, gt=0)
+    num_gpus: float = Field(0, ge=0, description="fractional GPUs share a device")
+    batch_size: int = Field(8, ge=1, description="sequences per forward pass")
+    max_restarts: int = Field(2, ge=0, description="restarts of a killed worker before failing")
+
+
+class KLConfig(Section):
+    """The KL(policy || SL-CAI reference) term (CAI_METHOD.md stage 6).
+
+    `mode: reward` subtracts beta * KL per token from the reward (PPO as in the paper);
+    `loss` adds beta * KL to the policy loss (GRPO style). None picks reward for PPO, loss for
+    GRPO/RLOO. `controller: adaptive` moves beta towards `target` nats (Ziegler et al. 2019).
+    """
+
+    mode: Literal["reward", "loss"] | None = None
+    estimator: Literal["k1", "k2", "k3"] | None = Field(
+        None, description="None: k1 in the reward, k3 as a loss"
+    )
+    controller: Literal["fixed", "adaptive"] = "fixed"
+    beta: float = Field(0.001, ge=0, description="HH-RLHF used about 0.001")
+    target: float = Field(6.0, gt=0, description="adaptive: KL per response to aim at (nats)")
+    horizon: int = Field(10000, ge=1, description="adaptive: samples per full correction")
+
+
+class RewardConfig(Section):
+    """Where the reward comes from.
+
+    - `pm`: the preference model's score (`model`, else the run's `pm-train/hf`);
+    - `rlaif`: direct RLAIF (Lee et al. 2023): the feedback model rates each response 1-10 under
+      `criterion` (expected rating over the ten option tokens), rescaled to [-1, 1];
+    - `function`: a Python reward `fn(prompts, responses, **kwargs) -> list[float]`, named as
+      `package.module:fn` or `path/to/file.py:fn` (built-ins live in `cai_ray.feedback.rule_rewards`).
+    `refusal_penalty` is subtracted from any of them for responses with a refusal phrase.
+    """
+
+    kind: Literal["pm", "rlaif", "function"] = "pm"
+    model: str | None = Field(None, description="pm: a PM directory; rlaif: a feedback model")
+    function: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    criterion: str = (
+        "How harmless, honest and helpful is the assistant's last response? "
+        "1 is harmful or evasive, 10 is harmless and genuinely helpful."
+    )
+    clip: float | None = Field(None, gt=0, description="clip rewards to [-clip, clip]")
+    refusal_penalty: float = Field(0.0, ge=0)
+    max_bad_batches: int = Field(
+        3, ge=0, description="batches with a failing or NaN reward skipped before the run stops"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> RewardConfig:
+        if self.kind == "function" and not self.function:
+            raise ValueError("reward.kind=function needs reward.function: 'module:fn' or 'f.py:fn'")
+        if self.function and ":" not in self.function:
+            raise ValueError(f"reward.function {self.function!r} is not 'module:fn' or 'f.py:fn'")
+        return self
+
+
+class DPOConfig(Section):
+    """Offline DPO (Rafailov et al. 2023) on pairs from stage 1 or stage 4.
+
+    `pairs: revisions` prefers each chain's final revision over its initial answer (Hugging
+    Face's CAI recipe); `labels` prefers the AI-labelled winner of stage 4, keeping pairs whose
+    label is at least `min_margin` from 0.5.
+    """
+
+    pairs: Literal["revisions", "labels"] = "revisions"
+    beta: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    min_margin: float = Field(0.0, ge=0, lt=0.5)
+    learner: LearnerConfig = LearnerConfig(lr=5e-7, micro_batch_size=4)
+
+
+class RLTrainConfig(Section):
+    """Stage 6: the RL loop. One step = sample, score, update, sync weights.
+
+    A step samples `group_size` responses to each of `prompts_per_step` prompts
+    (`helpful_fraction` of them from `data.helpful`, the rest red-team), so each step holds
+    `prompts_per_step * group_size` samples, which must split into whole policy mini-batches of
+    `micro_batch_size * grad_accum * ranks`; `epochs` passes over them per step (PPO epochs).
+    Of `policy` / `value` (LearnerConfig), fields about epochs, max_steps and checkpoints are
+    not read: the loop owns those.
+    """
+
+    algorithm: Algorithm = "ppo"
+    steps: int = Field(20, ge=1)
+    prompts_per_step: int = Field(8, ge=1)
+    group_size: int | None = Field(None, ge=1, description="None: 1 for PPO, 4 for GRPO/RLOO")
+    helpful_fraction: float = Field(0.5, ge=0, le=1)
+    epochs: int = Field(1, ge=1, description="passes over each step's samples")
+    max_new_tokens: int | None = Field(None, ge=1, description="None: generation.max_new_tokens")
+    temperature: float | None = Field(None, gt=0, description="None: generation.temperature")
+    clip_eps: float = Field(0.2, gt=0)
+    value_clip_eps: float = Field(0.2, gt=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    whiten_advantages: bool = Field(True, description="PPO: normalise advantages per step")
+    grpo_scale_by_std: bool = Field(True, description="False: Dr. GRPO's mean-only baseline")
+    entropy_coef: float = Field(0.0, ge=0)
+    old_logprobs: Literal["recompute", "rollout"] = Field(
+        "recompute", description="the learner's log-probs, or the rollout engine's (vLLM: bf16)"
+    )
+    kl: KLConfig = KLConfig()
+    reward: RewardConfig = RewardConfig()
+    refusal_phrases: tuple[str, ...] = DEFAULT_BOILERPLATE_PHRASES
+    rollout: RLWorkersConfig = RLWorkersConfig()
+    reward_workers: RLWorkersConfig = RLWorkersConfig()
+    reference: RLWorkersConfig = RLWorkersConfig()
+    policy: LearnerConfig = LearnerConfig(lr=1e-6)
+    value: LearnerConfig = LearnerConfig(lr=1e-5)
+    value_init: Literal["auto", "reward", "policy"] = Field(
+        "auto",
+        description="the critic's start: the PM, the policy; auto = PM if it shares "
+        "the policy's tokenizer",
+    )
+    placement: Literal["separate", "colocated"] = Field(
+        "separate", description="colocated: rollout worker i shares learner rank i's bundle"
+    )
+    weight_sync: Literal["auto", "object_store", "nccl"] = Field(
+        "auto",
+        description="nccl: GPU to GPU into vLLM engines; auto picks it when possible (vLLM on "
+        "CUDA, policy ranks on GPUs, placement separate), else the object store",
+    )
+    checkpoint_every: int = Field(10, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    rollout_log: bool = Field(True, description="write every sample to rollouts/step-*.parquet")
+    snapshots: bool = Field(
+        True, description="the policy as an HF dir at every checkpoint (snapshots/step-N)"
+    )
+    call_timeout_s: float = Field(600, gt=0, description="per role call (generate, score, sync)")
+    dpo: DPOConfig = DPOConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> RLTrainConfig:
+        g = self.samples_per_prompt
+        if self.algorithm in ("grpo", "rloo") and g < 2:
+            raise ValueError(f"{self.algorithm} needs group_size >= 2 (a group baseline)")
+        if self.algorithm != "dpo":
+            batch = self.policy.global_batch
+            if (self.prompts_per_step * g) % batch:
+                raise ValueError(
+                    f"prompts_per_step * group_size = {self.prompts_per_step * g} samples per "
+                    f"step do not split into policy mini-batches of {batch} "
+                    "(micro_batch_size * grad_accum * ranks): change one of them"
+                )
+            if self.algorithm == "ppo" and (self.prompts_per_step * g) % self.value.global_batch:
+                raise ValueError(
+                    f"{self.prompts_per_step * g} samples per step do not split into value "
+                    f"mini-batches of {self.value.global_batch}"
+                )
+        if self.placement == "colocated" and not (
+            self.policy.num_ranks >= 1 and self.rollout.size == self.policy.num_ranks
+        ):
+            raise ValueError(
+                "placement=colocated pairs rollout worker i with policy rank i: set "
+                "rollout.size equal to policy.num_ranks (>= 1)"
+            )
+        if self.placement == "colocated" and self.weight_sync == "nccl":
+            # Rollout worker i sits in rank i's bundle: rank 0 and a vLLM worker could share
+            # one GPU in one NCCL group, which NCCL refuses (issue 15).
+            raise ValueError(
+                "weight_sync=nccl cannot run with placement=colocated (rank 0 and a rollout "
+                "engine may share a GPU in one NCCL group): use weight_sync: object_store or auto"
+            )
+        return self
+
+    @property
+    def samples_per_prompt(self) -> int:
+        if self.group_size is not None:
+            return self.group_size
+        return 4 if self.algorithm in ("grpo", "rloo") else 1
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.prompts_per_step * self.samples_per_prompt
+
+    @property
+    def kl_mode(self) -> Literal["reward", "loss"]:
+        if self.kl.mode is not None:
+            return self.kl.mode
+        return "reward" if self.algorithm == "ppo" else "loss"
+
+    @property
+    def kl_estimator(self) -> str:
+        if self.kl.estimator is not None:
+            return self.kl.estimator
+        return "k1" if self.kl_mode == "reward" else "k3"
+
+    def updates_per_step(self) -> int:
+        """Policy optimizer steps per RL step."""
+        return self.epochs * self.samples_per_step // self.policy.global_batch

@@ -1,0 +1,91 @@
+"""`RewardScorer`: a preference model as a plain scorer.
+
+Ray-free, so the RL loop's reward workers and the Serve reward deployment share it. The PM is a
+value-head model or a `*ForSequenceClassification` with one label (`cai_ray.models.value_head`).
+The score of a text is the head's output at the last non-pad token (paper section 4: the PM
+assigns a scalar to a conversation ending in the assistant's response).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from cai_ray.data.tokens import encode_batch
+from cai_ray.errors import CaiRayError
+from cai_ray.profiling import span
+
+
+def pm_text(messages: Sequence[Mapping[str, str]], response: str) -> str:
+    """The conversation ending in the response, as a PM reads it (hh-rlhf transcript layout)."""
+    from cai_ray.data.conversation import Conversation
+
+    convo = Conversation.from_messages(list(messages)).append("assistant", response)
+    return convo.render_transcript(add_generation_prompt=False)
+
+
+class RewardScorer:
+    """The PM in `path` (`load_scalar_model`); `score(texts)` in batches."""
+
+    @span("load")
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        threads: int = 2,
+        batch_size: int = 8,
+    ):
+        import torch
+
+        from cai_ray.engines.hf import pick_device, pick_dtype
+        from cai_ray.models import check_model_dir, load_tokenizer, model_id
+        from cai_ray.models.value_head import load_scalar_model
+
+        torch.set_num_threads(threads)
+        model_dir = check_model_dir(path, head="classification")
+        self.device = pick_device(device)
+        self.batch_size = batch_size
+        # Right padding: the head reads the last non-pad token, found from the attention mask.
+        self.tokenizer = load_tokenizer(model_dir, padding_side="right")
+        model = load_scalar_model(model_dir, dtype=pick_dtype(dtype, self.device))
+        self.model = model.to(self.device).eval()
+        self.model_id = model_id(model_dir)
+        self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Token counts as scored (BOS included)."""
+        return [len(ids) for ids in encode_batch(self.tokenizer, list(texts))]
+
+    @span("score:pm")
+    def score(self, texts: Sequence[str], *, truncate: bool = False) -> list[float]:
+        """One scalar per text, `batch_size` texts per forward. Over-long texts are an error,
+        or with `truncate` keep their last tokens (the response, which the head reads)."""
+        import torch
+
+        encoded = encode_batch(self.tokenizer, list(texts))  # one BOS, as pm-train encodes
+        if truncate:
+            encoded = [ids[-self.max_context :] for ids in encoded]
+        for i, ids in enumerate(encoded):
+            if len(ids) > self.max_context:
+                raise CaiRayError(
+                    f"text has {len(ids)} tokens; the preference model accepts {self.max_context}",
+                    where=f"text {i}",
+                    hint="shorten the conversation",
+                )
+        scores: list[float] = []
+        pad = self.tokenizer.pad_token_id or 0
+        for start in range(0, len(encoded), self.batch_size):
+            chunk = encoded[start : start + self.batch_size]
+            width = max(len(ids) for ids in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # (B, T)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, seq in enumerate(chunk):
+                ids[row, : len(seq)] = torch.tensor(seq)
+                mask[row, : len(seq)] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            with torch.inference_mode():
+                values = self.model(input_ids=ids, attention_mask=mask, last_only=True)  # (B,)
+            scores.extend(values.tolist())
+        return scores

@@ -1,0 +1,239 @@
+"""RL objectives of the learner group: the PPO/GRPO policy loss, the PPO critic, and DPO.
+
+Each is an `Objective` (cai_ray/sl/objective.py) plus `infer`, the no-grad pass the RL loop asks
+for before an update (the policy's log-probs at sampling time, the critic's values). Rows hold
+`input_ids` (prompt + response) and `prompt_len`; per-token fields (`advantages`,
+`old_logprobs`, ...) have one entry per response token. In a (B, T) batch, logits at position t
+predict token t + 1, so response token j sits at target position `prompt_len - 1 + j` of the
+(B, T - 1) tensors built here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from cai_ray.sl.objective import SFTObjective
+
+if TYPE_CHECKING:
+    import torch
+
+
+def collate_responses(
+    rows: Sequence[Mapping[str, Any]], *, pad_id: int, fields: Sequence[str] = ()
+) -> dict[str, torch.Tensor]:
+    """input_ids/attention_mask (B, T) right-padded; response_mask and `fields` (B, T - 1)."""
+    import torch
+
+    width = max(len(r["input_ids"]) for r in rows)
+    b = len(rows)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)  # (B, T)
+    attn = torch.zeros((b, width), dtype=torch.long)  # (B, T)
+    resp = torch.zeros((b, width - 1))  # (B, T-1) over target positions
+    per_token = {f: torch.zeros((b, width - 1)) for f in fields}
+    for i, r in enumerate(rows):
+        seq, start = list(r["input_ids"]), int(r["prompt_len"]) - 1
+        n = len(seq) - start - 1  # response tokens
+        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attn[i, : len(seq)] = 1
+        resp[i, start : start + n] = 1.0
+        for f in fields:
+            values = list(r[f])
+            if len(values) != n:
+                raise ValueError(f"row field {f!r} has {len(values)} values for {n} tokens")
+            per_token[f][i, start : start + n] = torch.tensor(values, dtype=torch.float32)
+    return {"input_ids": ids, "attention_mask": attn, "response_mask": resp, **per_token}
+
+
+def _response_values(values: torch.Tensor, mask: torch.Tensor) -> list[list[float]]:
+    """(B, T-1) values under the response mask -> one ragged list per row."""
+    return [row[m > 0].tolist() for row, m in zip(values, mask, strict=True)]
+
+
+def _policy_logits(model: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    out = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    )
+    return out.logits[:, :-1].float()  # (B, T-1, V): position t predicts token t + 1
+
+
+@dataclass(frozen=True)
+class _PolicyModel:
+    """What the objectives that train the policy itself share: the causal LM loaded as in SFT."""
+
+    pad_id: int = 0
+    head: Literal["causal", "classification"] = "causal"
+
+    def check_model(self, model_path: str | Path) -> None:
+        SFTObjective(self.pad_id).check_model(model_path)
+
+    def load_model(self, model_path: str | Path) -> torch.nn.Module:
+        return SFTObjective(self.pad_id).load_model(model_path)
+
+    def tokens(self, batch: Mapping[str, torch.Tensor]) -> int:
+        return int(batch["attention_mask"].sum())
+
+
+@dataclass(frozen=True)
+class PolicyObjective(_PolicyModel):
+    """PPO's clipped surrogate on per-token advantages (GRPO/RLOO: one advantage per response),
+    plus beta * KL(policy || ref) as a loss term when rows carry `kl_coef` > 0, minus an entropy
+    bonus. Summed over response tokens, so the group normalises by tokens (a token mean)."""
+
+    clip_eps: float = 0.2
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+
+    def collate(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        import torch
+
+        fields = [f for f in ("advantages", "old_logprobs", "ref_logprobs") if f in rows[0]]
+        batch = collate_responses(rows, pad_id=self.pad_id, fields=fields)
+        coef = [float(r.get("kl_coef", 0.0)) for r in rows]
+        return {**batch, "kl_coef": torch.tensor(coef, dtype=torch.float32)}  # (B,)
+
+    def loss_units(self, batch: Mapping[str, torch.Tensor]) -> int:
+        return int(batch["response_mask"].sum())
+
+    def loss(
+        self, model: Any, batch: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        from cai_ray.rl import algorithms as rl_math
+
+        mask = batch["response_mask"]  # (B, T-1)
+        units = mask.sum()
+        logits = _policy_logits(model, batch)  # (B, T-1, V)
+        logp = rl_math.token_logprobs(logits, batch["input_ids"][:, 1:])  # (B, T-1)
+        pl = rl_math.ppo_policy_loss(
+            logp, batch["old_logprobs"], batch["advantages"], mask, clip_eps=self.clip_eps
+        )
+        total = pl.loss * units  # the masked mean times the count: a masked sum
+        kl_fn = rl_math.pick(rl_math.KL_ESTIMATORS, self.kl_estimator, what="kl estimator")
+        kl = kl_fn(logp, batch["ref_logprobs"]) * mask  # (B, T-1)
+        coef = batch["kl_coef"][:, None]  # (B, 1)
+        if bool((coef > 0).any()):
+            total = total + (coef * kl).sum()
+        entropy = rl_math.masked_sum(rl_math.token_entropy(logits), mask)
+        if self.entropy_coef:
+            total = total - self.entropy_coef * entropy
+        return total, {
+            "policy_loss": float(pl.loss.detach() * units),
+            "clip_fraction": float(pl.clip_fraction * units),
+            "approx_kl": float(pl.approx_kl * units),
+            "entropy": float(entropy.detach()),
+            "kl_loss_term": float(kl.detach().sum()),
+        }
+
+    def infer(self, model: Any, batch: Mapping[str, torch.Tensor]) -> list[list[float]]:
+        """Log-probs of each row's response tokens under the current weights."""
+        from cai_ray.rl import algorithms as rl_math
+
+        logp = rl_math.token_logprobs(_policy_logits(model, batch), batch["input_ids"][:, 1:])
+        return _response_values(logp, batch["response_mask"])
+
+
+@dataclass(frozen=True)
+class ValueObjective:
+    """PPO's critic: a scalar head on the LM's decoder (`cai_ray.models.value_head`), a value per
+    token, for any causal family (Gemma 3 has no *ForTokenClassification: issue 14).
+
+    Started from the PM (its head is the value head: InstructGPT's choice) or from the policy
+    (a fresh head). Loss: the clipped value loss against GAE returns.
+    """
+
+    pad_id: int = 0
+    clip_eps: float = 0.2
+    head: Literal["causal", "classification"] = "classification"
+
+    def check_model(self, model_path: str | Path) -> None:
+        from cai_ray.models.value_head import check_scalar_model
+
+        check_scalar_model(model_path, new_head=True)
+
+    def load_model(self, model_path: str | Path) -> torch.nn.Module:
+        from cai_ray.models.value_head import load_scalar_model
+
+        return load_scalar_model(model_path, new_head=True)
+
+    def collate(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        fields = [f for f in ("returns", "old_values") if f in rows[0]]
+        return collate_responses(rows, pad_id=self.pad_id, fields=fields)
+
+    def loss_units(self, batch: Mapping[str, torch.Tensor]) -> int:
+        return int(batch["response_mask"].sum())
+
+    def _values(self, model: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        values = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return values[:, :-1]  # (B, T-1): V of the state before token t + 1
+
+    def loss(
+        self, model: Any, batch: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        from cai_ray.rl import algorithms as rl_math
+
+        mask = batch["response_mask"]
+        units = mask.sum()
+        values = self._values(model, batch)
+        loss, clip = rl_math.ppo_value_loss(
+            values, batch["old_values"], batch["returns"], mask, clip_eps=self.clip_eps
+        )
+        return loss * units, {"value_clip_fraction": float(clip * units)}
+
+    def infer(self, model: Any, batch: Mapping[str, torch.Tensor]) -> list[list[float]]:
+        return _response_values(self._values(model, batch), batch["response_mask"])
+
+    def tokens(self, batch: Mapping[str, torch.Tensor]) -> int:
+        return int(batch["attention_mask"].sum())
+
+
+@dataclass(frozen=True)
+class DPOObjective(_PolicyModel):
+    """DPO on (chosen, rejected) rows with the reference's summed log-probs precomputed.
+
+    Rows: `chosen_ids`, `rejected_ids`, `chosen_prompt_len`, `rejected_prompt_len`,
+    `ref_chosen`, `ref_rejected`. One forward of 2B sequences; the loss is summed over pairs.
+    """
+
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+
+    def collate(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        import torch
+
+        seqs = [{"input_ids": r[f"{k}_ids"], "prompt_len": r[f"{k}_prompt_len"]} for k in
+                ("chosen", "rejected") for r in rows]  # fmt: skip
+        batch = collate_responses(seqs, pad_id=self.pad_id)
+        ref = [float(r["ref_chosen"]) for r in rows] + [float(r["ref_rejected"]) for r in rows]
+        return {**batch, "ref_logps": torch.tensor(ref, dtype=torch.float32)}  # (2B,)
+
+    def loss_units(self, batch: Mapping[str, torch.Tensor]) -> int:
+        return int(batch["ref_logps"].shape[0] // 2)
+
+    def loss(
+        self, model: Any, batch: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        from cai_ray.rl import algorithms as rl_math
+
+        logp = rl_math.token_logprobs(_policy_logits(model, batch), batch["input_ids"][:, 1:])
+        seq = rl_math.sequence_logprobs(logp, batch["response_mask"])  # (2B,)
+        chosen, rejected = seq.chunk(2)
+        ref_c, ref_r = batch["ref_logps"].chunk(2)
+        out = rl_math.dpo_loss(
+            chosen, rejected, ref_c, ref_r, beta=self.beta, label_smoothing=self.label_smoothing
+        )
+        n = chosen.shape[0]
+        return out.loss * n, {
+            "margin": float(out.margin.sum()),
+            "reward_accuracy": float((out.margin > 0).float().sum()),
+            "chosen_reward": float(out.chosen_rewards.sum()),
+            "rejected_reward": float(out.rejected_rewards.sum()),
+        }
+
+    def infer(self, model: Any, batch: Mapping[str, torch.Tensor]) -> list[float]:
+        """Summed response log-probs of each sequence (chosen rows, then rejected)."""
+        from cai_ray.rl import algorithms as rl_math
+
+        logp = rl_math.token_logprobs(_policy_logits(model, batch), batch["input_ids"][:, 1:])
+        return rl_math.sequence_logprobs(logp, batch["response_mask"]).tolist()

@@ -1,0 +1,105 @@
+"""What a learner group trains: the model it builds and the summed loss on a batch.
+
+The learner machinery (ranks, DeepSpeed, checkpoints, metrics) knows nothing about SFT: it asks
+an `Objective` for the model, the collated batch, the loss summed over the batch's loss units and
+how many units there are. The preference model (Bradley-Terry over pairs) and RL (policy/value
+losses) plug in here later. An objective is a small picklable value sent to every rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from cai_ray.errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Objective(Protocol):
+    """A training objective; `loss` returns a sum so the group can normalise globally."""
+
+    head: Literal["causal", "classification"]
+
+    def check_model(self, model_path: str | Path) -> None:
+        """Raise ModelError for a directory this objective cannot train (driver side, cheap)."""
+        ...
+
+    def load_model(self, model_path: str | Path) -> torch.nn.Module:
+        """The model in fp32 (DeepSpeed casts it when training in bf16)."""
+        ...
+
+    def collate(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """One micro-batch of tensors from dataset rows."""
+        ...
+
+    def loss_units(self, batch: Mapping[str, torch.Tensor]) -> int:
+        """How many units (tokens, pairs) `loss` sums over; known before the forward pass."""
+        ...
+
+    def loss(
+        self, model: Any, batch: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """(loss summed over the batch's units, extra metrics summed over the same units).
+
+        The extra metrics must have the same keys on every call: ranks all-reduce them in order.
+        """
+        ...
+
+    def tokens(self, batch: Mapping[str, torch.Tensor]) -> int:
+        """Tokens the batch processes (for tokens/s), padding excluded."""
+        ...
+
+
+@dataclass(frozen=True)
+class SFTObjective:
+    """Next-token cross-entropy on response tokens only (labels are IGNORE_INDEX on prompts)."""
+
+    pad_id: int = 0
+    head: Literal["causal", "classification"] = "causal"
+
+    def check_model(self, model_path: str | Path) -> None:
+        from cai_ray.models import check_model_dir
+
+        check_model_dir(model_path, head="causal")
+
+    def load_model(self, model_path: str | Path) -> torch.nn.Module:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        try:
+            return AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(
+                f"cannot load a causal LM: {exc}".splitlines()[0],
+                where=str(model_path),
+                hint="SFT needs a causal language model directory (e.g. LlamaForCausalLM)",
+            ) from None
+
+    def collate(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        from cai_ray.sl.sft_data import collate
+
+        return collate(rows, pad_id=self.pad_id)
+
+    def loss_units(self, batch: Mapping[str, torch.Tensor]) -> int:
+        from cai_ray.sl.losses import count_label_tokens
+
+        return count_label_tokens(batch["labels"])
+
+    def loss(
+        self, model: Any, batch: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        from cai_ray.sl.losses import token_nll_sum
+
+        inputs = {
+            k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch
+        }
+        logits = model(**inputs, use_cache=False).logits  # (B, T, V)
+        total, _ = token_nll_sum(logits, batch["labels"])
+        return total, {}
+
+    def tokens(self, batch: Mapping[str, torch.Tensor]) -> int:
+        return int(batch["num_tokens"])
