@@ -189,16 +189,16 @@ class ReferenceWorker:
     @span("load")
     def __init__(self, model_path: str, engine: EngineConfig, *, batch_size: int, pad_id: int):
         import torch
-        from transformers import AutoModelForCausalLM
 
-        from cai_ray.engines.hf import _dtype_kwarg, pick_device, pick_dtype
+        from cai_ray.engines.hf import pick_device, pick_dtype
         from cai_ray.models import check_model_dir
+        from cai_ray.models.loading import load_causal_lm
 
         torch.set_num_threads(engine.torch_threads())
         path = check_model_dir(model_path, head="causal")
         self.device = pick_device(engine.device)
         dtype = pick_dtype(engine.dtype, self.device)
-        model = AutoModelForCausalLM.from_pretrained(str(path), **_dtype_kwarg(dtype))
+        model = load_causal_lm(path, dtype=dtype)
         self.model = model.to(self.device).eval()
         self.batch_size = batch_size
         self.pad_id = pad_id

@@ -44,10 +44,10 @@ class HFEngine(Engine):
         model_id: str | None = None,
     ):
         import torch
-        from transformers import AutoModelForCausalLM
 
         from cai_ray.models import check_model_dir, load_tokenizer
         from cai_ray.models import model_id as content_id
+        from cai_ray.models.loading import load_causal_lm
 
         # Several engines and learners share a few cores: unbounded intra-op threads thrash.
         torch.set_num_threads(threads)
@@ -57,13 +57,13 @@ class HFEngine(Engine):
         self.batch_size = batch_size
         try:
             self.tokenizer = load_tokenizer(path, padding_side="left")
-            model = AutoModelForCausalLM.from_pretrained(str(path), **_dtype_kwarg(self.dtype))
-        except Exception as err:  # corrupt files raise many types; all are the user's to fix
+        except Exception as err:  # a broken tokenizer.json raises many types; the user's to fix
             raise ModelError(
-                f"transformers could not load the model ({type(err).__name__}: {err})",
+                f"transformers could not load the model's tokenizer ({type(err).__name__}: {err})",
                 where=str(path),
                 hint="check the directory is a complete, uncorrupted HF model (re-save or re-copy it)",
             ) from None
+        model = load_causal_lm(path, dtype=self.dtype)
         self.model = model.to(self.device).eval()
         self.model_id = model_id or content_id(path)
         self.weight_version = 0
@@ -485,11 +485,3 @@ def pick_dtype(dtype: str, device):
         cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if cuda_bf16 else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
-def _dtype_kwarg(dtype) -> dict[str, Any]:
-    import transformers
-
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    # `dtype=` replaced `torch_dtype=` in transformers 4.56.
-    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}

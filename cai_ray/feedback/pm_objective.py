@@ -10,30 +10,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+
+from cai_ray.models.value_head import ScalarModelObjective
 
 if TYPE_CHECKING:
     import torch
 
 
 @dataclass(frozen=True)
-class PreferenceObjective:
+class PreferenceObjective(ScalarModelObjective):
     """Rows carry `ids_a`, `ids_b` (token ids of the two full transcripts) and `label` = P(A)."""
 
     pad_id: int = 0
     head: Literal["causal", "classification"] = "classification"
-
-    def check_model(self, model_path: str | Path) -> None:
-        from cai_ray.models.value_head import check_scalar_model
-
-        check_scalar_model(model_path, new_head=True)
-
-    def load_model(self, model_path: str | Path) -> torch.nn.Module:
-        """A PM to keep training, or a causal LM (the paper's start) with a fresh scalar head."""
-        from cai_ray.models.value_head import load_scalar_model
-
-        return load_scalar_model(model_path, new_head=True)
 
     def collate(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         import torch

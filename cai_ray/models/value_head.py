@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 
 from cai_ray.errors import ModelError
+from cai_ray.models.loading import dtype_kwarg
 from cai_ray.models.store import VALUE_HEAD_MARKER, check_model_dir
 
 HEAD_FILE = "value_head.safetensors"
@@ -173,7 +174,7 @@ def _decoder(p: Path, dtype: Any) -> tuple[torch.nn.Module, Any, str, str]:
     hf_logging.set_verbosity_error()  # a value-head dir has no LM head: it loads as new weights
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
-            str(p), output_loading_info=True, **_dtype_kwarg(dtype)
+            str(p), output_loading_info=True, **dtype_kwarg(dtype)
         )
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(
@@ -221,7 +222,7 @@ def _from_sequence_classifier(p: Path, dtype: Any) -> ValueHeadModel:
     from transformers import AutoModelForSequenceClassification
 
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(p), **_dtype_kwarg(dtype))
+        model = AutoModelForSequenceClassification.from_pretrained(str(p), **dtype_kwarg(dtype))
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(
             f"transformers could not load the PM: {exc}".splitlines()[0], where=str(p)
@@ -261,7 +262,12 @@ def _causal_class_name(model: Any) -> str:
     return type(model).__name__.replace("ForSequenceClassification", "ForCausalLM")
 
 
-def _dtype_kwarg(dtype: Any) -> dict[str, Any]:
-    from cai_ray.engines.hf import _dtype_kwarg as kwarg
+class ScalarModelObjective:
+    """Base of the objectives that train a scalar head (the PM, PPO's critic): a scalar model to
+    keep training, or a causal LM (the paper's start) with a fresh head."""
 
-    return kwarg(dtype)
+    def check_model(self, model_path: str | Path) -> None:
+        check_scalar_model(model_path, new_head=True)
+
+    def load_model(self, model_path: str | Path) -> torch.nn.Module:
+        return load_scalar_model(model_path, new_head=True)

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from cai_ray.sl.objective import SFTObjective
+from cai_ray.models.loading import CausalLMObjective
+from cai_ray.models.value_head import ScalarModelObjective
 
 if TYPE_CHECKING:
     import torch
@@ -60,17 +60,11 @@ def _policy_logits(model: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tenso
 
 
 @dataclass(frozen=True)
-class _PolicyModel:
+class _PolicyModel(CausalLMObjective):
     """What the objectives that train the policy itself share: the causal LM loaded as in SFT."""
 
     pad_id: int = 0
     head: Literal["causal", "classification"] = "causal"
-
-    def check_model(self, model_path: str | Path) -> None:
-        SFTObjective(self.pad_id).check_model(model_path)
-
-    def load_model(self, model_path: str | Path) -> torch.nn.Module:
-        return SFTObjective(self.pad_id).load_model(model_path)
 
     def tokens(self, batch: Mapping[str, torch.Tensor]) -> int:
         return int(batch["attention_mask"].sum())
@@ -135,7 +129,7 @@ class PolicyObjective(_PolicyModel):
 
 
 @dataclass(frozen=True)
-class ValueObjective:
+class ValueObjective(ScalarModelObjective):
     """PPO's critic: a scalar head on the LM's decoder (`cai_ray.models.value_head`), a value per
     token, for any causal family (Gemma 3 has no *ForTokenClassification: issue 14).
 
@@ -146,16 +140,6 @@ class ValueObjective:
     pad_id: int = 0
     clip_eps: float = 0.2
     head: Literal["causal", "classification"] = "classification"
-
-    def check_model(self, model_path: str | Path) -> None:
-        from cai_ray.models.value_head import check_scalar_model
-
-        check_scalar_model(model_path, new_head=True)
-
-    def load_model(self, model_path: str | Path) -> torch.nn.Module:
-        from cai_ray.models.value_head import load_scalar_model
-
-        return load_scalar_model(model_path, new_head=True)
 
     def collate(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         fields = [f for f in ("returns", "old_values") if f in rows[0]]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from cai_ray.errors import ModelError
+from cai_ray.models.loading import CausalLMObjective
 
 if TYPE_CHECKING:
     import torch
@@ -55,29 +55,11 @@ class Objective(Protocol):
 
 
 @dataclass(frozen=True)
-class SFTObjective:
+class SFTObjective(CausalLMObjective):
     """Next-token cross-entropy on response tokens only (labels are IGNORE_INDEX on prompts)."""
 
     pad_id: int = 0
     head: Literal["causal", "classification"] = "causal"
-
-    def check_model(self, model_path: str | Path) -> None:
-        from cai_ray.models import check_model_dir
-
-        check_model_dir(model_path, head="causal")
-
-    def load_model(self, model_path: str | Path) -> torch.nn.Module:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        try:
-            return AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelError(
-                f"cannot load a causal LM: {exc}".splitlines()[0],
-                where=str(model_path),
-                hint="SFT needs a causal language model directory (e.g. LlamaForCausalLM)",
-            ) from None
 
     def collate(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         from cai_ray.sl.sft_data import collate

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cai_ray.errors import ConfigError
-from cai_ray.feedback.prompts import rule_rewards as rr
+from cai_ray.feedback import rule_rewards as rr
 
 
 def test_refusal_penalty_and_rate_fold_curly_apostrophes():

@@ -1,0 +1,65 @@
+"""Loading a local model directory into torch, one way for engines, learners and RL workers.
+
+`load_causal_lm` is the one `AutoModelForCausalLM.from_pretrained` of the project (the HF engine,
+the reference worker, the SFT/policy/DPO objectives); scalar-head models (PMs, critics) load
+through `cai_ray.models.value_head`. `CausalLMObjective` (and value_head's `ScalarModelObjective`)
+give a learner objective its `check_model` (before any rank starts) and `load_model` (every rank).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cai_ray.errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
+
+LOAD_HINT = "check the directory is a complete, uncorrupted HF model (re-save or re-copy it)"
+
+
+def dtype_kwarg(dtype: Any) -> dict[str, Any]:
+    """`from_pretrained`'s dtype argument: `dtype=` replaced `torch_dtype=` in transformers 4.56."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def load_causal_lm(
+    path: str | Path, *, dtype: Any = None, hint: str = LOAD_HINT
+) -> torch.nn.Module:
+    """The causal LM in `path` (already checked with `check_model_dir`), in `dtype` (default fp32).
+
+    Corrupt files raise many exception types from transformers; all become one ModelError naming
+    the directory, since all are the user's to fix.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            str(path), **dtype_kwarg(torch.float32 if dtype is None else dtype)
+        )
+    except Exception as err:
+        raise ModelError(
+            f"transformers could not load the model ({type(err).__name__}: {err})",
+            where=str(path),
+            hint=hint,
+        ) from None
+
+
+class CausalLMObjective:
+    """Base of the objectives that train a causal LM itself (SFT, the RL policy, DPO), in fp32."""
+
+    def check_model(self, model_path: str | Path) -> None:
+        from cai_ray.models.store import check_model_dir
+
+        check_model_dir(model_path, head="causal")
+
+    def load_model(self, model_path: str | Path) -> torch.nn.Module:
+        return load_causal_lm(
+            model_path,
+            hint="this objective trains a causal language model directory (e.g. LlamaForCausalLM)",
+        )
