@@ -173,7 +173,7 @@ class LearnerGroup:
         """(rows for the in-process list path, or Arrow block refs of a Ray Dataset; row count).
 
         Ray Data runs here, before the ranks hold their CPUs; afterwards the ranks read the
-        materialised blocks straight from the object store (actors/learner_data.BlockShard).
+        materialised blocks straight from the object store (actors.learner.data.BlockShard).
         """
         if isinstance(dataset, Sequence):
             rows = list(dataset)
