@@ -7,8 +7,16 @@ and with the defaults (up to 32 requests per engine batch, 5 ms wait). At concur
 requests/s, p50/p99 latency and errors, then the batched/unbatched ratios. `--soak-s S` adds a
 soak of the batched app at concurrency 32 for S seconds, sampling the policy replica's RSS.
 
+`--baseline REV` adds "today's" server of the issue that asked for batching: the Serve app of
+git revision REV (default 741a219, the last commit before issue 17), its tree exported to a
+temporary folder and started in a subprocess with that tree first on PYTHONPATH (Ray's workers
+inherit it), on the same policy directory, measured by this script's own load generator in the
+same run. `unbatched` is today's code with batching off, which also has the rest of the
+issue's work (the replica loop, access logs off), so it is the stricter of the two baselines.
+
 Writes benchmarks/results/serve.json.
 Usage: python benchmarks/bench_serve.py [--requests N] [--models tiny-1m,tiny-20m] [--soak-s 300]
+       [--baseline 741a219 | --baseline none]
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ import json
 import os
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -142,6 +152,70 @@ def _app(tmp: Path, policy: Path, batch: int | None):
     return serve_app(cfg, policy=policy)
 
 
+# Started in a subprocess over the exported tree: the config keys of that revision.
+_BASELINE_SERVER = """
+import sys
+from cai_ray.config import load_config
+from cai_ray.serve.launch import serve_app
+run_dir, policy, port = sys.argv[1:4]
+cfg = load_config(None, [
+    f"run_dir={run_dir}", "engine.kind=hf", "engine.device=cpu", "engine.threads=1",
+    f"serve.port={port}", "serve.auth_token_env=null",
+    "serve.policy={num_cpus: 0.5, max_ongoing_requests: 32, max_queued_requests: 128}",
+    "serve.constitution={num_cpus: 0.1}",
+    "serve.ingress={num_cpus: 0.1, max_ongoing_requests: 64}", "ray.num_cpus=4",
+])
+print("URL", serve_app(cfg, policy=policy), flush=True)
+sys.stdin.read()  # serve until the benchmark closes stdin
+"""
+
+
+class _Baseline:
+    """The Serve app of an older revision, in a subprocess; `url` once it is healthy."""
+
+    def __init__(self, rev: str, tmp: Path, policy: Path):
+        root = Path(__file__).resolve().parents[1]
+        self.tree = tmp / f"tree-{rev}"
+        self.tree.mkdir(parents=True)
+        archive = subprocess.run(
+            ["git", "-C", str(root), "archive", rev], check=True, capture_output=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(self.tree)], input=archive, check=True)
+        env = {**os.environ, "PYTHONPATH": str(self.tree)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _BASELINE_SERVER, str(tmp / f"run-{rev}"), str(policy),
+             str(_free_port())],
+            cwd=self.tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 300
+        self.url = None
+        for line in self.proc.stdout:  # its logs go to stderr; the URL line to stdout
+            if line.startswith("URL "):
+                self.url = line.split()[1]
+                break
+            if time.monotonic() > deadline:
+                break
+        if self.url is None:
+            self.close()
+            raise RuntimeError(f"the {rev} server did not start (exit {self.proc.poll()})")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()  # the server's stdin read returns; it exits with its Ray
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def _measure(url: str, args) -> list[dict]:
+    _load(url, 8, requests=16, cap_s=30, max_tokens=args.max_tokens)  # warm-up
+    return [
+        _load(url, c, requests=args.requests, cap_s=args.cap_s, max_tokens=args.max_tokens)
+        for c in LEVELS
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=64, help="requests per level")
@@ -149,6 +223,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--models", default="tiny-1m,tiny-20m")
     parser.add_argument("--soak-s", type=float, default=0, help="soak the batched app (0: none)")
+    parser.add_argument(
+        "--baseline", default="741a219", help="git revision of today's server ('none': skip)"
+    )
     args = parser.parse_args()
 
     import ray
@@ -160,17 +237,16 @@ def main() -> None:
     results: dict[str, dict] = {}
     for model in args.models.split(","):
         policy = init_model(model, tmp / model)
+        if args.baseline != "none":
+            server = _Baseline(args.baseline, tmp / f"{model}-baseline", policy)
+            try:
+                results[f"{model}/{args.baseline}"] = {"levels": _measure(server.url, args)}
+            finally:
+                server.close()
         for name, batch in (("unbatched", 1), ("batched", None)):
             url = _app(tmp / f"{model}-{name}", policy, batch)
             try:
-                _load(url, 8, requests=16, cap_s=30, max_tokens=args.max_tokens)  # warm-up
-                rows = [
-                    _load(
-                        url, c, requests=args.requests, cap_s=args.cap_s, max_tokens=args.max_tokens
-                    )
-                    for c in LEVELS
-                ]
-                entry = {"levels": rows}
+                entry = {"levels": _measure(url, args)}
                 if args.soak_s and name == "batched" and model == args.models.split(",")[-1]:
                     entry["soak"] = _soak(url, args.soak_s, args.max_tokens)
                 results[f"{model}/{name}"] = entry
@@ -184,7 +260,19 @@ def main() -> None:
             c = a["concurrency"]
             ratios[f"{model} c={c} req/s"] = round(b["rps"] / max(a["rps"], 1e-9), 2)
             ratios[f"{model} c={c} p50"] = round(b["p50_ms"] / max(a["p50_ms"], 1e-9), 2)
+        old = results.get(f"{model}/{args.baseline}")
+        for a, b in zip(
+            old["levels"] if old else [], batched["levels"] if old else [], strict=True
+        ):
+            c = a["concurrency"]
+            ratios[f"{model} c={c} req/s vs {args.baseline}"] = round(
+                b["rps"] / max(a["rps"], 1e-9), 2
+            )
+            ratios[f"{model} c={c} p50 vs {args.baseline}"] = round(
+                b["p50_ms"] / max(a["p50_ms"], 1e-9), 2
+            )
     meta = {
+        "baseline": args.baseline,
         "device": "cpu",
         "replicas": 1,
         "max_tokens": args.max_tokens,
