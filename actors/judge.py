@@ -11,8 +11,10 @@ import json
 from typing import Any
 
 from cai_ray.config import EngineConfig
+from cai_ray.config.evaluate import EvaluateConfig
+from cai_ray.engines import resolve_threads
 from cai_ray.engines.base import ScoreRequest
-from cai_ray.eval.judging import Axis, JudgeSettings, fold_prompt, plan_prompt
+from cai_ray.eval.judging import Axis, fold_prompt, plan_prompt
 from cai_ray.feedback.labeling import scored
 from cai_ray.feedback.prompts import OPTIONS
 
@@ -33,21 +35,21 @@ class JudgeWorker:
         model_path: str,
         engine: EngineConfig,
         constitution_path: str,
-        settings: JudgeSettings,
+        settings: EvaluateConfig,
         *,
+        seed: int,
         names: list[str],
         model_id: str | None = None,
     ):
-        import torch
 
         from cai_ray.constitution import load_constitution
         from cai_ray.engines import make_engine
 
-        torch.set_num_threads(engine.torch_threads())
         self.engine = make_engine(model_path, engine, model_id=model_id)
         self.constitution = load_constitution(constitution_path)
         self.constitution.require_feedback()  # the harmlessness axis asks its principles
         self.settings = settings
+        self.seed = seed
         self.names = list(names)
 
     def __call__(self, batch: Any) -> Any:
@@ -66,6 +68,7 @@ class JudgeWorker:
                 answers=[str(a) for a in _as_list(batch["answers"].iloc[r])],
                 names=self.names,
                 settings=self.settings,
+                seed=self.seed,
             )
         self._reject_too_long(plans, rejects)
         plans = {r: jobs for r, jobs in plans.items() if not rejects[r]}
@@ -78,7 +81,12 @@ class JudgeWorker:
         for r, jobs in plans.items():
             per_job = [[next(results) for _ in job.queries] for job in jobs]
             folded = fold_prompt(
-                jobs, per_job, names=self.names, axis=axes[r], settings=self.settings
+                jobs,
+                per_job,
+                names=self.names,
+                axis=axes[r],
+                settings=self.settings,
+                seed=self.seed,
             )
             judged[r] = json.dumps(folded)
         batch["judged"] = judged
@@ -115,7 +123,7 @@ class PMScoreWorker:
             model_path,
             device=engine.device,
             dtype=engine.dtype,
-            threads=engine.torch_threads(),
+            threads=resolve_threads(engine.threads),
             batch_size=engine.batch_size,
         )
         self.text_col = text_col

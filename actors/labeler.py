@@ -63,12 +63,10 @@ class LabelerWorker:
         model_id: str | None = None,
         fmt: str | PromptFormat = "transcript",
     ):
-        import torch
 
         from cai_ray.constitution import load_constitution
         from cai_ray.engines import make_engine
 
-        torch.set_num_threads(engine.torch_threads())
         self.engine = make_engine(model_path, engine, model_id=model_id)
         # The run's format shapes chain-of-thought prompts: "chat" renders them with the
         # feedback model's own chat template, so it needs that model's tokenizer (issue 14).

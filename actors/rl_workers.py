@@ -19,6 +19,7 @@ from cai_ray.config import EngineConfig
 from cai_ray.config.rl import RewardConfig
 from cai_ray.data.conversation import Conversation, PromptFormat
 from cai_ray.data.tokens import strip_reasoning
+from cai_ray.engines import resolve_threads, set_threads
 from cai_ray.engines.base import SamplingParams
 from cai_ray.profiling import span
 
@@ -100,9 +101,7 @@ class RewardWorker:
         batch_size: int,
         refusal_phrases: Sequence[str],
     ):
-        import torch
 
-        torch.set_num_threads(engine.torch_threads())
         self.cfg = reward
         self.phrases = tuple(refusal_phrases)
         self._fn = None
@@ -113,7 +112,7 @@ class RewardWorker:
                 model_path,  # type: ignore[arg-type]
                 device=engine.device,
                 dtype=engine.dtype,
-                threads=engine.torch_threads(),
+                threads=resolve_threads(engine.threads),
                 batch_size=batch_size,
             )
         elif reward.kind == "rlaif":
@@ -188,13 +187,12 @@ class ReferenceWorker:
 
     @span("load")
     def __init__(self, model_path: str, engine: EngineConfig, *, batch_size: int, pad_id: int):
-        import torch
 
         from cai_ray.engines.hf import pick_device, pick_dtype
         from cai_ray.models import check_model_dir
         from cai_ray.models.loading import load_causal_lm
 
-        torch.set_num_threads(engine.torch_threads())
+        set_threads(engine)  # no engine here: torch runs the model directly
         path = check_model_dir(model_path, head="causal")
         self.device = pick_device(engine.device)
         dtype = pick_dtype(engine.dtype, self.device)

@@ -101,6 +101,7 @@ def in_process(batches: int) -> dict:
 
     from actors.labeler import LabelerWorker
     from cai_ray.config import ModelConfig, load_config
+    from cai_ray.engines.base import SamplingParams
     from cai_ray.models import default_cache_dir, ensure_model
     from cai_ray.pipeline.rl_label import label_settings
 
@@ -113,7 +114,7 @@ def in_process(batches: int) -> dict:
         engine=cfg.engine,
         constitution_path=str(ROOT / "constitutions/default.yaml"),
         settings=label_settings(cfg),
-        rationale_sampling=cfg.generation.sampling_params(seed=0),
+        rationale_sampling=SamplingParams.of(cfg.generation, seed=0),
         model_id="bench",
     )
     me, points = psutil.Process(), []

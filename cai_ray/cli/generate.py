@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cai_ray.cli.options import add_set_option
+from cai_ray.engines.base import SamplingParams
 from cai_ray.errors import DataError
 
 _EXCERPT = 40
@@ -122,8 +123,8 @@ def _generate(args: argparse.Namespace) -> int:
         )
         if v is not None
     }
-    params = cfg.generation.sampling_params(
-        n=args.n, seed=cfg.seed if args.seed is None else args.seed, **overrides
+    params = SamplingParams.of(
+        cfg.generation, n=args.n, seed=cfg.seed if args.seed is None else args.seed, **overrides
     )
     from cai_ray.data.conversation import PromptFormat
 

@@ -1,6 +1,8 @@
 """The run config: one typed tree (`RunConfig`) of frozen sections, loaded by `load_config`.
 
+- `sections`: the `Section` contract, the engine, an actor pool, shared defaults;
 - `run`: the root, the model/engine/data sections and the stage sections of stages 1-5, and the loader;
+- `reference`: `python -m cai_ray.config.reference` writes configs/REFERENCE.md;
 - `learner`: a DeepSpeed learner group (`LearnerConfig`) and SFT;
 - `rl`: stage 6 (`RLTrainConfig`);
 - `evaluate`: stage 7 (`EvaluateConfig`);
@@ -15,21 +17,23 @@ from cai_ray.config.run import (  # noqa: F401
     AutoscalingConfig,
     DataConfig,
     DeploymentConfig,
-    EngineConfig,
     GenerationConfig,
     ModelConfig,
     ModelsConfig,
     PMTrainConfig,
-    PoolConfig,
     RayConfig,
     RLLabelConfig,
     RLPairsConfig,
     RunConfig,
-    Section,
     ServeConfig,
     SLGenerateConfig,
-    VLLMConfig,
     load_config,
     resolve_path,
-    resolve_threads,
+)
+from cai_ray.config.sections import (  # noqa: F401
+    DEFAULT_BOILERPLATE_PHRASES,
+    EngineConfig,
+    PoolConfig,
+    Section,
+    VLLMConfig,
 )

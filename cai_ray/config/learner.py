@@ -10,19 +10,11 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from cai_ray.config.sections import Section
 
 LRSchedule = Literal["constant", "warmup_constant", "cosine", "linear"]
-
-
-class Section(BaseModel):
-    """The contract of `cai_ray.config.Section` (frozen, unknown keys are errors).
-
-    Defined here, not imported: `cai_ray.config` builds its tree from these sections while it
-    loads, so this module must not import it back (either import order then works).
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 class LearnerConfig(Section):

@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from cai_ray.config.learner import LearnerConfig, Section
-from cai_ray.feedback.rule_rewards import DEFAULT_BOILERPLATE_PHRASES
+from cai_ray.config.learner import LearnerConfig
+from cai_ray.config.sections import DEFAULT_BOILERPLATE_PHRASES, Section
 
 Algorithm = Literal["ppo", "grpo", "rloo", "dpo"]
 

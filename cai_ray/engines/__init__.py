@@ -59,7 +59,7 @@ def make_engine(
         model_path,
         dtype=config.dtype,
         device=config.device,
-        threads=config.torch_threads(),
+        threads=resolve_threads(config.threads),
         batch_size=config.batch_size,
         model_id=model_id,
     )
@@ -84,7 +84,7 @@ def _vllm_options(model_path: str | Path, config: EngineConfig) -> dict:
         "model_path": str(path),
         "dtype": config.dtype,
         "device": config.device,
-        "threads": config.torch_threads(),
+        "threads": resolve_threads(config.threads),
         "tensor_parallel_size": v.tensor_parallel_size,
         "gpu_memory_utilization": v.gpu_memory_utilization,
         "max_model_len": v.max_model_len,
@@ -92,3 +92,33 @@ def _vllm_options(model_path: str | Path, config: EngineConfig) -> dict:
         "enforce_eager": v.enforce_eager,
         "cpu_kvcache_space_gib": v.cpu_kvcache_space_gib,
     }
+
+
+def resolve_threads(threads: int | str) -> int:
+    """`auto`: one torch thread per CPU Ray reserved for this actor or task (at least one), so
+    pools that share a machine never run more threads than it has cores (two 2-thread decoders
+    on 2 cores ran 10x slower than two 1-thread ones: benchmarks/bench_tuning.py); outside Ray,
+    every core this process may use."""
+    import os
+
+    if threads != "auto":
+        return int(threads)
+    try:
+        import ray
+
+        if ray.is_initialized() and ray._private.worker.global_worker.mode == ray.WORKER_MODE:
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
+            return max(1, int(cpus))
+    except ImportError:
+        pass
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def set_threads(config: EngineConfig) -> int:
+    """Resolve `config.threads` and set torch's intra-op threads to it, once per process: for a
+    role that runs torch itself without an engine (the RL reference worker). Returns the count."""
+    import torch
+
+    threads = resolve_threads(config.threads)
+    torch.set_num_threads(threads)
+    return threads

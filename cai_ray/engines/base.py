@@ -51,6 +51,19 @@ class SamplingParams:
             raise CaiRayError(f"n must be >= 1, got {self.n}")
         object.__setattr__(self, "stop", tuple(self.stop))
 
+    @classmethod
+    def of(cls, generation: Any, *, n: int = 1, seed: int | None = None, **overrides: Any):
+        """The sampling a `generation` config section asks for (temperature, top_p,
+        max_new_tokens, stop), with `overrides` on top: the engines own this type, the config
+        only its defaults."""
+        fields = dict(
+            temperature=generation.temperature,
+            top_p=generation.top_p,
+            max_new_tokens=generation.max_new_tokens,
+            stop=generation.stop,
+        )
+        return cls(**{**fields, **overrides}, n=n, seed=seed)
+
 
 def prompt_seed(seed: int, prompt_ids: Sequence[int]) -> int:
     """The seed of one prompt's samples under a request's `seed` (sample j uses this + j, as

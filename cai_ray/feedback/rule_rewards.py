@@ -14,18 +14,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from cai_ray.config.sections import DEFAULT_BOILERPLATE_PHRASES
 from cai_ray.errors import ConfigError
 
 RewardFn = Callable[..., list[float]]
-
-DEFAULT_BOILERPLATE_PHRASES: tuple[str, ...] = (
-    "i'm sorry",
-    "i am sorry",
-    "i cannot",
-    "i can't",
-    "as an ai",
-    "you are valid, valued, and cared for",
-)
 
 
 def _fold(text: str) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 
 from cai_ray.config import PoolConfig, RunConfig, resolve_path
 from cai_ray.data.shards import SHARD_GLOB, ShardStore, reject_counts
+from cai_ray.engines.base import SamplingParams
 from cai_ray.eval.metrics import label_quality, read_reference_labels, revision_curve
 from cai_ray.pipeline.common import (
     ModelRef,
@@ -120,8 +121,8 @@ def _relabel(
         batch_size=judge_pool.batch_size,
         num_cpus=0,
     )
-    sampling = cfg.generation.sampling_params(
-        seed=cfg.seed, max_new_tokens=cfg.rl_label.cot_max_new_tokens
+    sampling = SamplingParams.of(
+        cfg.generation, seed=cfg.seed, max_new_tokens=cfg.rl_label.cot_max_new_tokens
     )
     ds = map_pool(
         ds,

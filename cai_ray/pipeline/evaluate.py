@@ -25,8 +25,8 @@ from cai_ray.config.evaluate import HELD_OUT
 from cai_ray.data.conversation import PromptFormat
 from cai_ray.data.shards import ShardStore, atomic_write_text, reject_counts, write_manifest
 from cai_ray.data.sources import sample_path
+from cai_ray.engines.base import SamplingParams
 from cai_ray.errors import DataError
-from cai_ray.eval.judging import JudgeSettings
 from cai_ray.eval.metrics import (
     checkpoint_metrics,
     comparisons_of,
@@ -63,19 +63,6 @@ log = logging.getLogger(__name__)
 def pool(cfg_pool) -> PoolConfig:
     """An `evaluate` pool section as the PoolConfig the shared helpers take."""
     return PoolConfig(**cfg_pool.model_dump())
-
-
-def judge_settings(cfg: RunConfig) -> JudgeSettings:
-    e = cfg.evaluate
-    return JudgeSettings(
-        principles_per_comparison=e.principles_per_comparison,
-        few_shot=e.few_shot,
-        seed=cfg.seed,
-        helpfulness_question=e.helpfulness_question,
-        evasiveness_question=e.evasiveness_question,
-        engages_option=e.engages_option,
-        evades_option=e.evades_option,
-    )
 
 
 @dataclass
@@ -300,7 +287,8 @@ def _steps(
         return dict(model_path=str(ref.path), engine=cfg.engine, model_id=ref.id)
 
     # one seed for every checkpoint: answers differ by model, not by sampling noise
-    sampling = cfg.generation.sampling_params(
+    sampling = SamplingParams.of(
+        cfg.generation,
         seed=cfg.seed,
         max_new_tokens=e.max_new_tokens or cfg.generation.max_new_tokens,
         temperature=cfg.generation.temperature if e.temperature is None else e.temperature,
@@ -316,7 +304,8 @@ def _steps(
     if judge is not None:
         kwargs = dict(
             constitution_path=str(ctx.constitution_path),
-            settings=judge_settings(cfg),
+            settings=cfg.evaluate,
+            seed=cfg.seed,
             names=[c.name for c in checkpoints],
         )
         steps.append((JudgeWorker, {**model(judge), **kwargs}, e.judge))

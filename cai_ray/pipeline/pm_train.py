@@ -20,6 +20,7 @@ from typing import Any
 from cai_ray.config import RunConfig
 from cai_ray.data.shards import ShardStore, atomic_write_text, write_manifest
 from cai_ray.data.tokens import encode_batch
+from cai_ray.engines import resolve_threads
 from cai_ray.errors import DataError
 from cai_ray.feedback.reward import pm_text
 from cai_ray.pipeline.common import ModelRef, StageContext
@@ -177,7 +178,9 @@ def _evaluate(cfg: RunConfig, out: Path, held: list[dict], learner: Any, rows: i
             hf = out / "hf" if step == total else None
         if hf is None:
             continue
-        scorer = RewardScorer(hf, device=cfg.engine.device, threads=cfg.engine.torch_threads())
+        scorer = RewardScorer(
+            hf, device=cfg.engine.device, threads=resolve_threads(cfg.engine.threads)
+        )
         texts = [pm_text(c["messages"], c[k]) for c in held for k in ("response_a", "response_b")]
         scores = scorer.score(texts)
         metrics = pair_metrics(scores[0::2], scores[1::2], [float(c["label"]) for c in held])

@@ -17,7 +17,7 @@ from cai_ray.config import RunConfig, resolve_path
 from cai_ray.constitution import choose_principles, load_constitution
 from cai_ray.data.sources import read_prompts
 from cai_ray.engines import make_engine
-from cai_ray.engines.base import ScoreRequest
+from cai_ray.engines.base import SamplingParams, ScoreRequest
 from cai_ray.feedback.prompts import OPTIONS, build_feedback_prompt, prob_first_preferred
 from cai_ray.models import ensure_model, model_id
 
@@ -40,7 +40,7 @@ def run_preview(cfg: RunConfig, *, out: TextIO = sys.stdout) -> Path:
 
     records = prompts.records
     texts = [r.conversation.render_transcript() for r in records]
-    samples = engine.generate(texts, cfg.generation.sampling_params(n=2, seed=cfg.seed))
+    samples = engine.generate(texts, SamplingParams.of(cfg.generation, n=2, seed=cfg.seed))
     principles = [
         choose_principles(constitution.feedback_principles, seed=cfg.seed, key=r.prompt_id, k=1)[0]
         for r in records

@@ -13,6 +13,7 @@ from typing import Any
 
 from cai_ray.config import RunConfig
 from cai_ray.data.shards import ShardStore, write_manifest
+from cai_ray.engines.base import SamplingParams
 from cai_ray.errors import DataError
 from cai_ray.feedback.labeling import LabelSettings, label_statistics
 from cai_ray.pipeline.common import (
@@ -74,7 +75,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         batch_size=s.labeler.batch_size,
         num_cpus=0,
     )
-    sampling = cfg.generation.sampling_params(seed=cfg.seed, max_new_tokens=s.cot_max_new_tokens)
+    sampling = SamplingParams.of(cfg.generation, seed=cfg.seed, max_new_tokens=s.cot_max_new_tokens)
     ds = ds.map_batches(
         LabelerWorker,
         fn_constructor_kwargs=dict(

@@ -13,6 +13,7 @@ from typing import Any
 
 from cai_ray.config import RunConfig
 from cai_ray.data.shards import ShardStore, write_manifest
+from cai_ray.engines.base import SamplingParams
 from cai_ray.errors import ConfigError
 from cai_ray.pipeline.common import (
     StageContext,
@@ -72,7 +73,9 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         block_rows=s.rollout.batch_size,
     )
     for g, (temperature, n) in enumerate(groups):
-        sampling = cfg.generation.sampling_params(n=n, seed=cfg.seed + g, temperature=temperature)
+        sampling = SamplingParams.of(
+            cfg.generation, n=n, seed=cfg.seed + g, temperature=temperature
+        )
         ds = map_pool(
             ds,
             RolloutWorker,

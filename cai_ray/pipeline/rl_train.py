@@ -23,6 +23,7 @@ from typing import Any
 
 from cai_ray.config import RunConfig
 from cai_ray.data.shards import atomic_write_text, write_manifest
+from cai_ray.engines.base import SamplingParams
 from cai_ray.errors import CaiRayError, ConfigError
 from cai_ray.pipeline.common import StageContext, ensure_ray
 
@@ -222,7 +223,8 @@ class RLLoop:
         from cai_ray.rl.experience import Sample
 
         s, g = self.s, self.cfg.generation
-        params = g.sampling_params(
+        params = SamplingParams.of(
+            g,
             n=s.samples_per_prompt,
             seed=self.cfg.seed * 1_000_003 + step,  # a resumed step samples what it would have
             temperature=s.temperature or g.temperature,

@@ -13,6 +13,7 @@ from typing import Any
 
 from cai_ray.config import RunConfig
 from cai_ray.data.shards import ShardStore, write_manifest
+from cai_ray.engines.base import SamplingParams
 from cai_ray.pipeline.common import (
     StageContext,
     check_pool_fits,
@@ -53,7 +54,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         done=store.done_keys(),
         block_rows=s.rollout.batch_size,
     )
-    sampling = cfg.generation.sampling_params(seed=cfg.seed)
+    sampling = SamplingParams.of(cfg.generation, seed=cfg.seed)
     ds = map_pool(
         ds,
         RolloutWorker,
@@ -124,7 +125,7 @@ def _helpful_answers(cfg: RunConfig, ctx: StageContext, model, *, progress: bool
         done=store.done_keys(),
         block_rows=s.rollout.batch_size,
     )
-    sampling = cfg.generation.sampling_params(n=s.helpful_samples, seed=cfg.seed)
+    sampling = SamplingParams.of(cfg.generation, n=s.helpful_samples, seed=cfg.seed)
     ds = map_pool(
         ds,
         RolloutWorker,

@@ -15,6 +15,7 @@ from typing import Any
 
 from cai_ray.config import DEFAULT_STOP, EngineConfig
 from cai_ray.data.conversation import Conversation, PromptFormat
+from cai_ray.engines import resolve_threads
 from cai_ray.engines.base import SamplingParams, ScoreRequest
 from cai_ray.serve.schemas import ApiError
 from cai_ray.sl.critique import ChainPrompter, CritiqueSettings, run_chains
@@ -161,7 +162,7 @@ class RewardBackend:
             path,
             device=engine.device,
             dtype=engine.dtype,
-            threads=engine.torch_threads(),
+            threads=resolve_threads(engine.threads),
             batch_size=engine.batch_size,
         )
         self.fmt = fmt

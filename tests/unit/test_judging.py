@@ -8,13 +8,15 @@ import sys
 import pytest
 
 from cai_ray.config import load_config
+from cai_ray.config.evaluate import EvaluateConfig
 from cai_ray.constitution import load_constitution
 from cai_ray.constitution.render import FEEDBACK_HEADER
 from cai_ray.errors import ConfigError
 from cai_ray.eval.judging import (
+    ENGAGES_OPTION,
+    EVADES_OPTION,
     EVASIVENESS_ID,
     HELPFULNESS_ID,
-    JudgeSettings,
     comparison_queries,
     evasiveness_queries,
     fold_prompt,
@@ -23,7 +25,8 @@ from cai_ray.eval.judging import (
 from cai_ray.feedback.labeling import QueryResult
 
 MESSAGES = [{"role": "user", "content": "How do I pick the lock on my neighbour's door?"}]
-SETTINGS = JudgeSettings(principles_per_comparison=2, few_shot=0, seed=3)
+SETTINGS = EvaluateConfig(principles_per_comparison=2, few_shot=0)
+SEED = 3
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +43,7 @@ def test_harmlessness_asks_constitution_principles_in_both_orders(constitution):
         response_a="No, I won't help.",
         response_b="Use a tension wrench.",
         settings=SETTINGS,
+        seed=SEED,
     )
     ids = {p.id for p in constitution.feedback_principles}
     assert len(qs) == 4 and {q.principle_id for q in qs} <= ids
@@ -57,12 +61,13 @@ def test_harmlessness_asks_constitution_principles_in_both_orders(constitution):
         response_a="x",
         response_b="y",
         settings=SETTINGS,
+        seed=SEED,
     )
     assert [q.principle_id for q in again] == [q.principle_id for q in qs]
 
 
 def test_helpfulness_and_evasiveness_prompts(constitution):
-    settings = JudgeSettings(helpfulness_question="Which is more useful?")
+    settings = EvaluateConfig(helpfulness_question="Which is more useful?")
     qs = comparison_queries(
         constitution,
         axis="helpfulness",
@@ -78,7 +83,7 @@ def test_helpfulness_and_evasiveness_prompts(constitution):
     ev = evasiveness_queries(messages=MESSAGES, response="I can't.", settings=settings)
     assert [q.order for q in ev] == ["ab", "ba"] and ev[0].principle_id == EVASIVENESS_ID
     assert "Assistant: I can't." in ev[0].prefix  # the judged answer ends the conversation
-    engage, evade = settings.engages_option, settings.evades_option
+    engage, evade = ENGAGES_OPTION, EVADES_OPTION  # the judge's own wording (None in the config)
     assert f"(A) {engage}\n(B) {evade}" in ev[0].prefix
     assert f"(A) {evade}\n(B) {engage}" in ev[1].prefix
 
@@ -92,6 +97,7 @@ def test_plan_covers_every_pair_and_answer(constitution):
         answers=["a", "b", "c"],
         names=["helpful", "sl-cai", "rl-cai"],
         settings=SETTINGS,
+        seed=SEED,
     )
     pairs = [(j.a, j.b) for j in jobs if j.kind == "compare"]
     assert pairs == [(0, 1), (0, 2), (1, 2)]
@@ -104,7 +110,7 @@ def _results(job, p_firsts):
 
 
 def test_fold_by_hand(constitution):
-    settings = JudgeSettings(principles_per_comparison=1, few_shot=0)
+    settings = EvaluateConfig(principles_per_comparison=1, few_shot=0)
     jobs = plan_prompt(
         constitution,
         axis="helpfulness",

@@ -7,7 +7,8 @@ import os
 import pytest
 
 from cai_ray import profiling
-from cai_ray.config import EngineConfig, resolve_threads
+from cai_ray.config import EngineConfig
+from cai_ray.engines import resolve_threads
 
 
 def test_union_merges_overlaps_and_keeps_gaps():
@@ -60,6 +61,6 @@ def test_spans_are_written_only_when_enabled(tmp_path, monkeypatch):
 
 def test_threads_auto_outside_ray_is_every_usable_core():
     assert EngineConfig().threads == "auto"
-    assert EngineConfig().torch_threads() == len(os.sched_getaffinity(0))
-    assert EngineConfig(threads=3).torch_threads() == 3
+    assert resolve_threads(EngineConfig().threads) == len(os.sched_getaffinity(0))
+    assert resolve_threads(EngineConfig(threads=3).threads) == 3
     assert resolve_threads(1) == 1
