@@ -12,13 +12,12 @@ import itertools
 import json
 from typing import Any
 
-from cai_ray.config import EngineConfig
+from cai_ray.config import EngineConfig, RLLabelConfig
 from cai_ray.data.conversation import PromptFormat
 from cai_ray.engines.base import SamplingParams, ScoreRequest
 from cai_ray.feedback.labeling import (
     RATIONALE_STOP,
     LabelQuery,
-    LabelSettings,
     PairLabel,
     apply_mode,
     best_and_worst,
@@ -57,8 +56,9 @@ class LabelerWorker:
         model_path: str,
         engine: EngineConfig,
         constitution_path: str,
-        settings: LabelSettings,
+        settings: RLLabelConfig,
         *,
+        seed: int = 0,
         rationale_sampling: SamplingParams | None = None,
         model_id: str | None = None,
         fmt: str | PromptFormat = "transcript",
@@ -75,6 +75,7 @@ class LabelerWorker:
         self.constitution = load_constitution(constitution_path)
         self.constitution.require_feedback()
         self.settings = settings
+        self.seed = seed
         base = rationale_sampling or SamplingParams(max_new_tokens=64)
         self.sampling = dataclasses.replace(base, n=settings.cot_samples, stop=RATIONALE_STOP)
 
@@ -101,6 +102,7 @@ class LabelerWorker:
                     response_a=responses[i],
                     response_b=responses[j],
                     settings=self.settings,
+                    seed=self.seed,
                     fmt=self.fmt,
                 )
                 jobs.append((r, (i, j), responses, queries))

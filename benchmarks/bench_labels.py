@@ -24,9 +24,8 @@ import torch
 from timing import write_results
 
 from actors.labeler import LabelerWorker
-from cai_ray.config import EngineConfig, ModelConfig
+from cai_ray.config import EngineConfig, ModelConfig, RLLabelConfig
 from cai_ray.engines.base import OptionScores
-from cai_ray.feedback.labeling import LabelSettings
 from cai_ray.models import default_cache_dir, ensure_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "labels.json"
@@ -89,7 +88,7 @@ def bench_principles(model: Path, args) -> list[dict]:
     engine = EngineConfig(kind="hf", device="cpu", threads=args.threads, batch_size=16)
     out = []
     for k in (1, 4, 16):
-        settings = LabelSettings(principles_per_label=k, few_shot=args.few_shot)
+        settings = RLLabelConfig(principles_per_label=k, few_shot=args.few_shot)
         worker = LabelerWorker(str(model), engine, CONSTITUTION, settings)
         shared = time_worker(worker, batch, args.repeats)
         labels = list(worker(small).label)
@@ -119,7 +118,7 @@ def bench_pools(model: Path, args) -> list[dict]:
     ray.init(num_cpus=max(args.pools) + 1, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     engine = EngineConfig(kind="hf", device="cpu", threads=1, batch_size=16)
-    settings = LabelSettings(principles_per_label=1, few_shot=args.few_shot)
+    settings = RLLabelConfig(principles_per_label=1, few_shot=args.few_shot)
     n = args.pairs * 4
     out = []
     for size in args.pools:

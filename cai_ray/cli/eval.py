@@ -124,12 +124,12 @@ def _shots(args: argparse.Namespace) -> list:
     """The few-shot examples and their questions, drawn as stage 4 draws them."""
     if not args.few_shot:
         return []
-    from cai_ray.config import resolve_path
+    from cai_ray.config import RLLabelConfig, resolve_path
     from cai_ray.constitution import load_constitution
-    from cai_ray.feedback.labeling import LabelSettings, few_shots
+    from cai_ray.feedback.labeling import few_shots
 
     constitution = load_constitution(resolve_path(args.constitution))
-    settings = LabelSettings(few_shot=args.few_shot, cot=args.cot)
+    settings = RLLabelConfig(few_shot=args.few_shot, cot=args.cot)
     shots = few_shots(constitution, key="eval", settings=settings)
     if len(shots) < args.few_shot:
         kind = "chain-of-thought" if args.cot else "feedback"

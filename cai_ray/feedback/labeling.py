@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from statistics import fmean
 from typing import TYPE_CHECKING, Any, Literal
 
+from cai_ray.config import RLLabelConfig
 from cai_ray.constitution import (
     ANSWER_PREFIX,
     COT_ANSWER_PREFIX,
@@ -32,20 +33,6 @@ Order = Literal["ab", "ba"]
 LabelMode = Literal["soft", "hard", "clamped"]
 # Where a sampled rationale ends: the answer line, or the model starting a new transcript.
 RATIONALE_STOP = (COT_ANSWER_PREFIX, "\n\nHuman:", "\n\nConsider the following conversation")
-
-
-@dataclass(frozen=True)
-class LabelSettings:
-    """How one pair is labelled; mirrors the `rl_label` config section."""
-
-    principles_per_label: int = 1  # K; the paper samples one principle per comparison
-    both_orders: bool = True
-    mode: LabelMode = "soft"
-    clamp_range: tuple[float, float] = (0.4, 0.6)
-    cot: bool = False
-    cot_samples: int = 1
-    few_shot: int | None = None  # None: every few-shot example of the constitution
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -88,7 +75,7 @@ class PairLabel:
 
 
 def few_shots(
-    constitution: Any, *, key: str, settings: LabelSettings
+    constitution: Any, *, key: str, settings: RLLabelConfig, seed: int = 0
 ) -> list[tuple[Any, str | None]]:
     """The few-shot examples (chain-of-thought ones with `settings.cot`) and the question each
     is shown under (paper 4.1: each its own).
@@ -104,7 +91,7 @@ def few_shots(
     for j, ex in enumerate(examples):
         question = None
         if ex.principle is None and ex.question is None:
-            drawn = choose_principles(principles, seed=settings.seed, key=f"{key}#ex{j}")
+            drawn = choose_principles(principles, seed=seed, key=f"{key}#ex{j}")
             question = drawn[0].question
         shots.append((ex, question))
     return shots
@@ -140,7 +127,8 @@ def build_queries(
     messages: Sequence[Mapping[str, str]],
     response_a: str,
     response_b: str,
-    settings: LabelSettings,
+    settings: RLLabelConfig,
+    seed: int = 0,
     fmt: PromptFormat | None = None,
 ) -> list[LabelQuery]:
     """K distinct principles keyed by `pair_id`, each in one or both orders, after the few-shot
@@ -148,11 +136,11 @@ def build_queries(
     chain-of-thought prompts: the plain query is raw text a base LM can answer."""
     principles = choose_principles(
         constitution.require_feedback(),
-        seed=settings.seed,
+        seed=seed,
         key=pair_id,
         k=settings.principles_per_label,
     )
-    shots = few_shots(constitution, key=pair_id, settings=settings)
+    shots = few_shots(constitution, key=pair_id, settings=settings, seed=seed)
     answered = "\n\n".join(ex.as_transcript(question=q) for ex, q in shots)  # non-CoT shots
     orders: tuple[Order, ...] = ("ab", "ba") if settings.both_orders else ("ab",)
     queries = []
@@ -219,7 +207,7 @@ def apply_mode(p: float, mode: LabelMode, clamp_range: tuple[float, float]) -> f
     return p
 
 
-def combine(results: Sequence[QueryResult], settings: LabelSettings) -> PairLabel:
+def combine(results: Sequence[QueryResult], settings: RLLabelConfig) -> PairLabel:
     """Average rationales, then orders (position bias), then principles; apply the label mode.
 
     Chain-of-thought probabilities are near 0 or 1, so each is clamped first (paper: [0.4, 0.6]).
@@ -228,7 +216,7 @@ def combine(results: Sequence[QueryResult], settings: LabelSettings) -> PairLabe
     ids: dict[int, str] = {}
     trace, split = [], False
     for r in results:
-        p_a = clamp(r.p_a, *settings.clamp_range) if settings.cot else r.p_a
+        p_a = clamp(r.p_a, *settings.clamp) if settings.cot else r.p_a
         by_slot.setdefault(r.query.slot, {}).setdefault(r.query.order, []).append(p_a)
         ids[r.query.slot] = r.query.principle_id
         split = split or option_token_issue(r.option_token_ids) is not None
@@ -254,7 +242,7 @@ def combine(results: Sequence[QueryResult], settings: LabelSettings) -> PairLabe
             {"principle_id": ids[slot], "p": p, "p_ab": orders.get("ab"), "p_ba": orders.get("ba")}
         )
     p_raw = fmean(x["p"] for x in principles)
-    p = apply_mode(p_raw, settings.mode, settings.clamp_range)
+    p = apply_mode(p_raw, settings.mode, settings.clamp)
     return PairLabel(p, p_raw, principles, trace, flips, checks, split)
 
 

@@ -378,12 +378,13 @@ class ConstitutionBackend:
 
     def _feedback_shots(self, key: str, count: int) -> str:
         """Answered few-shot examples, each under its own principle as stage 4 shows them."""
-        from cai_ray.feedback.labeling import LabelSettings, few_shots
+        from cai_ray.config import RLLabelConfig
+        from cai_ray.feedback.labeling import few_shots
 
         if not count:
             return ""
-        settings = LabelSettings(few_shot=count, seed=self.seed)
-        shots = few_shots(self.constitution, key=key, settings=settings)
+        settings = RLLabelConfig(few_shot=count)
+        shots = few_shots(self.constitution, key=key, settings=settings, seed=self.seed)
         return "\n\n".join(ex.as_transcript(question=q) for ex, q in shots)
 
     @staticmethod

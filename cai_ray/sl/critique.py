@@ -32,7 +32,9 @@ DEFAULT_BOILERPLATE = (
 
 @dataclass(frozen=True)
 class CritiqueSettings:
-    """How chains run; the defaults are the paper's (4 rounds, temperature 1)."""
+    """How one call's chains run: resolved values, not a config section. Stage 1 builds it from
+    `sl_generate` with the run's seed, the critic's prompt format and the resolved sampling;
+    Serve's `/v1/critique` from each request. The defaults are the paper's (4 rounds, T=1)."""
 
     rounds: int = 4
     direct_revision: bool = False  # the paper's ablation: revise without a critique

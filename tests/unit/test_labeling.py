@@ -8,11 +8,11 @@ import math
 import pandas as pd
 import pytest
 
+from cai_ray.config import RLLabelConfig
 from cai_ray.constitution import load_constitution
 from cai_ray.errors import ModelError
 from cai_ray.feedback.labeling import (
     LabelQuery,
-    LabelSettings,
     QueryResult,
     apply_mode,
     best_and_worst,
@@ -46,7 +46,7 @@ def test_label_is_the_normalised_option_probability():
 
 
 def test_two_orders_average_and_flips_are_counted():
-    s = LabelSettings()
+    s = RLLabelConfig()
     same = combine([_result(0, "ab", 0.8), _result(0, "ba", 0.4)], s)
     assert same.p == pytest.approx(0.5 * (0.8 + 0.6)) and (same.flips, same.order_checks) == (0, 1)
     flipped = combine([_result(0, "ab", 0.8), _result(0, "ba", 0.7)], s)  # first always wins
@@ -60,7 +60,7 @@ def test_two_orders_average_and_flips_are_counted():
 
 
 def test_principles_are_averaged_after_orders():
-    s = LabelSettings(principles_per_label=2)
+    s = RLLabelConfig(principles_per_label=2)
     lab = combine(
         [
             _result(0, "ab", 0.9),
@@ -91,13 +91,13 @@ def test_label_modes(mode, p, want):
 
 
 def test_cot_probabilities_are_clamped_then_averaged_over_rationales():
-    s = LabelSettings(cot=True, both_orders=False, clamp_range=(0.2, 0.8))
+    s = RLLabelConfig(cot=True, both_orders=False, clamp=(0.2, 0.8))
     lab = combine(
         [_result(0, "ab", 0.99, rationale="r1"), _result(0, "ab", 0.01, rationale="r2")], s
     )
     assert [t["p_a"] for t in lab.trace] == pytest.approx([0.8, 0.2])
     assert lab.p == pytest.approx(0.5) and lab.order_checks == 0
-    one = combine([_result(0, "ab", 0.97, rationale="r")], LabelSettings(cot=True))
+    one = combine([_result(0, "ab", 0.97, rationale="r")], RLLabelConfig(cot=True))
     assert one.p == pytest.approx(0.6)  # the paper's default range [0.4, 0.6]
     assert 0.4 <= one.p <= 0.6
 
@@ -111,7 +111,7 @@ def test_rationale_parsing():
 
 
 def test_queries_are_keyed_by_pair_id_and_show_both_orders(constitution):
-    s = LabelSettings(principles_per_label=3, few_shot=2)
+    s = RLLabelConfig(principles_per_label=3, few_shot=2)
     q1 = build_queries(
         constitution,
         pair_id="p1",
@@ -142,7 +142,7 @@ def test_queries_are_keyed_by_pair_id_and_show_both_orders(constitution):
         messages=MESSAGES,
         response_a="AAA",
         response_b="BBB",
-        settings=LabelSettings(cot=True, few_shot=1),
+        settings=RLLabelConfig(cot=True, few_shot=1),
     )
     assert cot[0].prefix.endswith("Let's think step-by-step:")
     assert "So the answer is:" in cot[0].prefix  # the CoT few-shot example
@@ -154,7 +154,7 @@ def test_option_token_splitting_is_detected():
     with pytest.raises(ModelError, match="same tokens"):
         option_token_issue([[3, 5], [3, 5]])
     lab = combine(
-        [_result(0, "ab", 0.6, tokens=((3, 5), (3, 6)))], LabelSettings(both_orders=False)
+        [_result(0, "ab", 0.6, tokens=((3, 5), (3, 6)))], RLLabelConfig(both_orders=False)
     )
     assert lab.split_options and lab.trace[0]["option_token_ids"] == [[3, 5], [3, 6]]
 
@@ -204,7 +204,7 @@ def test_shared_prefix_labels_equal_naive_per_option(tiny_model_dir, constitutio
         messages=MESSAGES,
         response_a="No, I can't help with that.",
         response_b="Use a tension wrench.",
-        settings=LabelSettings(principles_per_label=1, few_shot=1),
+        settings=RLLabelConfig(principles_per_label=1, few_shot=1),
     )
     scores = engine.score_options([ScoreRequest(q.prefix, options) for q in queries])
     for q, s in zip(queries, scores, strict=True):
@@ -234,7 +234,7 @@ def test_labeler_worker_in_process(tiny_model_dir):
             {"pair_id": "d", "messages": msgs, "responses": ["x", "y"], "reject": "earlier"},
         ]
     )
-    settings = LabelSettings(principles_per_label=4, few_shot=1)
+    settings = RLLabelConfig(principles_per_label=4, few_shot=1)
     worker = LabelerWorker(
         str(tiny_model_dir),
         EngineConfig(kind="hf", device="cpu", threads=1),
@@ -286,7 +286,7 @@ def test_one_layout_with_a_blank_line_before_the_question(real_tiny_model, const
         messages=MESSAGES,
         response_a="No.",
         response_b="Use a tension wrench.",
-        settings=LabelSettings(principles_per_label=2, few_shot=2),
+        settings=RLLabelConfig(principles_per_label=2, few_shot=2),
     )
     backend = ConstitutionBackend(
         str(real_tiny_model),
@@ -332,7 +332,7 @@ def _cot_queries(constitution, fmt, *, few_shot=2):
         messages=MESSAGES,
         response_a="No.",
         response_b="Use a tension wrench.",
-        settings=LabelSettings(cot=True, few_shot=few_shot),
+        settings=RLLabelConfig(cot=True, few_shot=few_shot),
         fmt=fmt,
     )
 
@@ -384,7 +384,7 @@ def test_labeler_worker_cot_in_the_chat_format(real_tiny_model):
         str(real_tiny_model),
         EngineConfig(kind="hf", device="cpu", threads=1),
         "constitutions/default.yaml",
-        LabelSettings(cot=True, few_shot=1, both_orders=False),
+        RLLabelConfig(cot=True, few_shot=1, both_orders=False),
         rationale_sampling=SamplingParams(temperature=0.0, max_new_tokens=3),
         fmt="chat",
     )
