@@ -4,6 +4,8 @@ Pairs come from stage 1 (the final revision preferred over the initial answer: H
 CAI recipe) or from stage 4 (the AI-labelled winner). The frozen SL-CAI policy's summed
 log-probs of both responses are computed once, then the DeepSpeed learner group trains with
 the DPO loss (`LearnerGroup.fit`: epochs, checkpoints and resume as in stages 2 and 5).
+Its own driver: the runner enters `run` here for rl-train when `rl_train.algorithm` is dpo; it
+writes the same folder, `<run_dir>/rl-train/`, as the online loop.
 """
 
 from __future__ import annotations
@@ -20,7 +22,17 @@ from cai_ray.pipeline.common import StageContext, policy_model
 from cai_ray.sl.losses import IGNORE_INDEX
 
 
-def run(cfg: RunConfig, ctx: StageContext, *, progress: bool = True) -> dict[str, Any]:
+def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) stage 6 with `algorithm: dpo`; returns its manifest."""
+    from cai_ray.pipeline.rl_train import SECTIONS, STAGE
+
+    ctx = StageContext.open(cfg, STAGE, sections=SECTIONS)
+    if ctx.finished is not None:
+        return ctx.finished
+    return _train(cfg, ctx, progress=progress)
+
+
+def _train(cfg: RunConfig, ctx: StageContext, *, progress: bool) -> dict[str, Any]:
     from actors.learner.group import LearnerGroup
     from actors.learner.metrics import read_metrics
     from cai_ray.models import load_tokenizer

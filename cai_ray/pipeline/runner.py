@@ -23,13 +23,20 @@ IMPLEMENTED = {
 }
 
 
+def stage_module(name: str, cfg: RunConfig) -> str:
+    """The driver module of stage `name`; rl-train with `algorithm: dpo` has its own, offline."""
+    if name == "rl-train" and cfg.rl_train.algorithm == "dpo":
+        return "cai_ray.pipeline.rl_dpo"
+    return IMPLEMENTED[name]
+
+
 def run_stage(name: str, cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     if name not in IMPLEMENTED:
         raise CaiRayError(
             f"stage {name!r} is not implemented in this version",
             hint=f"implemented stages: {', '.join(IMPLEMENTED)}",
         )
-    module = importlib.import_module(IMPLEMENTED[name])
+    module = importlib.import_module(stage_module(name, cfg))
     with span(f"stage:{name}"):
         return module.run(cfg, progress=progress)
 
