@@ -19,6 +19,7 @@ from cai_ray.config import ModelConfig, PoolConfig, RayConfig, RunConfig, resolv
 from cai_ray.data.conversation import PromptFormat
 from cai_ray.data.shards import ShardStore, atomic_write_text, read_manifest, reject_counts
 from cai_ray.errors import CaiRayError, ConfigError, DataError, find_user_error
+from cai_ray.layout import SL_TRAIN, trained_model_dir
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ class StageContext:
 def policy_model(cfg: RunConfig) -> ModelConfig:
     """The policy of stages 3 and 6: the SL-CAI model of stage 2 when it exists, else
     `models.helpful`."""
-    sl = Path(cfg.run_dir) / "sl-train" / "hf"
+    sl = trained_model_dir(cfg.run_dir, SL_TRAIN)
     if (sl / "config.json").is_file():
         return (cfg.models.base or cfg.models.helpful).derived(sl)  # it reads prompts as its source
     return cfg.models.helpful

@@ -19,6 +19,7 @@ from typing import Any
 from cai_ray.config import PoolConfig, RunConfig, resolve_path
 from cai_ray.data.shards import SHARD_GLOB, ShardStore, reject_counts
 from cai_ray.eval.metrics import label_quality, read_reference_labels, revision_curve
+from cai_ray.layout import RL_LABEL, SL_GENERATE, part_dir
 from cai_ray.pipeline.common import (
     ModelRef,
     StageContext,
@@ -47,9 +48,9 @@ def side_pools(
     """The pools these parts start (beside the main stream's), for the cluster-fit check."""
     run_dir = Path(cfg.run_dir)
     pools = {}
-    if reference is not None and _shards(run_dir / "rl-label" / "labels"):
+    if reference is not None and _shards(part_dir(run_dir, RL_LABEL, "labels")):
         pools["reference-judge"] = _pool(cfg.evaluate.judge)
-    if pm is not None and _shards(run_dir / "sl-generate" / "red_team"):
+    if pm is not None and _shards(part_dir(run_dir, SL_GENERATE, "red_team")):
         pools["revisions-pm"] = _pool(cfg.evaluate.pm)
     return pools
 
@@ -65,7 +66,7 @@ def label_quality_part(
     import pyarrow.parquet as pq
 
     e, t0 = cfg.evaluate, time.perf_counter()
-    shards = _shards(Path(cfg.run_dir) / "rl-label" / "labels")
+    shards = _shards(part_dir(cfg.run_dir, RL_LABEL, "labels"))
     if not shards:
         return {"note": "rl-label has not run: no label quality"}
     labels = []
@@ -185,7 +186,7 @@ def revision_part(cfg: RunConfig, ctx: StageContext, *, pm: ModelRef | None) -> 
     from actors.judge import PMScoreWorker
 
     t0 = time.perf_counter()
-    shards = _shards(Path(cfg.run_dir) / "sl-generate" / "red_team")
+    shards = _shards(part_dir(cfg.run_dir, SL_GENERATE, "red_team"))
     if pm is None or not shards:
         why = "no PM" if pm is None else "sl-generate has not run"
         return {"note": f"{why}: no PM score by revision round"}

@@ -35,6 +35,7 @@ from cai_ray.eval.metrics import (
     refusal_summary,
 )
 from cai_ray.feedback.rule_rewards import has_phrase
+from cai_ray.layout import EVALUATE
 from cai_ray.pipeline.common import (
     ModelRef,
     StageContext,
@@ -55,7 +56,7 @@ from cai_ray.pipeline.eval_checkpoints import (
     resolve_checkpoints,
 )
 
-STAGE = "evaluate"
+STAGE = EVALUATE
 SPLITS = {"harmful": "harmlessness", "helpful": "helpfulness"}
 log = logging.getLogger(__name__)
 

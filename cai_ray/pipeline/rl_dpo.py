@@ -18,6 +18,7 @@ from cai_ray.config import RunConfig
 from cai_ray.data.conversation import PromptFormat
 from cai_ray.data.shards import ShardStore, reject_counts, write_manifest
 from cai_ray.errors import DataError
+from cai_ray.layout import RL_LABEL, SL_GENERATE, part_dir
 from cai_ray.pipeline.common import StageContext, policy_model
 from cai_ray.sl.losses import IGNORE_INDEX
 
@@ -87,15 +88,15 @@ def read_pairs(cfg: RunConfig, run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(pairs of {pair_id, messages, chosen, rejected}, rejects with reasons)."""
     s = cfg.rl_train.dpo
     if s.pairs == "revisions":
-        store = ShardStore(run_dir / "sl-generate" / "red_team", key="prompt_id")
+        store = ShardStore(part_dir(run_dir, SL_GENERATE, "red_team"), key="prompt_id")
         cols = ["prompt_id", "messages", "initial_answer", "final_revision"]
         # finish reasons (and so the rounds) are read where stage 1 recorded them
         cols += [c for c in ("rounds", "initial_answer_finish") if c in store.columns()]
-        stage = "sl-generate"
+        stage = SL_GENERATE
     else:
-        store = ShardStore(run_dir / "rl-label" / "labels", key="pair_id")
+        store = ShardStore(part_dir(run_dir, RL_LABEL, "labels"), key="pair_id")
         cols = ["pair_id", "messages", "response_a", "response_b", "label"]
-        stage = "rl-label"
+        stage = RL_LABEL
     table = store.read_table(cols)
     if table is None or table.num_rows == 0:
         raise DataError(

@@ -15,6 +15,7 @@ from cai_ray.config import RunConfig
 from cai_ray.data.shards import ShardStore, write_manifest
 from cai_ray.errors import DataError
 from cai_ray.feedback.labeling import LabelSettings, label_statistics
+from cai_ray.layout import RL_LABEL, RL_PAIRS, part_dir
 from cai_ray.pipeline.common import (
     StageContext,
     check_pool_fits,
@@ -25,7 +26,7 @@ from cai_ray.pipeline.common import (
     summarize,
 )
 
-STAGE = "rl-label"
+STAGE = RL_LABEL
 
 
 def label_settings(cfg: RunConfig) -> LabelSettings:
@@ -54,7 +55,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     constitution = ctx.constitution()
     constitution.require_feedback()
     feedback = ctx.model(cfg.models.feedback or cfg.models.helpful)
-    pairs = ShardStore(ctx.stage_dir.parent / "rl-pairs" / "red_team", key="pair_id")
+    pairs = ShardStore(part_dir(cfg.run_dir, RL_PAIRS, "red_team"), key="pair_id")
     if not pairs.shard_paths():
         raise DataError(
             "rl-label needs the response pairs of stage 3, and there are none",

@@ -14,6 +14,7 @@ from typing import Any
 from cai_ray.config import RunConfig
 from cai_ray.data.shards import ShardStore, write_manifest
 from cai_ray.errors import ConfigError
+from cai_ray.layout import RL_PAIRS
 from cai_ray.pipeline.common import (
     StageContext,
     check_pool_fits,
@@ -25,7 +26,7 @@ from cai_ray.pipeline.common import (
     summarize,
 )
 
-STAGE = "rl-pairs"
+STAGE = RL_PAIRS
 
 
 def temperature_groups(cfg: RunConfig) -> list[tuple[float, int]]:

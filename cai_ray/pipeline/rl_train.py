@@ -25,9 +25,10 @@ from typing import Any
 from cai_ray.config import RunConfig
 from cai_ray.data.shards import atomic_write_text, write_manifest
 from cai_ray.errors import CaiRayError, ConfigError
+from cai_ray.layout import RL_TRAIN
 from cai_ray.pipeline.common import StageContext, ensure_ray
 
-STAGE = "rl-train"
+STAGE = RL_TRAIN
 SECTIONS = ("rl_train", "models", "data", "generation")  # the config stage 6 depends on (+ DPO)
 log = logging.getLogger(__name__)
 SCALARS = (

@@ -13,6 +13,7 @@ from typing import Any
 
 from cai_ray.config import RunConfig
 from cai_ray.data.shards import ShardStore, write_manifest
+from cai_ray.layout import SL_GENERATE
 from cai_ray.pipeline.common import (
     StageContext,
     check_pool_fits,
@@ -24,7 +25,7 @@ from cai_ray.pipeline.common import (
 )
 from cai_ray.sl.critique import CritiqueSettings
 
-STAGE = "sl-generate"
+STAGE = SL_GENERATE
 
 
 def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
@@ -94,7 +95,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         shard_rows=s.shard_rows,
         extra=extra,
         expand=_expand_rounds,
-        desc="sl-generate",
+        desc=STAGE,
         progress=progress,
     )
 
