@@ -1,4 +1,10 @@
-"""What every stage driver shares: its folder and manifest, Ray start-up, the prompt stream."""
+"""What every stage driver shares: its folder and manifest, Ray start-up, the prompt stream.
+
+A streaming stage's `run` keeps only its own steps; `StageContext` owns the skeleton:
+`open` (config stamp, skip when finished), `start` (clock, Ray, pools fit the cluster),
+`stream` (a part's ShardStore, its Ray Data pipeline over what is not done yet, drained into
+shards and rejects with a progress bar) and `finish` (the manifest, with the stage's time).
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,13 @@ from typing import Any
 from cai_ray import profiling
 from cai_ray.config import ModelConfig, PoolConfig, RayConfig, RunConfig, resolve_path
 from cai_ray.data.conversation import PromptFormat
-from cai_ray.data.shards import ShardStore, atomic_write_text, read_manifest, reject_counts
+from cai_ray.data.shards import (
+    ShardStore,
+    atomic_write_text,
+    read_manifest,
+    reject_counts,
+    write_manifest,
+)
 from cai_ray.errors import CaiRayError, ConfigError, DataError, find_user_error
 from cai_ray.layout import SL_TRAIN, trained_model_dir
 
@@ -44,6 +56,7 @@ class StageContext:
     stage_dir: Path
     stage_hash: str
     finished: dict[str, Any] | None
+    t0: float | None = None  # set by `start`: the stage's clock for timings.total_s
 
     @classmethod
     def open(cls, cfg: RunConfig, stage: str, *, sections: tuple[str, ...]) -> StageContext:
@@ -90,6 +103,42 @@ class StageContext:
 
         path = ensure_model(model, run_dir=self.cfg.run_dir, head=head)
         return ModelRef(Path(path), model_id(path), dict(model.chat_template_kwargs))
+
+    def start(self, pools: dict[str, PoolConfig]) -> None:
+        """Start the stage's clock, join Ray and check the actor pools fit the cluster."""
+        import ray
+
+        self.t0 = time.perf_counter()
+        ensure_ray(self.cfg.ray)
+        check_pool_fits(pools, ray.cluster_resources())
+
+    def stream(
+        self,
+        part: str,
+        build,
+        *,
+        key: str = "prompt_id",
+        shard_rows: int,
+        extra: dict[str, Any],
+        expand,
+        desc: str,
+        progress: bool,
+    ) -> ShardStore:
+        """Stream one output part, `<stage>/<part>/`: `build(done_keys)` makes the Ray Data
+        pipeline over what is not done yet; its rows become shards and rejects (`drain`)."""
+        store = ShardStore(self.stage_dir / part, key=key)
+        ds = build(store.done_keys())
+        drain(
+            ds, store, self.cfg, shard_rows=shard_rows, extra=extra, expand=expand, desc=desc,
+            progress=progress,
+        )  # fmt: skip
+        return store
+
+    def finish(self, **fields: Any) -> dict[str, Any]:
+        """Write the finished manifest: `fields`, then the time since `start`."""
+        assert self.t0 is not None, "start() the stage before finishing it"
+        timings = {"total_s": round(time.perf_counter() - self.t0, 3)}
+        return write_manifest(self.stage_dir, self.manifest(**fields, timings=timings))
 
     def manifest(self, **fields: Any) -> dict[str, Any]:
         return {

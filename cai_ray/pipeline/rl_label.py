@@ -8,19 +8,15 @@ rationales, feedback model id, constitution hash). Exactly once per pair id acro
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from cai_ray.config import RunConfig
-from cai_ray.data.shards import ShardStore, write_manifest
+from cai_ray.data.shards import ShardStore
 from cai_ray.errors import DataError
 from cai_ray.feedback.labeling import LabelSettings, label_statistics
 from cai_ray.layout import RL_LABEL, RL_PAIRS, part_dir
 from cai_ray.pipeline.common import (
     StageContext,
-    check_pool_fits,
-    drain,
-    ensure_ray,
     pool_args,
     shard_dataset,
     summarize,
@@ -62,38 +58,38 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
             where=str(pairs.folder),
             hint="run `cai-ray stage rl-pairs CONFIG` first (or `cai-ray run`)",
         )
-    t0 = time.perf_counter()
-    import ray
-
-    ensure_ray(cfg.ray)
-    check_pool_fits({"labeler": s.labeler}, ray.cluster_resources())
-    store = ShardStore(ctx.stage_dir / "labels", key="pair_id")
-    ds = shard_dataset(pairs.shard_paths()).map_batches(
-        _todo,
-        fn_kwargs=dict(done=frozenset(store.done_keys())),
-        batch_format="pandas",
-        batch_size=s.labeler.batch_size,
-        num_cpus=0,
-    )
+    ctx.start({"labeler": s.labeler})
     sampling = cfg.generation.sampling_params(seed=cfg.seed, max_new_tokens=s.cot_max_new_tokens)
-    ds = ds.map_batches(
-        LabelerWorker,
-        fn_constructor_kwargs=dict(
-            model_path=str(feedback.path),
-            engine=s.labeler.engine or cfg.engine,
-            constitution_path=str(ctx.constitution_path),
-            settings=label_settings(cfg),
-            rationale_sampling=sampling,
-            model_id=feedback.id,
-            fmt=feedback.prompt_format(cfg.format),  # CoT asks the feedback model in this format
-        ),
-        **pool_args(s.labeler),
-    )
+
+    def build(done: set[str]):
+        ds = shard_dataset(pairs.shard_paths()).map_batches(
+            _todo,
+            fn_kwargs=dict(done=frozenset(done)),
+            batch_format="pandas",
+            batch_size=s.labeler.batch_size,
+            num_cpus=0,
+        )
+        return ds.map_batches(
+            LabelerWorker,
+            fn_constructor_kwargs=dict(
+                model_path=str(feedback.path),
+                engine=s.labeler.engine or cfg.engine,
+                constitution_path=str(ctx.constitution_path),
+                settings=label_settings(cfg),
+                rationale_sampling=sampling,
+                model_id=feedback.id,
+                fmt=feedback.prompt_format(
+                    cfg.format
+                ),  # CoT asks the feedback model in this format
+            ),
+            **pool_args(s.labeler),
+        )
+
     extra = dict(feedback_model_id=feedback.id, constitution_hash=constitution.content_hash)
-    drain(
-        ds,
-        store,
-        cfg,
+    store = ctx.stream(
+        "labels",
+        build,
+        key="pair_id",
         shard_rows=s.shard_rows,
         extra=extra,
         expand=_expand,
@@ -109,16 +105,14 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
             yield row
 
     statistics = label_statistics(rows())
-    manifest = ctx.manifest(
+    return ctx.finish(
         inputs={"pairs": str(pairs.folder), "pairs_available": pairs.count_rows()},
         outputs={"labels": summarize(store)},
         statistics={**statistics, "split_option_markers": split[0]},
         settings=label_settings(cfg).__dict__,
         models={"feedback": feedback.id},
         constitution_hash=constitution.content_hash,
-        timings={"total_s": round(time.perf_counter() - t0, 3)},
     )
-    return write_manifest(ctx.stage_dir, manifest)
 
 
 def _todo(batch: Any, *, done: frozenset[str]) -> Any:

@@ -8,17 +8,13 @@ flat however many prompts there are. A rerun skips what the shards and rejects a
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from cai_ray.config import RunConfig
-from cai_ray.data.shards import ShardStore, write_manifest
+from cai_ray.data.shards import ShardStore
 from cai_ray.layout import SL_GENERATE
 from cai_ray.pipeline.common import (
     StageContext,
-    check_pool_fits,
-    drain,
-    ensure_ray,
     map_pool,
     prompt_dataset,
     summarize,
@@ -41,30 +37,8 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     s = cfg.sl_generate
     helpful = ctx.model(cfg.models.helpful)
     critic = ctx.model(cfg.models.critique or cfg.models.helpful)
-    t0 = time.perf_counter()
-    import ray
-
-    ensure_ray(cfg.ray)
-    check_pool_fits({"rollout": s.rollout, "critique": s.critique}, ray.cluster_resources())
-    store = ShardStore(ctx.stage_dir / "red_team")
-    ds = prompt_dataset(
-        cfg.data.red_team,
-        turns=cfg.data.turns,
-        limit=cfg.data.limit,
-        done=store.done_keys(),
-        block_rows=s.rollout.batch_size,
-    )
+    ctx.start({"rollout": s.rollout, "critique": s.critique})
     sampling = cfg.generation.sampling_params(seed=cfg.seed)
-    ds = map_pool(
-        ds,
-        RolloutWorker,
-        s.rollout,
-        cfg,
-        model=helpful,
-        sampling=sampling,
-        fmt=helpful.prompt_format(cfg.format),
-        too_long=s.too_long,
-    )
     settings = CritiqueSettings(
         rounds=s.rounds,
         direct_revision=s.direct_revision,
@@ -73,25 +47,44 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         seed=cfg.seed,
         sampling=sampling,
     )
-    ds = map_pool(
-        ds,
-        CritiqueWorker,
-        s.critique,
-        cfg,
-        model=critic,
-        constitution_path=str(ctx.constitution_path),
-        settings=settings,
-        too_long=s.too_long,
-    )
+
+    def build(done: set[str]):
+        ds = prompt_dataset(
+            cfg.data.red_team,
+            turns=cfg.data.turns,
+            limit=cfg.data.limit,
+            done=done,
+            block_rows=s.rollout.batch_size,
+        )
+        ds = map_pool(
+            ds,
+            RolloutWorker,
+            s.rollout,
+            cfg,
+            model=helpful,
+            sampling=sampling,
+            fmt=helpful.prompt_format(cfg.format),
+            too_long=s.too_long,
+        )
+        return map_pool(
+            ds,
+            CritiqueWorker,
+            s.critique,
+            cfg,
+            model=critic,
+            constitution_path=str(ctx.constitution_path),
+            settings=settings,
+            too_long=s.too_long,
+        )
+
     extra = dict(
         response_model_id=helpful.id,
         critique_model_id=critic.id,
         constitution_hash=constitution.content_hash,
     )
-    drain(
-        ds,
-        store,
-        cfg,
+    store = ctx.stream(
+        "red_team",
+        build,
         shard_rows=s.shard_rows,
         extra=extra,
         expand=_expand_rounds,
@@ -102,14 +95,12 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     outputs = {"red_team": {**summarize(store), "cut_at_token_limit": _cut_counts(store)}}
     if s.helpful_samples > 0:
         outputs["helpful"] = _helpful_answers(cfg, ctx, helpful, progress=progress)
-    manifest = ctx.manifest(
+    return ctx.finish(
         inputs={"red_team": cfg.data.red_team, "helpful": cfg.data.helpful},
         outputs=outputs,
         models={"response": helpful.id, "critique": critic.id},
         constitution_hash=constitution.content_hash,
-        timings={"total_s": round(time.perf_counter() - t0, 3)},
     )
-    return write_manifest(ctx.stage_dir, manifest)
 
 
 def _helpful_answers(cfg: RunConfig, ctx: StageContext, model, *, progress: bool) -> dict:
@@ -117,33 +108,33 @@ def _helpful_answers(cfg: RunConfig, ctx: StageContext, model, *, progress: bool
     from actors.rollout import RolloutWorker
 
     s = cfg.sl_generate
-    store = ShardStore(ctx.stage_dir / "helpful")
-    ds = prompt_dataset(
-        cfg.data.helpful,
-        turns=cfg.data.turns,
-        limit=cfg.data.limit,
-        done=store.done_keys(),
-        block_rows=s.rollout.batch_size,
-    )
     sampling = cfg.generation.sampling_params(n=s.helpful_samples, seed=cfg.seed)
-    ds = map_pool(
-        ds,
-        RolloutWorker,
-        s.rollout,
-        cfg,
-        model=model,
-        sampling=sampling,
-        fmt=model.prompt_format(cfg.format),
-        too_long=s.too_long,
-        answer_col="answers",
-    )
-    extra = dict(response_model_id=model.id)
-    drain(
-        ds,
-        store,
-        cfg,
-        shard_rows=cfg.sl_generate.shard_rows,
-        extra=extra,
+
+    def build(done: set[str]):
+        ds = prompt_dataset(
+            cfg.data.helpful,
+            turns=cfg.data.turns,
+            limit=cfg.data.limit,
+            done=done,
+            block_rows=s.rollout.batch_size,
+        )
+        return map_pool(
+            ds,
+            RolloutWorker,
+            s.rollout,
+            cfg,
+            model=model,
+            sampling=sampling,
+            fmt=model.prompt_format(cfg.format),
+            too_long=s.too_long,
+            answer_col="answers",
+        )
+
+    store = ctx.stream(
+        "helpful",
+        build,
+        shard_rows=s.shard_rows,
+        extra=dict(response_model_id=model.id),
         expand=_expand_answers,
         desc="helpful answers",
         progress=progress,
