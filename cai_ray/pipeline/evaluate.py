@@ -171,6 +171,7 @@ def training_overlap(cfg: RunConfig) -> list[str]:
 
 def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) stage 7; returns its manifest."""
+    # Over 60 lines: its three parts run side by side on shared pools, started here together.
     from concurrent.futures import ThreadPoolExecutor
 
     from cai_ray.pipeline.eval_quality import label_quality_part, revision_part, side_pools

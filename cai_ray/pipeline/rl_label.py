@@ -42,8 +42,6 @@ def label_settings(cfg: RunConfig) -> LabelSettings:
 
 def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) stage 4 over stage 3's pairs; returns its manifest."""
-    from actors.labeler import LabelerWorker
-
     ctx = StageContext.open(cfg, STAGE, sections=("rl_label", "rl_pairs", "models", "data"))
     if ctx.finished is not None:
         return ctx.finished
@@ -59,32 +57,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
             hint="run `cai-ray stage rl-pairs CONFIG` first (or `cai-ray run`)",
         )
     ctx.start({"labeler": s.labeler})
-    sampling = cfg.generation.sampling_params(seed=cfg.seed, max_new_tokens=s.cot_max_new_tokens)
-
-    def build(done: set[str]):
-        ds = shard_dataset(pairs.shard_paths()).map_batches(
-            _todo,
-            fn_kwargs=dict(done=frozenset(done)),
-            batch_format="pandas",
-            batch_size=s.labeler.batch_size,
-            num_cpus=0,
-        )
-        return ds.map_batches(
-            LabelerWorker,
-            fn_constructor_kwargs=dict(
-                model_path=str(feedback.path),
-                engine=s.labeler.engine or cfg.engine,
-                constitution_path=str(ctx.constitution_path),
-                settings=label_settings(cfg),
-                rationale_sampling=sampling,
-                model_id=feedback.id,
-                fmt=feedback.prompt_format(
-                    cfg.format
-                ),  # CoT asks the feedback model in this format
-            ),
-            **pool_args(s.labeler),
-        )
-
+    build = _label_pipeline(cfg, ctx, pairs, feedback)
     extra = dict(feedback_model_id=feedback.id, constitution_hash=constitution.content_hash)
     store = ctx.stream(
         "labels",
@@ -113,6 +86,40 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         models={"feedback": feedback.id},
         constitution_hash=constitution.content_hash,
     )
+
+
+def _label_pipeline(cfg: RunConfig, ctx: StageContext, pairs: ShardStore, feedback):
+    """`build(done)` for the labels part: stage 3's pairs not labelled yet -> the labeller pool."""
+    from actors.labeler import LabelerWorker
+
+    s = cfg.rl_label
+    sampling = cfg.generation.sampling_params(seed=cfg.seed, max_new_tokens=s.cot_max_new_tokens)
+
+    def build(done: set[str]):
+        ds = shard_dataset(pairs.shard_paths()).map_batches(
+            _todo,
+            fn_kwargs=dict(done=frozenset(done)),
+            batch_format="pandas",
+            batch_size=s.labeler.batch_size,
+            num_cpus=0,
+        )
+        return ds.map_batches(
+            LabelerWorker,
+            fn_constructor_kwargs=dict(
+                model_path=str(feedback.path),
+                engine=s.labeler.engine or cfg.engine,
+                constitution_path=str(ctx.constitution_path),
+                settings=label_settings(cfg),
+                rationale_sampling=sampling,
+                model_id=feedback.id,
+                fmt=feedback.prompt_format(
+                    cfg.format
+                ),  # CoT asks the feedback model in this format
+            ),
+            **pool_args(s.labeler),
+        )
+
+    return build
 
 
 def _todo(batch: Any, *, done: frozenset[str]) -> Any:

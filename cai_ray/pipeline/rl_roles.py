@@ -136,6 +136,7 @@ class RLRoles:
 
     def start(self, resume_tag: str | None) -> None:
         """Start the learner groups (loading `resume_tag`), then the worker pools."""
+        # Over 60 lines: one role per block, in start order; split, the order would hide.
         from actors.learner.rl import RLLearnerGroup
         from actors.rl_workers import ReferenceWorker, RewardWorker, RLRolloutWorker
         from actors.role_pool import RolePool

@@ -150,6 +150,7 @@ class RLLoop:
 
     def _step(self, step: int, ckpt: Any) -> dict[str, Any] | None:
         """One RL step; None when the reward failed and the batch was skipped."""
+        # Over 60 lines: the step's six parts (module docstring) read best in one place.
         from cai_ray.feedback.rule_rewards import phrase_rate
         from cai_ray.rl import experience as xp
 

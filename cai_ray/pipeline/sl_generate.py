@@ -26,9 +26,6 @@ STAGE = SL_GENERATE
 
 def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) stage 1; returns its manifest."""
-    from actors.reviser import CritiqueWorker
-    from actors.rollout import RolloutWorker
-
     ctx = StageContext.open(cfg, STAGE, sections=("sl_generate", "models", "data", "generation"))
     if ctx.finished is not None:
         return ctx.finished
@@ -38,6 +35,39 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     helpful = ctx.model(cfg.models.helpful)
     critic = ctx.model(cfg.models.critique or cfg.models.helpful)
     ctx.start({"rollout": s.rollout, "critique": s.critique})
+    build = _revision_pipeline(cfg, ctx, helpful, critic)
+    extra = dict(
+        response_model_id=helpful.id,
+        critique_model_id=critic.id,
+        constitution_hash=constitution.content_hash,
+    )
+    store = ctx.stream(
+        "red_team",
+        build,
+        shard_rows=s.shard_rows,
+        extra=extra,
+        expand=_expand_rounds,
+        desc=STAGE,
+        progress=progress,
+    )
+
+    outputs = {"red_team": {**summarize(store), "cut_at_token_limit": _cut_counts(store)}}
+    if s.helpful_samples > 0:
+        outputs["helpful"] = _helpful_answers(cfg, ctx, helpful, progress=progress)
+    return ctx.finish(
+        inputs={"red_team": cfg.data.red_team, "helpful": cfg.data.helpful},
+        outputs=outputs,
+        models={"response": helpful.id, "critique": critic.id},
+        constitution_hash=constitution.content_hash,
+    )
+
+
+def _revision_pipeline(cfg: RunConfig, ctx: StageContext, helpful, critic):
+    """`build(done)` for the red-team part: prompts -> initial answers -> critique rounds."""
+    from actors.reviser import CritiqueWorker
+    from actors.rollout import RolloutWorker
+
+    s = cfg.sl_generate
     sampling = cfg.generation.sampling_params(seed=cfg.seed)
     settings = CritiqueSettings(
         rounds=s.rounds,
@@ -77,30 +107,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
             too_long=s.too_long,
         )
 
-    extra = dict(
-        response_model_id=helpful.id,
-        critique_model_id=critic.id,
-        constitution_hash=constitution.content_hash,
-    )
-    store = ctx.stream(
-        "red_team",
-        build,
-        shard_rows=s.shard_rows,
-        extra=extra,
-        expand=_expand_rounds,
-        desc=STAGE,
-        progress=progress,
-    )
-
-    outputs = {"red_team": {**summarize(store), "cut_at_token_limit": _cut_counts(store)}}
-    if s.helpful_samples > 0:
-        outputs["helpful"] = _helpful_answers(cfg, ctx, helpful, progress=progress)
-    return ctx.finish(
-        inputs={"red_team": cfg.data.red_team, "helpful": cfg.data.helpful},
-        outputs=outputs,
-        models={"response": helpful.id, "critique": critic.id},
-        constitution_hash=constitution.content_hash,
-    )
+    return build
 
 
 def _helpful_answers(cfg: RunConfig, ctx: StageContext, model, *, progress: bool) -> dict:
