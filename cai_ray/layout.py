@@ -24,6 +24,11 @@ def stage_dir(run_dir: str | Path, stage: str) -> Path:
     return Path(run_dir) / stage
 
 
+def config_path(run_dir: str | Path) -> Path:
+    """`<run_dir>/config.yaml`: the resolved config every stage writes before it starts."""
+    return Path(run_dir) / "config.yaml"
+
+
 def manifest_path(run_dir: str | Path, stage: str) -> Path:
     return stage_dir(run_dir, stage) / "manifest.json"
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cai_ray import profiling
+from cai_ray import layout, profiling
 from cai_ray.config import ModelConfig, PoolConfig, RayConfig, RunConfig, resolve_path
 from cai_ray.data.conversation import PromptFormat
 from cai_ray.data.shards import (
@@ -64,10 +64,9 @@ class StageContext:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # the stage draws its own bar; per-file bars are noise
-        run_dir = Path(cfg.run_dir)
-        stage_dir = run_dir / stage
+        stage_dir = layout.stage_dir(cfg.run_dir, stage)
         stage_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+        atomic_write_text(layout.config_path(cfg.run_dir), cfg.to_yaml())
         dump = cfg.model_dump(mode="json")
         relevant = {k: dump[k] for k in (*sections, "seed", "constitution", "format")}
         digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()

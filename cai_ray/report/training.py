@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from cai_ray.layout import EVALUATE, PM_TRAIN, RL_LABEL, SL_GENERATE, STAGES, part_dir
+from cai_ray.layout import EVALUATE, PM_TRAIN, RL_LABEL, SL_GENERATE, STAGES, config_path, part_dir
 from cai_ray.report.page import (  # noqa: F401
     CSS,
     IMG_SCRIPT,
@@ -26,7 +26,7 @@ from cai_ray.report.page import (  # noqa: F401
 
 
 def run_section(page: Page, manifests: dict[str, dict]) -> str:
-    cfg = page.run_dir / "config.yaml"
+    cfg = config_path(page.run_dir)
     hashes = [
         [name, m.get("config_hash", ""), m.get("stage_hash", ""), m.get("constitution_hash", "")]
         for name, m in manifests.items()
