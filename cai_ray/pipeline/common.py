@@ -124,9 +124,12 @@ class StageContext:
         progress: bool,
     ) -> ShardStore:
         """Stream one output part, `<stage>/<part>/`: `build(done_keys)` makes the Ray Data
-        pipeline over what is not done yet; its rows become shards and rejects (`drain`)."""
+        pipeline over what is not done yet (None: nothing is left); its rows become shards and
+        rejects (`drain`)."""
         store = ShardStore(self.stage_dir / part, key=key)
         ds = build(store.done_keys())
+        if ds is None:
+            return store
         drain(
             ds, store, self.cfg, shard_rows=shard_rows, extra=extra, expand=expand, desc=desc,
             progress=progress,

@@ -23,7 +23,6 @@ from cai_ray.layout import RL_LABEL, SL_GENERATE, part_dir
 from cai_ray.pipeline.common import (
     ModelRef,
     StageContext,
-    drain,
     map_pool,
     shard_dataset,
     summarize,
@@ -109,43 +108,44 @@ def _relabel(
     from actors.labeler import LabelerWorker
     from cai_ray.pipeline.rl_label import label_settings
 
-    store = ShardStore(ctx.stage_dir / "reference-labels", key="pair_id")
-    todo = frozenset(keep - store.done_keys())
-    if not todo:
-        return store
-    judge_pool = _pool(cfg.evaluate.judge)
-    ds = shard_dataset(shards).map_batches(
-        _pairs_to_label,
-        fn_kwargs=dict(keep=todo),
-        batch_format="pandas",
-        batch_size=judge_pool.batch_size,
-        num_cpus=0,
-    )
     sampling = cfg.generation.sampling_params(
         seed=cfg.seed, max_new_tokens=cfg.rl_label.cot_max_new_tokens
     )
-    ds = map_pool(
-        ds,
-        LabelerWorker,
-        judge_pool,
-        cfg,
-        model=ref,
-        constitution_path=str(ctx.constitution_path),
-        settings=label_settings(cfg),
-        rationale_sampling=sampling,
-        fmt=ref.prompt_format(cfg.format),  # stage 4's chain-of-thought framing
-    )
-    drain(
-        ds,
-        store,
-        cfg,
+
+    def build(done: set[str]):
+        todo = frozenset(keep - done)
+        if not todo:
+            return None
+        judge_pool = _pool(cfg.evaluate.judge)
+        ds = shard_dataset(shards).map_batches(
+            _pairs_to_label,
+            fn_kwargs=dict(keep=todo),
+            batch_format="pandas",
+            batch_size=judge_pool.batch_size,
+            num_cpus=0,
+        )
+        return map_pool(
+            ds,
+            LabelerWorker,
+            judge_pool,
+            cfg,
+            model=ref,
+            constitution_path=str(ctx.constitution_path),
+            settings=label_settings(cfg),
+            rationale_sampling=sampling,
+            fmt=ref.prompt_format(cfg.format),  # stage 4's chain-of-thought framing
+        )
+
+    return ctx.stream(
+        "reference-labels",
+        build,
+        key="pair_id",
         shard_rows=cfg.evaluate.shard_rows,
         extra=dict(reference_model_id=ref.id),
         expand=_reference_row,
         desc="evaluate reference labels",
         progress=False,  # the main stream draws the stage's bar
     )
-    return store
 
 
 def _pairs_to_label(batch: Any, *, keep: frozenset[str]) -> Any:
@@ -193,9 +193,12 @@ def revision_part(cfg: RunConfig, ctx: StageContext, *, pm: ModelRef | None) -> 
     ids = [
         i for p in shards for i in pq.read_table(p, columns=["prompt_id"])["prompt_id"].to_pylist()
     ]
-    store = ShardStore(ctx.stage_dir / "revisions")
-    todo = frozenset(set(_sample(ids, cfg.evaluate.revision_sample, cfg.seed)) - store.done_keys())
-    if todo:
+    sample = set(_sample(ids, cfg.evaluate.revision_sample, cfg.seed))
+
+    def build(done: set[str]):
+        todo = frozenset(sample - done)
+        if not todo:
+            return None
         pm_pool = _pool(cfg.evaluate.pm)
         ds = shard_dataset(shards).map_batches(
             _chains_to_score,
@@ -204,17 +207,17 @@ def revision_part(cfg: RunConfig, ctx: StageContext, *, pm: ModelRef | None) -> 
             batch_size=pm_pool.batch_size,
             num_cpus=0,
         )
-        ds = map_pool(ds, PMScoreWorker, pm_pool, cfg, model=pm, text_col="texts")
-        drain(
-            ds,
-            store,
-            cfg,
-            shard_rows=cfg.evaluate.shard_rows,
-            extra=dict(pm_model_id=pm.id),
-            expand=_revision_row,
-            desc="evaluate revisions",
-            progress=False,
-        )
+        return map_pool(ds, PMScoreWorker, pm_pool, cfg, model=pm, text_col="texts")
+
+    store = ctx.stream(
+        "revisions",
+        build,
+        shard_rows=cfg.evaluate.shard_rows,
+        extra=dict(pm_model_id=pm.id),
+        expand=_revision_row,
+        desc="evaluate revisions",
+        progress=False,
+    )
     table = store.read_table(["pm_scores"])
     return {
         "result": revision_curve(table.to_pylist() if table is not None else []),
