@@ -103,7 +103,6 @@ def in_process(batches: int) -> dict:
     from cai_ray.config import ModelConfig, load_config
     from cai_ray.engines.base import SamplingParams
     from cai_ray.models import default_cache_dir, ensure_model
-    from cai_ray.pipeline.rl_label import label_settings
 
     model = ensure_model(ModelConfig(preset="tiny-1m"), run_dir=default_cache_dir())
     cfg = load_config(
@@ -113,7 +112,8 @@ def in_process(batches: int) -> dict:
         model_path=str(model),
         engine=cfg.engine,
         constitution_path=str(ROOT / "constitutions/default.yaml"),
-        settings=label_settings(cfg),
+        settings=cfg.rl_label,
+        seed=cfg.seed,
         rationale_sampling=SamplingParams.of(cfg.generation, seed=0),
         model_id="bench",
     )

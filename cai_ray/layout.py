@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-STAGES = ("sl-generate", "sl-train", "rl-pairs", "rl-label", "pm-train", "rl-train", "evaluate")
+SL_GENERATE, SL_TRAIN, RL_PAIRS, RL_LABEL = "sl-generate", "sl-train", "rl-pairs", "rl-label"
+PM_TRAIN, RL_TRAIN, EVALUATE = "pm-train", "rl-train", "evaluate"
+STAGES = (SL_GENERATE, SL_TRAIN, RL_PAIRS, RL_LABEL, PM_TRAIN, RL_TRAIN, EVALUATE)
 
 
 def stage_dir(run_dir: str | Path, stage: str) -> Path:
@@ -22,5 +24,25 @@ def stage_dir(run_dir: str | Path, stage: str) -> Path:
     return Path(run_dir) / stage
 
 
+def config_path(run_dir: str | Path) -> Path:
+    """`<run_dir>/config.yaml`: the resolved config every stage writes before it starts."""
+    return Path(run_dir) / "config.yaml"
+
+
 def manifest_path(run_dir: str | Path, stage: str) -> Path:
     return stage_dir(run_dir, stage) / "manifest.json"
+
+
+def part_dir(run_dir: str | Path, stage: str, part: str) -> Path:
+    """`<run_dir>/<stage>/<part>`: a stage's shard folder (red_team, labels) or model (hf)."""
+    return stage_dir(run_dir, stage) / part
+
+
+def trained_model_dir(run_dir: str | Path, stage: str) -> Path:
+    """`<run_dir>/<stage>/hf`: the Hugging Face model a learner stage saved (sl-, pm-, rl-train)."""
+    return part_dir(run_dir, stage, "hf")
+
+
+def snapshots_dir(run_dir: str | Path) -> Path:
+    """`<run_dir>/rl-train/snapshots`: the policy every `snapshot_every` steps (for evaluate)."""
+    return part_dir(run_dir, RL_TRAIN, "snapshots")

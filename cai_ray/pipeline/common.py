@@ -1,4 +1,10 @@
-"""What every stage driver shares: its folder and manifest, Ray start-up, the prompt stream."""
+"""What every stage driver shares: its folder and manifest, Ray start-up, the prompt stream.
+
+A streaming stage's `run` keeps only its own steps; `StageContext` owns the skeleton:
+`open` (config stamp, skip when finished), `start` (clock, Ray, pools fit the cluster),
+`stream` (a part's ShardStore, its Ray Data pipeline over what is not done yet, drained into
+shards and rejects with a progress bar) and `finish` (the manifest, with the stage's time).
+"""
 
 from __future__ import annotations
 
@@ -14,11 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cai_ray import profiling
+from cai_ray import layout, profiling
 from cai_ray.config import ModelConfig, PoolConfig, RayConfig, RunConfig, resolve_path
 from cai_ray.data.conversation import PromptFormat
-from cai_ray.data.shards import ShardStore, atomic_write_text, read_manifest, reject_counts
+from cai_ray.data.shards import (
+    ShardStore,
+    atomic_write_text,
+    read_manifest,
+    reject_counts,
+    write_manifest,
+)
 from cai_ray.errors import CaiRayError, ConfigError, DataError, find_user_error
+from cai_ray.layout import SL_TRAIN, trained_model_dir
 
 
 @dataclass(frozen=True)
@@ -43,6 +56,7 @@ class StageContext:
     stage_dir: Path
     stage_hash: str
     finished: dict[str, Any] | None
+    t0: float | None = None  # set by `start`: the stage's clock for timings.total_s
 
     @classmethod
     def open(cls, cfg: RunConfig, stage: str, *, sections: tuple[str, ...]) -> StageContext:
@@ -50,10 +64,9 @@ class StageContext:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # the stage draws its own bar; per-file bars are noise
-        run_dir = Path(cfg.run_dir)
-        stage_dir = run_dir / stage
+        stage_dir = layout.stage_dir(cfg.run_dir, stage)
         stage_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+        atomic_write_text(layout.config_path(cfg.run_dir), cfg.to_yaml())
         dump = cfg.model_dump(mode="json")
         relevant = {k: dump[k] for k in (*sections, "seed", "constitution", "format")}
         digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
@@ -90,6 +103,45 @@ class StageContext:
         path = ensure_model(model, run_dir=self.cfg.run_dir, head=head)
         return ModelRef(Path(path), model_id(path), dict(model.chat_template_kwargs))
 
+    def start(self, pools: dict[str, PoolConfig]) -> None:
+        """Start the stage's clock, join Ray and check the actor pools fit the cluster."""
+        import ray
+
+        self.t0 = time.perf_counter()
+        ensure_ray(self.cfg.ray)
+        check_pool_fits(pools, ray.cluster_resources())
+
+    def stream(
+        self,
+        part: str,
+        build,
+        *,
+        key: str = "prompt_id",
+        shard_rows: int,
+        extra: dict[str, Any],
+        expand,
+        desc: str,
+        progress: bool,
+    ) -> ShardStore:
+        """Stream one output part, `<stage>/<part>/`: `build(done_keys)` makes the Ray Data
+        pipeline over what is not done yet (None: nothing is left); its rows become shards and
+        rejects (`drain`)."""
+        store = ShardStore(self.stage_dir / part, key=key)
+        ds = build(store.done_keys())
+        if ds is None:
+            return store
+        drain(
+            ds, store, self.cfg, shard_rows=shard_rows, extra=extra, expand=expand, desc=desc,
+            progress=progress,
+        )  # fmt: skip
+        return store
+
+    def finish(self, **fields: Any) -> dict[str, Any]:
+        """Write the finished manifest: `fields`, then the time since `start`."""
+        assert self.t0 is not None, "start() the stage before finishing it"
+        timings = {"total_s": round(time.perf_counter() - self.t0, 3)}
+        return write_manifest(self.stage_dir, self.manifest(**fields, timings=timings))
+
     def manifest(self, **fields: Any) -> dict[str, Any]:
         return {
             "stage": self.stage,
@@ -103,7 +155,7 @@ class StageContext:
 def policy_model(cfg: RunConfig) -> ModelConfig:
     """The policy of stages 3 and 6: the SL-CAI model of stage 2 when it exists, else
     `models.helpful`."""
-    sl = Path(cfg.run_dir) / "sl-train" / "hf"
+    sl = trained_model_dir(cfg.run_dir, SL_TRAIN)
     if (sl / "config.json").is_file():
         return (cfg.models.base or cfg.models.helpful).derived(sl)  # it reads prompts as its source
     return cfg.models.helpful

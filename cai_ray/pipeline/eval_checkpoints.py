@@ -17,6 +17,7 @@ from typing import Any
 from cai_ray.config import ModelConfig, RunConfig, resolve_path
 from cai_ray.data.shards import atomic_write_text
 from cai_ray.errors import CaiRayError, ConfigError
+from cai_ray.layout import PM_TRAIN, snapshots_dir, trained_model_dir
 from cai_ray.pipeline.common import ModelRef, StageContext
 
 ROLE_DIRS = {"sl-cai": "sl-train/hf", "rl-cai": "rl-train/hf"}
@@ -45,7 +46,7 @@ def _weights(model_id: str) -> str:
 
 def auto_specs(run_dir: Path) -> list[str]:
     """helpful, sl-cai, every RL snapshot by step, rl-cai: the paper's Fig. 2 order."""
-    snaps = run_dir / "rl-train" / "snapshots"
+    snaps = snapshots_dir(run_dir)
     steps = sorted(
         int(p.name.removeprefix("step-"))
         for p in (snaps.iterdir() if snaps.is_dir() else [])
@@ -58,7 +59,7 @@ def _role_path(name: str, run_dir: Path) -> Path | None:
     if name in ROLE_DIRS:
         return run_dir / ROLE_DIRS[name]
     m = _STEP.match(name)
-    return run_dir / "rl-train" / "snapshots" / f"step-{m.group(1)}" if m else None
+    return snapshots_dir(run_dir) / f"step-{m.group(1)}" if m else None
 
 
 def resolve_checkpoints(
@@ -171,7 +172,7 @@ def pm_model(cfg: RunConfig, ctx: StageContext) -> tuple[ModelRef | None, str | 
         return optional_model(
             ctx, e.pm_model, field="evaluate.pm_model", head="classification"
         ), None
-    trained = Path(cfg.run_dir) / "pm-train" / "hf"
+    trained = trained_model_dir(cfg.run_dir, PM_TRAIN)
     if (trained / "config.json").is_file():
         return ctx.model(ModelConfig(path=str(trained)), head="classification"), None
     return None, f"no PM ({trained} absent, evaluate.pm_model unset): PM scores skipped"

@@ -20,10 +20,10 @@ from cai_ray.config import PoolConfig, RunConfig, resolve_path
 from cai_ray.data.shards import SHARD_GLOB, ShardStore, reject_counts
 from cai_ray.engines.base import SamplingParams
 from cai_ray.eval.metrics import label_quality, read_reference_labels, revision_curve
+from cai_ray.layout import RL_LABEL, SL_GENERATE, part_dir
 from cai_ray.pipeline.common import (
     ModelRef,
     StageContext,
-    drain,
     map_pool,
     shard_dataset,
     summarize,
@@ -48,9 +48,9 @@ def side_pools(
     """The pools these parts start (beside the main stream's), for the cluster-fit check."""
     run_dir = Path(cfg.run_dir)
     pools = {}
-    if reference is not None and _shards(run_dir / "rl-label" / "labels"):
+    if reference is not None and _shards(part_dir(run_dir, RL_LABEL, "labels")):
         pools["reference-judge"] = _pool(cfg.evaluate.judge)
-    if pm is not None and _shards(run_dir / "sl-generate" / "red_team"):
+    if pm is not None and _shards(part_dir(run_dir, SL_GENERATE, "red_team")):
         pools["revisions-pm"] = _pool(cfg.evaluate.pm)
     return pools
 
@@ -66,7 +66,7 @@ def label_quality_part(
     import pyarrow.parquet as pq
 
     e, t0 = cfg.evaluate, time.perf_counter()
-    shards = _shards(Path(cfg.run_dir) / "rl-label" / "labels")
+    shards = _shards(part_dir(cfg.run_dir, RL_LABEL, "labels"))
     if not shards:
         return {"note": "rl-label has not run: no label quality"}
     labels = []
@@ -107,45 +107,46 @@ def _relabel(
     principles are drawn by pair id, so both judges answer the same questions)."""
 
     from actors.labeler import LabelerWorker
-    from cai_ray.pipeline.rl_label import label_settings
 
-    store = ShardStore(ctx.stage_dir / "reference-labels", key="pair_id")
-    todo = frozenset(keep - store.done_keys())
-    if not todo:
-        return store
-    judge_pool = _pool(cfg.evaluate.judge)
-    ds = shard_dataset(shards).map_batches(
-        _pairs_to_label,
-        fn_kwargs=dict(keep=todo),
-        batch_format="pandas",
-        batch_size=judge_pool.batch_size,
-        num_cpus=0,
-    )
     sampling = SamplingParams.of(
         cfg.generation, seed=cfg.seed, max_new_tokens=cfg.rl_label.cot_max_new_tokens
     )
-    ds = map_pool(
-        ds,
-        LabelerWorker,
-        judge_pool,
-        cfg,
-        model=ref,
-        constitution_path=str(ctx.constitution_path),
-        settings=label_settings(cfg),
-        rationale_sampling=sampling,
-        fmt=ref.prompt_format(cfg.format),  # stage 4's chain-of-thought framing
-    )
-    drain(
-        ds,
-        store,
-        cfg,
+
+    def build(done: set[str]):
+        todo = frozenset(keep - done)
+        if not todo:
+            return None
+        judge_pool = _pool(cfg.evaluate.judge)
+        ds = shard_dataset(shards).map_batches(
+            _pairs_to_label,
+            fn_kwargs=dict(keep=todo),
+            batch_format="pandas",
+            batch_size=judge_pool.batch_size,
+            num_cpus=0,
+        )
+        return map_pool(
+            ds,
+            LabelerWorker,
+            judge_pool,
+            cfg,
+            model=ref,
+            constitution_path=str(ctx.constitution_path),
+            settings=cfg.rl_label,
+            seed=cfg.seed,
+            rationale_sampling=sampling,
+            fmt=ref.prompt_format(cfg.format),  # stage 4's chain-of-thought framing
+        )
+
+    return ctx.stream(
+        "reference-labels",
+        build,
+        key="pair_id",
         shard_rows=cfg.evaluate.shard_rows,
         extra=dict(reference_model_id=ref.id),
         expand=_reference_row,
         desc="evaluate reference labels",
         progress=False,  # the main stream draws the stage's bar
     )
-    return store
 
 
 def _pairs_to_label(batch: Any, *, keep: frozenset[str]) -> Any:
@@ -186,16 +187,19 @@ def revision_part(cfg: RunConfig, ctx: StageContext, *, pm: ModelRef | None) -> 
     from actors.judge import PMScoreWorker
 
     t0 = time.perf_counter()
-    shards = _shards(Path(cfg.run_dir) / "sl-generate" / "red_team")
+    shards = _shards(part_dir(cfg.run_dir, SL_GENERATE, "red_team"))
     if pm is None or not shards:
         why = "no PM" if pm is None else "sl-generate has not run"
         return {"note": f"{why}: no PM score by revision round"}
     ids = [
         i for p in shards for i in pq.read_table(p, columns=["prompt_id"])["prompt_id"].to_pylist()
     ]
-    store = ShardStore(ctx.stage_dir / "revisions")
-    todo = frozenset(set(_sample(ids, cfg.evaluate.revision_sample, cfg.seed)) - store.done_keys())
-    if todo:
+    sample = set(_sample(ids, cfg.evaluate.revision_sample, cfg.seed))
+
+    def build(done: set[str]):
+        todo = frozenset(sample - done)
+        if not todo:
+            return None
         pm_pool = _pool(cfg.evaluate.pm)
         ds = shard_dataset(shards).map_batches(
             _chains_to_score,
@@ -204,17 +208,17 @@ def revision_part(cfg: RunConfig, ctx: StageContext, *, pm: ModelRef | None) -> 
             batch_size=pm_pool.batch_size,
             num_cpus=0,
         )
-        ds = map_pool(ds, PMScoreWorker, pm_pool, cfg, model=pm, text_col="texts")
-        drain(
-            ds,
-            store,
-            cfg,
-            shard_rows=cfg.evaluate.shard_rows,
-            extra=dict(pm_model_id=pm.id),
-            expand=_revision_row,
-            desc="evaluate revisions",
-            progress=False,
-        )
+        return map_pool(ds, PMScoreWorker, pm_pool, cfg, model=pm, text_col="texts")
+
+    store = ctx.stream(
+        "revisions",
+        build,
+        shard_rows=cfg.evaluate.shard_rows,
+        extra=dict(pm_model_id=pm.id),
+        expand=_revision_row,
+        desc="evaluate revisions",
+        progress=False,
+    )
     table = store.read_table(["pm_scores"])
     return {
         "result": revision_curve(table.to_pylist() if table is not None else []),

@@ -35,6 +35,7 @@ from cai_ray.eval.metrics import (
     refusal_summary,
 )
 from cai_ray.feedback.rule_rewards import has_phrase
+from cai_ray.layout import EVALUATE
 from cai_ray.pipeline.common import (
     ModelRef,
     StageContext,
@@ -55,7 +56,7 @@ from cai_ray.pipeline.eval_checkpoints import (
     resolve_checkpoints,
 )
 
-STAGE = "evaluate"
+STAGE = EVALUATE
 SPLITS = {"harmful": "harmlessness", "helpful": "helpfulness"}
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,7 @@ def training_overlap(cfg: RunConfig) -> list[str]:
 
 def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) stage 7; returns its manifest."""
+    # Over 60 lines: its three parts run side by side on shared pools, started here together.
     from concurrent.futures import ThreadPoolExecutor
 
     from cai_ray.pipeline.eval_quality import label_quality_part, revision_part, side_pools

@@ -23,9 +23,10 @@ from cai_ray.data.tokens import encode_batch
 from cai_ray.engines import resolve_threads
 from cai_ray.errors import DataError
 from cai_ray.feedback.reward import pm_text
+from cai_ray.layout import PM_TRAIN, RL_LABEL, part_dir
 from cai_ray.pipeline.common import ModelRef, StageContext
 
-STAGE = "pm-train"
+STAGE = PM_TRAIN
 
 
 def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
@@ -52,7 +53,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     evals = _evaluate(cfg, ctx.stage_dir, held, learner, len(rows))
     atomic_write_text(ctx.stage_dir / "eval.json", json.dumps(evals, indent=2) + "\n")
     manifest = ctx.manifest(
-        inputs={"labels": str(ctx.stage_dir.parent / "rl-label" / "labels")},
+        inputs={"labels": str(part_dir(cfg.run_dir, RL_LABEL, "labels"))},
         outputs={
             "hf_dir": str(result.hf_dir),
             "train_pairs": len(train),
@@ -103,7 +104,7 @@ def _comparisons(cfg: RunConfig, ctx: StageContext) -> tuple[list[dict], list[di
     """AI-labelled pairs of stage 4, plus human helpfulness pairs at `helpful_ratio`."""
     from cai_ray.data.sources import read_comparisons
 
-    labels = ShardStore(ctx.stage_dir.parent / "rl-label" / "labels", key="pair_id")
+    labels = ShardStore(part_dir(cfg.run_dir, RL_LABEL, "labels"), key="pair_id")
     table = labels.read_table(["pair_id", "messages", "response_a", "response_b", "label"])
     if table is None or table.num_rows == 0:
         raise DataError(

@@ -1,4 +1,4 @@
-"""The end-to-end preview that `cai-ray run` performs until the pipeline stages land.
+"""`cai-ray run --preview`: a quick look at the foundations before the pipeline runs.
 
 It exercises every foundation piece on the embedded sample data: build the tiny model, sample two
 answers per red-team prompt, and label each pair with a feedback principle through

@@ -4,6 +4,8 @@ Pairs come from stage 1 (the final revision preferred over the initial answer: H
 CAI recipe) or from stage 4 (the AI-labelled winner). The frozen SL-CAI policy's summed
 log-probs of both responses are computed once, then the DeepSpeed learner group trains with
 the DPO loss (`LearnerGroup.fit`: epochs, checkpoints and resume as in stages 2 and 5).
+Its own driver: the runner enters `run` here for rl-train when `rl_train.algorithm` is dpo; it
+writes the same folder, `<run_dir>/rl-train/`, as the online loop.
 """
 
 from __future__ import annotations
@@ -16,11 +18,22 @@ from cai_ray.config import RunConfig
 from cai_ray.data.conversation import PromptFormat
 from cai_ray.data.shards import ShardStore, reject_counts, write_manifest
 from cai_ray.errors import DataError
+from cai_ray.layout import RL_LABEL, SL_GENERATE, part_dir
 from cai_ray.pipeline.common import StageContext, policy_model
 from cai_ray.sl.losses import IGNORE_INDEX
 
 
-def run(cfg: RunConfig, ctx: StageContext, *, progress: bool = True) -> dict[str, Any]:
+def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) stage 6 with `algorithm: dpo`; returns its manifest."""
+    from cai_ray.pipeline.rl_train import SECTIONS, STAGE
+
+    ctx = StageContext.open(cfg, STAGE, sections=SECTIONS)
+    if ctx.finished is not None:
+        return ctx.finished
+    return _train(cfg, ctx, progress=progress)
+
+
+def _train(cfg: RunConfig, ctx: StageContext, *, progress: bool) -> dict[str, Any]:
     from actors.learner.group import LearnerGroup
     from actors.learner.metrics import read_metrics
     from cai_ray.models import load_tokenizer
@@ -75,15 +88,15 @@ def read_pairs(cfg: RunConfig, run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(pairs of {pair_id, messages, chosen, rejected}, rejects with reasons)."""
     s = cfg.rl_train.dpo
     if s.pairs == "revisions":
-        store = ShardStore(run_dir / "sl-generate" / "red_team", key="prompt_id")
+        store = ShardStore(part_dir(run_dir, SL_GENERATE, "red_team"), key="prompt_id")
         cols = ["prompt_id", "messages", "initial_answer", "final_revision"]
         # finish reasons (and so the rounds) are read where stage 1 recorded them
         cols += [c for c in ("rounds", "initial_answer_finish") if c in store.columns()]
-        stage = "sl-generate"
+        stage = SL_GENERATE
     else:
-        store = ShardStore(run_dir / "rl-label" / "labels", key="pair_id")
+        store = ShardStore(part_dir(run_dir, RL_LABEL, "labels"), key="pair_id")
         cols = ["pair_id", "messages", "response_a", "response_b", "label"]
-        stage = "rl-label"
+        stage = RL_LABEL
     table = store.read_table(cols)
     if table is None or table.num_rows == 0:
         raise DataError(

@@ -8,46 +8,41 @@ rationales, feedback model id, constitution hash). Exactly once per pair id acro
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from cai_ray.config import RunConfig
-from cai_ray.data.shards import ShardStore, write_manifest
+from cai_ray.data.shards import ShardStore
 from cai_ray.engines.base import SamplingParams
 from cai_ray.errors import DataError
-from cai_ray.feedback.labeling import LabelSettings, label_statistics
+from cai_ray.feedback.labeling import label_statistics
+from cai_ray.layout import RL_LABEL, RL_PAIRS, part_dir
 from cai_ray.pipeline.common import (
     StageContext,
-    check_pool_fits,
-    drain,
-    ensure_ray,
     pool_args,
     shard_dataset,
     summarize,
 )
 
-STAGE = "rl-label"
+STAGE = RL_LABEL
 
 
-def label_settings(cfg: RunConfig) -> LabelSettings:
-    """The `rl_label` section as the labeller's settings."""
+def manifest_settings(cfg: RunConfig) -> dict[str, Any]:
+    """How the labels were made, as the manifest records it (the labeller's own inputs)."""
     s = cfg.rl_label
-    return LabelSettings(
-        principles_per_label=s.principles_per_label,
-        both_orders=s.both_orders,
-        mode=s.mode,
-        clamp_range=tuple(s.clamp),
-        cot=s.cot,
-        cot_samples=s.cot_samples,
-        few_shot=s.few_shot,
-        seed=cfg.seed,
-    )
+    return {
+        "principles_per_label": s.principles_per_label,
+        "both_orders": s.both_orders,
+        "mode": s.mode,
+        "clamp_range": tuple(s.clamp),
+        "cot": s.cot,
+        "cot_samples": s.cot_samples,
+        "few_shot": s.few_shot,
+        "seed": cfg.seed,
+    }
 
 
 def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) stage 4 over stage 3's pairs; returns its manifest."""
-    from actors.labeler import LabelerWorker
-
     ctx = StageContext.open(cfg, STAGE, sections=("rl_label", "rl_pairs", "models", "data"))
     if ctx.finished is not None:
         return ctx.finished
@@ -55,45 +50,20 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     constitution = ctx.constitution()
     constitution.require_feedback()
     feedback = ctx.model(cfg.models.feedback or cfg.models.helpful)
-    pairs = ShardStore(ctx.stage_dir.parent / "rl-pairs" / "red_team", key="pair_id")
+    pairs = ShardStore(part_dir(cfg.run_dir, RL_PAIRS, "red_team"), key="pair_id")
     if not pairs.shard_paths():
         raise DataError(
             "rl-label needs the response pairs of stage 3, and there are none",
             where=str(pairs.folder),
             hint="run `cai-ray stage rl-pairs CONFIG` first (or `cai-ray run`)",
         )
-    t0 = time.perf_counter()
-    import ray
-
-    ensure_ray(cfg.ray)
-    check_pool_fits({"labeler": s.labeler}, ray.cluster_resources())
-    store = ShardStore(ctx.stage_dir / "labels", key="pair_id")
-    ds = shard_dataset(pairs.shard_paths()).map_batches(
-        _todo,
-        fn_kwargs=dict(done=frozenset(store.done_keys())),
-        batch_format="pandas",
-        batch_size=s.labeler.batch_size,
-        num_cpus=0,
-    )
-    sampling = SamplingParams.of(cfg.generation, seed=cfg.seed, max_new_tokens=s.cot_max_new_tokens)
-    ds = ds.map_batches(
-        LabelerWorker,
-        fn_constructor_kwargs=dict(
-            model_path=str(feedback.path),
-            engine=s.labeler.engine or cfg.engine,
-            constitution_path=str(ctx.constitution_path),
-            settings=label_settings(cfg),
-            rationale_sampling=sampling,
-            model_id=feedback.id,
-            fmt=feedback.prompt_format(cfg.format),  # CoT asks the feedback model in this format
-        ),
-        **pool_args(s.labeler),
-    )
+    ctx.start({"labeler": s.labeler})
+    build = _label_pipeline(cfg, ctx, pairs, feedback)
     extra = dict(feedback_model_id=feedback.id, constitution_hash=constitution.content_hash)
-    drain(
-        ds,
-        store,
-        cfg,
+    store = ctx.stream(
+        "labels",
+        build,
+        key="pair_id",
         shard_rows=s.shard_rows,
         extra=extra,
         expand=_expand,
@@ -109,16 +79,49 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
             yield row
 
     statistics = label_statistics(rows())
-    manifest = ctx.manifest(
+    return ctx.finish(
         inputs={"pairs": str(pairs.folder), "pairs_available": pairs.count_rows()},
         outputs={"labels": summarize(store)},
         statistics={**statistics, "split_option_markers": split[0]},
-        settings=label_settings(cfg).__dict__,
+        settings=manifest_settings(cfg),
         models={"feedback": feedback.id},
         constitution_hash=constitution.content_hash,
-        timings={"total_s": round(time.perf_counter() - t0, 3)},
     )
-    return write_manifest(ctx.stage_dir, manifest)
+
+
+def _label_pipeline(cfg: RunConfig, ctx: StageContext, pairs: ShardStore, feedback):
+    """`build(done)` for the labels part: stage 3's pairs not labelled yet -> the labeller pool."""
+    from actors.labeler import LabelerWorker
+
+    s = cfg.rl_label
+    sampling = SamplingParams.of(cfg.generation, seed=cfg.seed, max_new_tokens=s.cot_max_new_tokens)
+
+    def build(done: set[str]):
+        ds = shard_dataset(pairs.shard_paths()).map_batches(
+            _todo,
+            fn_kwargs=dict(done=frozenset(done)),
+            batch_format="pandas",
+            batch_size=s.labeler.batch_size,
+            num_cpus=0,
+        )
+        return ds.map_batches(
+            LabelerWorker,
+            fn_constructor_kwargs=dict(
+                model_path=str(feedback.path),
+                engine=s.labeler.engine or cfg.engine,
+                constitution_path=str(ctx.constitution_path),
+                settings=cfg.rl_label,
+                seed=cfg.seed,
+                rationale_sampling=sampling,
+                model_id=feedback.id,
+                fmt=feedback.prompt_format(
+                    cfg.format
+                ),  # CoT asks the feedback model in this format
+            ),
+            **pool_args(s.labeler),
+        )
+
+    return build
 
 
 def _todo(batch: Any, *, done: frozenset[str]) -> Any:

@@ -8,25 +8,21 @@ stage 4 labels each once. Exactly once across a kill, as stage 1.
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from cai_ray.config import RunConfig
-from cai_ray.data.shards import ShardStore, write_manifest
 from cai_ray.engines.base import SamplingParams
 from cai_ray.errors import ConfigError
+from cai_ray.layout import RL_PAIRS
 from cai_ray.pipeline.common import (
     StageContext,
-    check_pool_fits,
-    drain,
-    ensure_ray,
     map_pool,
     policy_model,
     prompt_dataset,
     summarize,
 )
 
-STAGE = "rl-pairs"
+STAGE = RL_PAIRS
 
 
 def temperature_groups(cfg: RunConfig) -> list[tuple[float, int]]:
@@ -58,54 +54,49 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         return ctx.finished
     s = cfg.rl_pairs
     policy = ctx.model(policy_model(cfg))
-    t0 = time.perf_counter()
-    import ray
-
-    ensure_ray(cfg.ray)
     groups = temperature_groups(cfg)
-    check_pool_fits({f"rollout-t{t}": s.rollout for t, _ in groups}, ray.cluster_resources())
-    store = ShardStore(ctx.stage_dir / "red_team", key="pair_id")
-    ds = prompt_dataset(
-        cfg.data.red_team,
-        turns=cfg.data.turns,
-        limit=cfg.data.limit,
-        done=store.done_keys(),
-        block_rows=s.rollout.batch_size,
-    )
-    for g, (temperature, n) in enumerate(groups):
-        sampling = SamplingParams.of(
-            cfg.generation, n=n, seed=cfg.seed + g, temperature=temperature
+    ctx.start({f"rollout-t{t}": s.rollout for t, _ in groups})
+
+    def build(done: set[str]):
+        ds = prompt_dataset(
+            cfg.data.red_team,
+            turns=cfg.data.turns,
+            limit=cfg.data.limit,
+            done=done,
+            block_rows=s.rollout.batch_size,
         )
-        ds = map_pool(
-            ds,
-            RolloutWorker,
-            s.rollout,
-            cfg,
-            model=policy,
-            sampling=sampling,
-            fmt=policy.prompt_format(cfg.format),
-            answer_col=f"answers_{g}",
-        )
-    expand = _responses(groups)
-    extra = dict(response_model_id=policy.id)
-    drain(
-        ds,
-        store,
-        cfg,
-        shard_rows=cfg.rl_pairs.shard_rows,
-        extra=extra,
-        expand=expand,
+        for g, (temperature, n) in enumerate(groups):
+            sampling = SamplingParams.of(
+                cfg.generation, n=n, seed=cfg.seed + g, temperature=temperature
+            )
+            ds = map_pool(
+                ds,
+                RolloutWorker,
+                s.rollout,
+                cfg,
+                model=policy,
+                sampling=sampling,
+                fmt=policy.prompt_format(cfg.format),
+                answer_col=f"answers_{g}",
+            )
+        return ds
+
+    store = ctx.stream(
+        "red_team",
+        build,
+        key="pair_id",
+        shard_rows=s.shard_rows,
+        extra=dict(response_model_id=policy.id),
+        expand=_responses(groups),
         desc=STAGE,
         progress=progress,
     )
-    manifest = ctx.manifest(
+    return ctx.finish(
         inputs={"red_team": cfg.data.red_team},
         outputs={"red_team": summarize(store)},
         models={"policy": policy.id},
         sampling={"groups": [{"temperature": t, "samples": n} for t, n in groups]},
-        timings={"total_s": round(time.perf_counter() - t0, 3)},
     )
-    return write_manifest(ctx.stage_dir, manifest)
 
 
 def _responses(groups: list[tuple[float, int]]):

@@ -16,6 +16,7 @@ from cai_ray.config import ModelConfig, PoolConfig, RunConfig
 from cai_ray.config.rl import RLTrainConfig, RLWorkersConfig
 from cai_ray.data.shards import atomic_write_text
 from cai_ray.errors import CaiRayError, ConfigError, DataError
+from cai_ray.layout import PM_TRAIN, trained_model_dir
 from cai_ray.pipeline.common import ModelRef, StageContext, check_pool_fits, policy_model
 
 
@@ -33,7 +34,7 @@ def role_models(cfg: RunConfig, ctx: StageContext) -> RoleModels:
     policy = ctx.model(policy_model(cfg))
     reward: ModelRef | None = None
     if s.reward.kind == "pm":
-        pm = Path(s.reward.model) if s.reward.model else Path(cfg.run_dir) / "pm-train" / "hf"
+        pm = Path(s.reward.model) if s.reward.model else trained_model_dir(cfg.run_dir, PM_TRAIN)
         if not (pm / "config.json").is_file():
             raise DataError(
                 "rl-train needs a preference model and there is none",
@@ -135,6 +136,7 @@ class RLRoles:
 
     def start(self, resume_tag: str | None) -> None:
         """Start the learner groups (loading `resume_tag`), then the worker pools."""
+        # Over 60 lines: one role per block, in start order; split, the order would hide.
         from actors.learner.rl import RLLearnerGroup
         from actors.rl_workers import ReferenceWorker, RewardWorker, RLRolloutWorker
         from actors.role_pool import RolePool

@@ -10,7 +10,8 @@ A single-controller loop (veRL's split: control flow here, computation in the ro
 5. the policy (and critic) learner groups update;
 6. the new weights go to every rollout worker (versioned, through the object store).
 Every `checkpoint_every` steps: both groups' DeepSpeed state plus the stream position and the
-KL controller; a rerun resumes from there. `algorithm: dpo` trains offline instead (rl_dpo).
+KL controller; a rerun resumes from there. `algorithm: dpo` trains offline instead: the runner
+enters its own driver, `cai_ray.pipeline.rl_dpo`, for the same stage folder.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from cai_ray.config import RunConfig
 from cai_ray.data.shards import atomic_write_text, write_manifest
 from cai_ray.engines.base import SamplingParams
 from cai_ray.errors import CaiRayError, ConfigError
+from cai_ray.layout import RL_TRAIN
 from cai_ray.pipeline.common import StageContext, ensure_ray
 
-STAGE = "rl-train"
+STAGE = RL_TRAIN
+SECTIONS = ("rl_train", "models", "data", "generation")  # the config stage 6 depends on (+ DPO)
 log = logging.getLogger(__name__)
 SCALARS = (
     "reward_mean", "score_mean", "kl", "kl_coef", "entropy", "response_len", "clip_fraction",
@@ -37,13 +40,15 @@ SCALARS = (
 
 def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) stage 6; returns its manifest."""
-    ctx = StageContext.open(cfg, STAGE, sections=("rl_train", "models", "data", "generation"))
+    if cfg.rl_train.algorithm == "dpo":  # a guard, not a branch: the runner enters rl_dpo
+        raise ConfigError(
+            "rl_train.algorithm=dpo trains offline: its driver is cai_ray.pipeline.rl_dpo",
+            where="rl_train.algorithm",
+            hint="run the stage through `cai-ray stage rl-train` or `cai-ray run`",
+        )
+    ctx = StageContext.open(cfg, STAGE, sections=SECTIONS)
     if ctx.finished is not None:
         return ctx.finished
-    if cfg.rl_train.algorithm == "dpo":
-        from cai_ray.pipeline import rl_dpo
-
-        return rl_dpo.run(cfg, ctx, progress=progress)
     check_group_sampling(cfg)
     from actors.learner.group import RankDiedError
 
@@ -146,6 +151,7 @@ class RLLoop:
 
     def _step(self, step: int, ckpt: Any) -> dict[str, Any] | None:
         """One RL step; None when the reward failed and the batch was skipped."""
+        # Over 60 lines: the step's six parts (module docstring) read best in one place.
         from cai_ray.feedback.rule_rewards import phrase_rate
         from cai_ray.rl import experience as xp
 
@@ -289,10 +295,8 @@ class RLLoop:
         from cai_ray.rl import algorithms as rl_math
 
         k = self.s.kl
-        if k.controller == "adaptive":
-            ctl = rl_math.AdaptiveKLController(k.beta, k.target, k.horizon)
-        else:
-            ctl = rl_math.FixedKLController(k.beta)
+        kind = rl_math.pick(rl_math.KL_CONTROLLERS, k.controller, what="kl controller")
+        ctl = kind.build(k.beta, target=k.target, horizon=k.horizon)
         if state is not None:
             ctl.load_state_dict(state["kl"])
         return ctl

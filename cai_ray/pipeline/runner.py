@@ -8,19 +8,35 @@ from typing import Any
 
 from cai_ray.config import RunConfig
 from cai_ray.errors import CaiRayError
-from cai_ray.pipeline import STAGES
+from cai_ray.layout import (
+    EVALUATE,
+    PM_TRAIN,
+    RL_LABEL,
+    RL_PAIRS,
+    RL_TRAIN,
+    SL_GENERATE,
+    SL_TRAIN,
+    STAGES,
+)
 from cai_ray.profiling import span
 
-# stage -> module with `run(cfg, *, progress) -> manifest`; the rest land with their issues.
+# stage -> module with `run(cfg, *, progress) -> manifest` (DPO's own driver: `stage_module`).
 IMPLEMENTED = {
-    "sl-generate": "cai_ray.pipeline.sl_generate",
-    "sl-train": "cai_ray.pipeline.sl_train",
-    "rl-pairs": "cai_ray.pipeline.rl_pairs",
-    "rl-label": "cai_ray.pipeline.rl_label",
-    "pm-train": "cai_ray.pipeline.pm_train",
-    "rl-train": "cai_ray.pipeline.rl_train",
-    "evaluate": "cai_ray.pipeline.evaluate",
+    SL_GENERATE: "cai_ray.pipeline.sl_generate",
+    SL_TRAIN: "cai_ray.pipeline.sl_train",
+    RL_PAIRS: "cai_ray.pipeline.rl_pairs",
+    RL_LABEL: "cai_ray.pipeline.rl_label",
+    PM_TRAIN: "cai_ray.pipeline.pm_train",
+    RL_TRAIN: "cai_ray.pipeline.rl_train",
+    EVALUATE: "cai_ray.pipeline.evaluate",
 }
+
+
+def stage_module(name: str, cfg: RunConfig) -> str:
+    """The driver module of stage `name`; rl-train with `algorithm: dpo` has its own, offline."""
+    if name == RL_TRAIN and cfg.rl_train.algorithm == "dpo":
+        return "cai_ray.pipeline.rl_dpo"
+    return IMPLEMENTED[name]
 
 
 def run_stage(name: str, cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
@@ -29,7 +45,7 @@ def run_stage(name: str, cfg: RunConfig, *, progress: bool = True) -> dict[str, 
             f"stage {name!r} is not implemented in this version",
             hint=f"implemented stages: {', '.join(IMPLEMENTED)}",
         )
-    module = importlib.import_module(IMPLEMENTED[name])
+    module = importlib.import_module(stage_module(name, cfg))
     with span(f"stage:{name}"):
         return module.run(cfg, progress=progress)
 

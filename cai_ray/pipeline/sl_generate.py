@@ -8,31 +8,25 @@ flat however many prompts there are. A rerun skips what the shards and rejects a
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from cai_ray.config import RunConfig
-from cai_ray.data.shards import ShardStore, write_manifest
+from cai_ray.data.shards import ShardStore
 from cai_ray.engines.base import SamplingParams
+from cai_ray.layout import SL_GENERATE
 from cai_ray.pipeline.common import (
     StageContext,
-    check_pool_fits,
-    drain,
-    ensure_ray,
     map_pool,
     prompt_dataset,
     summarize,
 )
 from cai_ray.sl.critique import CritiqueSettings
 
-STAGE = "sl-generate"
+STAGE = SL_GENERATE
 
 
 def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) stage 1; returns its manifest."""
-    from actors.reviser import CritiqueWorker
-    from actors.rollout import RolloutWorker
-
     ctx = StageContext.open(cfg, STAGE, sections=("sl_generate", "models", "data", "generation"))
     if ctx.finished is not None:
         return ctx.finished
@@ -41,30 +35,41 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     s = cfg.sl_generate
     helpful = ctx.model(cfg.models.helpful)
     critic = ctx.model(cfg.models.critique or cfg.models.helpful)
-    t0 = time.perf_counter()
-    import ray
+    ctx.start({"rollout": s.rollout, "critique": s.critique})
+    build = _revision_pipeline(cfg, ctx, helpful, critic)
+    extra = dict(
+        response_model_id=helpful.id,
+        critique_model_id=critic.id,
+        constitution_hash=constitution.content_hash,
+    )
+    store = ctx.stream(
+        "red_team",
+        build,
+        shard_rows=s.shard_rows,
+        extra=extra,
+        expand=_expand_rounds,
+        desc=STAGE,
+        progress=progress,
+    )
 
-    ensure_ray(cfg.ray)
-    check_pool_fits({"rollout": s.rollout, "critique": s.critique}, ray.cluster_resources())
-    store = ShardStore(ctx.stage_dir / "red_team")
-    ds = prompt_dataset(
-        cfg.data.red_team,
-        turns=cfg.data.turns,
-        limit=cfg.data.limit,
-        done=store.done_keys(),
-        block_rows=s.rollout.batch_size,
+    outputs = {"red_team": {**summarize(store), "cut_at_token_limit": _cut_counts(store)}}
+    if s.helpful_samples > 0:
+        outputs["helpful"] = _helpful_answers(cfg, ctx, helpful, progress=progress)
+    return ctx.finish(
+        inputs={"red_team": cfg.data.red_team, "helpful": cfg.data.helpful},
+        outputs=outputs,
+        models={"response": helpful.id, "critique": critic.id},
+        constitution_hash=constitution.content_hash,
     )
+
+
+def _revision_pipeline(cfg: RunConfig, ctx: StageContext, helpful, critic):
+    """`build(done)` for the red-team part: prompts -> initial answers -> critique rounds."""
+    from actors.reviser import CritiqueWorker
+    from actors.rollout import RolloutWorker
+
+    s = cfg.sl_generate
     sampling = SamplingParams.of(cfg.generation, seed=cfg.seed)
-    ds = map_pool(
-        ds,
-        RolloutWorker,
-        s.rollout,
-        cfg,
-        model=helpful,
-        sampling=sampling,
-        fmt=helpful.prompt_format(cfg.format),
-        too_long=s.too_long,
-    )
     settings = CritiqueSettings(
         rounds=s.rounds,
         direct_revision=s.direct_revision,
@@ -73,43 +78,37 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         seed=cfg.seed,
         sampling=sampling,
     )
-    ds = map_pool(
-        ds,
-        CritiqueWorker,
-        s.critique,
-        cfg,
-        model=critic,
-        constitution_path=str(ctx.constitution_path),
-        settings=settings,
-        too_long=s.too_long,
-    )
-    extra = dict(
-        response_model_id=helpful.id,
-        critique_model_id=critic.id,
-        constitution_hash=constitution.content_hash,
-    )
-    drain(
-        ds,
-        store,
-        cfg,
-        shard_rows=s.shard_rows,
-        extra=extra,
-        expand=_expand_rounds,
-        desc="sl-generate",
-        progress=progress,
-    )
 
-    outputs = {"red_team": {**summarize(store), "cut_at_token_limit": _cut_counts(store)}}
-    if s.helpful_samples > 0:
-        outputs["helpful"] = _helpful_answers(cfg, ctx, helpful, progress=progress)
-    manifest = ctx.manifest(
-        inputs={"red_team": cfg.data.red_team, "helpful": cfg.data.helpful},
-        outputs=outputs,
-        models={"response": helpful.id, "critique": critic.id},
-        constitution_hash=constitution.content_hash,
-        timings={"total_s": round(time.perf_counter() - t0, 3)},
-    )
-    return write_manifest(ctx.stage_dir, manifest)
+    def build(done: set[str]):
+        ds = prompt_dataset(
+            cfg.data.red_team,
+            turns=cfg.data.turns,
+            limit=cfg.data.limit,
+            done=done,
+            block_rows=s.rollout.batch_size,
+        )
+        ds = map_pool(
+            ds,
+            RolloutWorker,
+            s.rollout,
+            cfg,
+            model=helpful,
+            sampling=sampling,
+            fmt=helpful.prompt_format(cfg.format),
+            too_long=s.too_long,
+        )
+        return map_pool(
+            ds,
+            CritiqueWorker,
+            s.critique,
+            cfg,
+            model=critic,
+            constitution_path=str(ctx.constitution_path),
+            settings=settings,
+            too_long=s.too_long,
+        )
+
+    return build
 
 
 def _helpful_answers(cfg: RunConfig, ctx: StageContext, model, *, progress: bool) -> dict:
@@ -117,33 +116,33 @@ def _helpful_answers(cfg: RunConfig, ctx: StageContext, model, *, progress: bool
     from actors.rollout import RolloutWorker
 
     s = cfg.sl_generate
-    store = ShardStore(ctx.stage_dir / "helpful")
-    ds = prompt_dataset(
-        cfg.data.helpful,
-        turns=cfg.data.turns,
-        limit=cfg.data.limit,
-        done=store.done_keys(),
-        block_rows=s.rollout.batch_size,
-    )
     sampling = SamplingParams.of(cfg.generation, n=s.helpful_samples, seed=cfg.seed)
-    ds = map_pool(
-        ds,
-        RolloutWorker,
-        s.rollout,
-        cfg,
-        model=model,
-        sampling=sampling,
-        fmt=model.prompt_format(cfg.format),
-        too_long=s.too_long,
-        answer_col="answers",
-    )
-    extra = dict(response_model_id=model.id)
-    drain(
-        ds,
-        store,
-        cfg,
-        shard_rows=cfg.sl_generate.shard_rows,
-        extra=extra,
+
+    def build(done: set[str]):
+        ds = prompt_dataset(
+            cfg.data.helpful,
+            turns=cfg.data.turns,
+            limit=cfg.data.limit,
+            done=done,
+            block_rows=s.rollout.batch_size,
+        )
+        return map_pool(
+            ds,
+            RolloutWorker,
+            s.rollout,
+            cfg,
+            model=model,
+            sampling=sampling,
+            fmt=model.prompt_format(cfg.format),
+            too_long=s.too_long,
+            answer_col="answers",
+        )
+
+    store = ctx.stream(
+        "helpful",
+        build,
+        shard_rows=s.shard_rows,
+        extra=dict(response_model_id=model.id),
         expand=_expand_answers,
         desc="helpful answers",
         progress=progress,

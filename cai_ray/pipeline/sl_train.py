@@ -14,13 +14,15 @@ from typing import Any
 from cai_ray.config import RunConfig
 from cai_ray.data.shards import ShardStore, read_manifest, write_manifest
 from cai_ray.errors import CaiRayError, DataError
+from cai_ray.layout import SL_GENERATE, SL_TRAIN, stage_dir
 from cai_ray.pipeline.common import StageContext, ensure_ray
 
-STAGE = "sl-train"
+STAGE = SL_TRAIN
 
 
 def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) stage 2; returns its manifest."""
+    # Over 60 lines: most of it is the manifest's 15 fields; the steps are select, encode, fit.
     from actors.learner.group import LearnerGroup
     from cai_ray.models import load_tokenizer
     from cai_ray.sl.objective import SFTObjective
@@ -31,7 +33,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         return ctx.finished
     t0 = time.perf_counter()
     s = cfg.sl_train
-    gen_dir = Path(cfg.run_dir) / "sl-generate"
+    gen_dir = stage_dir(cfg.run_dir, SL_GENERATE)
     gen = read_manifest(gen_dir)
     if not gen or not gen.get("complete"):
         raise CaiRayError(

@@ -11,6 +11,7 @@ import html
 from typing import Any
 
 from cai_ray.eval.metrics import refusal_summary
+from cai_ray.layout import EVALUATE, part_dir
 from cai_ray.report.page import absent, esc, fmt, missing, read_rows, table
 
 SPLITS = ("harmful", "helpful")
@@ -117,7 +118,7 @@ def _checkpoint_plots(page, names: list[str], metrics: dict[str, dict]) -> list[
 def _judged_samples(page, *, sample: int) -> str:
     parts = ["<h3>Judged prompts</h3>"]
     for split in SPLITS:
-        for row in read_rows(page.run_dir / "evaluate" / split, limit=sample):
+        for row in read_rows(part_dir(page.run_dir, EVALUATE, split), limit=sample):
             parts.append(_judged_trace(split, row))
     return "".join(parts) if len(parts) > 1 else ""
 

@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from cai_ray.layout import STAGES
+from cai_ray.layout import EVALUATE, PM_TRAIN, RL_LABEL, SL_GENERATE, STAGES, config_path, part_dir
 from cai_ray.report.page import (  # noqa: F401
     CSS,
     IMG_SCRIPT,
@@ -26,7 +26,7 @@ from cai_ray.report.page import (  # noqa: F401
 
 
 def run_section(page: Page, manifests: dict[str, dict]) -> str:
-    cfg = page.run_dir / "config.yaml"
+    cfg = config_path(page.run_dir)
     hashes = [
         [name, m.get("config_hash", ""), m.get("stage_hash", ""), m.get("constitution_hash", "")]
         for name, m in manifests.items()
@@ -103,7 +103,7 @@ def curves_section(page: Page, manifests: dict[str, dict]) -> str:
 
 def calibration_section(page: Page, manifests: dict[str, dict]) -> str:
     parts = []
-    evals = read_json(page.run_dir / "pm-train" / "eval.json")
+    evals = read_json(part_dir(page.run_dir, PM_TRAIN, "eval.json"))
     if isinstance(evals, list) and evals:
         last = evals[-1]
         bins = last.get("calibration") or []
@@ -145,14 +145,14 @@ def calibration_section(page: Page, manifests: dict[str, dict]) -> str:
 
 def principles_section(page: Page, manifests: dict[str, dict]) -> str:
     parts = []
-    gen = read_rows(page.run_dir / "sl-generate" / "red_team", columns=["rounds"])
+    gen = read_rows(part_dir(page.run_dir, SL_GENERATE, "red_team"), columns=["rounds"])
     sampled = Counter(r["principle_id"] for row in gen for r in row.get("rounds") or [])
     if sampled:
         title = "sl-generate: principle per critique round"
         parts.append(bars(page, "principles-sl-generate", sampled, title, "rounds"))
     else:
         parts.append(absent(manifests, "sl-generate", "critique rounds"))
-    labels = read_rows(page.run_dir / "rl-label" / "labels", columns=["label", "principles"])
+    labels = read_rows(part_dir(page.run_dir, RL_LABEL, "labels"), columns=["label", "principles"])
     used, agree = Counter(), Counter()
     for row in labels:
         for p in row.get("principles") or []:
@@ -173,7 +173,7 @@ def principles_section(page: Page, manifests: dict[str, dict]) -> str:
 
 
 def elo_section(page: Page, manifests: dict[str, dict]) -> str:
-    elo = read_json(page.run_dir / "evaluate" / "elo.json")
+    elo = read_json(part_dir(page.run_dir, EVALUATE, "elo.json"))
     harm = (elo or {}).get("harmlessness") if isinstance(elo, dict) else None
     help_ = (elo or {}).get("helpfulness") if isinstance(elo, dict) else None
     if not harm or not help_:
@@ -250,12 +250,12 @@ def _label_trace(row: dict[str, Any]) -> str:
 
 def traces_section(page: Page, manifests: dict[str, dict], *, sample: int) -> str:
     parts = ["<h3>sl-generate: prompt, critiques, revisions</h3>"]
-    gen = read_rows(page.run_dir / "sl-generate" / "red_team", limit=sample)
+    gen = read_rows(part_dir(page.run_dir, SL_GENERATE, "red_team"), limit=sample)
     parts.extend(_generation_trace(r) for r in gen)
     if not gen:
         parts.append(absent(manifests, "sl-generate", "traces"))
     parts.append("<h3>rl-label: pairs and per-principle labels</h3>")
-    labels = read_rows(page.run_dir / "rl-label" / "labels", limit=sample)
+    labels = read_rows(part_dir(page.run_dir, RL_LABEL, "labels"), limit=sample)
     parts.extend(_label_trace(r) for r in labels)
     if not labels:
         parts.append(absent(manifests, "rl-label", "labels"))

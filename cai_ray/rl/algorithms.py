@@ -167,6 +167,11 @@ class FixedKLController:
     def __init__(self, beta: float):
         self.beta = float(beta)
 
+    @classmethod
+    def build(cls, beta: float, *, target: float, horizon: int) -> FixedKLController:
+        """The `KL_CONTROLLERS` constructor; target and horizon are the adaptive one's."""
+        return cls(beta)
+
     def update(self, current_kl: float, n_steps: int) -> None:
         """No-op: the coefficient is fixed."""
 
@@ -196,6 +201,11 @@ class AdaptiveKLController:
         self.target = float(target)
         self.horizon = int(horizon)
 
+    @classmethod
+    def build(cls, beta: float, *, target: float, horizon: int) -> AdaptiveKLController:
+        """The `KL_CONTROLLERS` constructor (one signature for every controller)."""
+        return cls(beta, target, horizon)
+
     def update(self, current_kl: float, n_steps: int) -> None:
         """Move beta towards the target after `n_steps` samples that showed `current_kl`."""
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
@@ -212,6 +222,7 @@ class AdaptiveKLController:
         self.horizon = int(state.get("horizon", self.horizon))
 
 
+# name -> controller class; construct one with `.build(beta, target=..., horizon=...)`.
 KL_CONTROLLERS: dict[str, type] = {"fixed": FixedKLController, "adaptive": AdaptiveKLController}
 
 
@@ -292,6 +303,7 @@ class AdvantageInputs:
     group_size: int = 1
     gamma: float = 1.0
     lam: float = 0.95
+    scale_by_std: bool = True  # GRPO only: False is Dr. GRPO's mean-only baseline
 
 
 def _need(value: torch.Tensor | None, name: str, estimator: str) -> torch.Tensor:
@@ -307,10 +319,12 @@ def _gae(inputs: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _outcome(
-    fn: Callable[..., torch.Tensor], name: str
+    fn: Callable[..., torch.Tensor], name: str, *, scaled: bool = False
 ) -> Callable[[AdvantageInputs], tuple[torch.Tensor, torch.Tensor]]:
     def estimate(inputs: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        per_seq = fn(_need(inputs.scores, "scores", name), group_size=inputs.group_size)  # (B,)
+        scores = _need(inputs.scores, "scores", name)
+        extra = {"scale_by_std": inputs.scale_by_std} if scaled else {}
+        per_seq = fn(scores, group_size=inputs.group_size, **extra)  # (B,)
         # An outcome reward: every response token shares its sequence's advantage.
         advantages = per_seq.unsqueeze(-1) * inputs.mask  # (B, T)
         return advantages, advantages
@@ -321,7 +335,7 @@ def _outcome(
 # Each maps AdvantageInputs -> (advantages, returns), both (B, T); critic-free ones return A twice.
 ADVANTAGE_ESTIMATORS: dict[str, Callable[[AdvantageInputs], tuple[torch.Tensor, torch.Tensor]]] = {
     "gae": _gae,
-    "grpo": _outcome(group_normalized_scores, "grpo"),
+    "grpo": _outcome(group_normalized_scores, "grpo", scaled=True),
     "rloo": _outcome(leave_one_out_scores, "rloo"),
 }
 

@@ -93,6 +93,10 @@ def check_finite(scores: Sequence[float], *, what: str) -> None:
             raise CaiRayError(f"{what} returned {s!r}", where=f"sample {i}")
 
 
+# rl_train.algorithm -> its advantage estimator in `rl_math.ADVANTAGE_ESTIMATORS` (same name else)
+ESTIMATOR_OF = {"ppo": "gae"}
+
+
 def compute_advantages(
     *,
     scores: Sequence[float],
@@ -125,21 +129,18 @@ def compute_advantages(
         inputs = rl_math.AdvantageInputs(
             mask=mask, token_rewards=token_rewards, values=v, gamma=s.gamma, lam=s.lam
         )
-        adv, ret = rl_math.ADVANTAGE_ESTIMATORS["gae"](inputs)
-        if s.whiten:
-            adv = rl_math.masked_whiten(adv, mask)
         seq_reward = rl_math.masked_sum(token_rewards, mask, dim=-1)  # (B,)
     else:
         seq_kl = rl_math.masked_sum(kl_tok, mask, dim=-1)
         seq_reward = score - s.beta * seq_kl if in_reward else score  # (B,)
-        if s.algorithm == "grpo":
-            per_seq = rl_math.group_normalized_scores(
-                seq_reward, group_size=s.group_size, scale_by_std=s.scale_by_std
-            )
-        else:
-            per_seq = rl_math.leave_one_out_scores(seq_reward, group_size=s.group_size)
-        adv = per_seq.unsqueeze(-1) * mask  # (B, T): each token shares its response's advantage
-        ret = adv
+        inputs = rl_math.AdvantageInputs(
+            mask=mask, scores=seq_reward, group_size=s.group_size, scale_by_std=s.scale_by_std
+        )
+    name = ESTIMATOR_OF.get(s.algorithm, s.algorithm)
+    estimate = rl_math.pick(rl_math.ADVANTAGE_ESTIMATORS, name, what="advantage estimator")
+    adv, ret = estimate(inputs)  # (B, T) each; critic-free estimators return A twice
+    if s.algorithm == "ppo" and s.whiten:
+        adv = rl_math.masked_whiten(adv, mask)
     stats = {
         "score_mean": float(score.mean()),
         "score_std": float(score.std()) if len(score) > 1 else 0.0,

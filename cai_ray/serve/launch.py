@@ -26,6 +26,7 @@ from cai_ray.config import (
     resolve_path,
 )
 from cai_ray.errors import CaiRayError, ConfigError
+from cai_ray.layout import PM_TRAIN, RL_TRAIN, SL_TRAIN, trained_model_dir
 
 # Serve deployment name -> its section under `serve.` (the PM's is `reward_model`).
 DEPLOYMENTS = {
@@ -67,7 +68,7 @@ def plan_serve(
 
     policy_dir = causal(
         policy or sc.policy_path,
-        [run / "rl-train" / "hf", run / "sl-train" / "hf"],
+        [trained_model_dir(run, RL_TRAIN), trained_model_dir(run, SL_TRAIN)],
         cfg.models.helpful,
     )
     assert policy_dir is not None
@@ -76,8 +77,8 @@ def plan_serve(
     reward_dir = None
     if reward or sc.reward_path:
         reward_dir = check_model_dir(resolve_path(reward or sc.reward_path), head="classification")
-    elif (run / "pm-train" / "hf").is_dir():
-        reward_dir = check_model_dir(run / "pm-train" / "hf", head="classification")
+    elif trained_model_dir(run, PM_TRAIN).is_dir():
+        reward_dir = check_model_dir(trained_model_dir(run, PM_TRAIN), head="classification")
     elif sc.reward is not None:
         reward_dir = ensure_model(sc.reward, run_dir=run, head="classification")
     digest = token_digest(load_token(env=sc.auth_token_env, file=sc.auth_token_file))

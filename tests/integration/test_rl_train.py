@@ -19,7 +19,7 @@ import pytest
 from cai_ray.config import load_config
 from cai_ray.data.shards import ShardStore
 from cai_ray.errors import CaiRayError, ConfigError
-from cai_ray.pipeline import rl_train
+from cai_ray.pipeline import rl_dpo, rl_train
 from cai_ray.pipeline.rl_checkpoint import read_rollouts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -294,7 +294,7 @@ def test_dpo_raises_the_margin_of_revisions_over_initial_answers(tmp_path, tiny_
         "rl_train.algorithm=dpo",
         "rl_train.dpo.learner={micro_batch_size: 8, epochs: 4, lr: 2.0e-3, max_seq_len: 128}",
     )
-    manifest = rl_train.run(cfg, progress=False)
+    manifest = rl_dpo.run(cfg, progress=False)
     out = manifest["outputs"]
     assert out["pairs"] == 48 and out["steps"] == 24 and out["rejects"] == 0
     assert out["margin_last"] > out["margin_first"] + 0.5
