@@ -46,6 +46,9 @@ class Sample:
 
 @dataclass(frozen=True)
 class AdvantageSettings:
+    """One step's advantage inputs: resolved values, not a config section. The loop builds it
+    from `rl_train` each step, with that step's beta (the adaptive KL controller moves it)."""
+
     algorithm: str  # ppo | grpo | rloo
     group_size: int
     kl_mode: str  # reward | loss
