@@ -199,7 +199,7 @@ class LabelerWorker:
         ]
         s = self.settings
         return PairLabel(
-            apply_mode(1.0 - label.p_raw, s.mode, s.clamp_range),
+            apply_mode(1.0 - label.p_raw, s.mode, s.clamp),
             1.0 - label.p_raw,
             principles,
             label.trace,
