@@ -137,8 +137,8 @@ def trl_sft(model_dir: Path, rows: list[dict], args) -> float:
         trainer.train()
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    tokens = sum(sum(r["labels"][i] != -100 for i in range(len(r["labels"]))) for r in rows)
-    per_step = tokens / (len(rows) // args.micro_batch)
+    # tokens as the learner counts them: every unpadded token of the row (prompt included)
+    per_step = sum(len(r["input_ids"]) for r in rows) / (len(rows) // args.micro_batch)
     return per_step * (len(clock.ends) - 1) / (clock.ends[-1] - clock.ends[0])
 
 
