@@ -52,9 +52,9 @@ def pair_rows(n: int, seq_len: int, vocab: int) -> list[dict]:
     ]
 
 
-def cai_ray(model_dir: Path, rows: list[dict], objective, args, unit: str) -> float:
+def cai_ray(model_dir: Path, rows: list[dict], objective, args, unit: str, ranks: int = 0) -> float:
     config = LearnerConfig(
-        num_ranks=0,
+        num_ranks=ranks,
         micro_batch_size=args.micro_batch,
         lr=1e-4,
         max_seq_len=2 * args.seq_len,
@@ -176,6 +176,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--only", choices=["sft", "pm"], default=None)
+    parser.add_argument("--actor", action="store_true",
+                        help="also SFT on 1 rank as a Ray actor (a third side in the rotation)")
     args = parser.parse_args()
     import trl
 
@@ -198,6 +200,13 @@ def main() -> None:
             "trl": lambda: trl_pm(model_dir, pm, pm_args),
         },
     }  # fmt: skip
+    if args.actor:
+        import ray
+
+        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+        sides["sft"]["cai-ray 1 rank (actor)"] = lambda: cai_ray(
+            model_dir, sft_rows, SFTObjective(), args, "tokens", ranks=1
+        )
     loads = [os.getloadavg()[0]]
     runs: dict[str, dict[str, list[float]]] = {}
     for task, fns in sides.items():
@@ -218,6 +227,11 @@ def main() -> None:
             "cai_ray": round(max(v["cai-ray"]), 1),
             "trl": round(max(v["trl"]), 1),
             "ratio_cai_ray_over_trl": round(max(v["cai-ray"]) / max(v["trl"]), 3),
+            **{
+                f"ratio_{k.replace(' ', '_')}_over_trl": round(max(x) / max(v["trl"]), 3)
+                for k, x in v.items()
+                if k not in ("cai-ray", "trl")
+            },
             "all_runs": v,
         }
         for task, v in runs.items()
