@@ -83,7 +83,7 @@ def _step_clock():
         def __init__(self) -> None:
             self.ends: list[float] = []
 
-        def on_step_end(self, *_a, **_k):  # noqa: ANN002, ANN003
+        def on_step_end(self, *_a, **_k):
             self.ends.append(time.perf_counter())
 
     return StepClock()
@@ -176,8 +176,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--only", choices=["sft", "pm"], default=None)
-    parser.add_argument("--actor", action="store_true",
-                        help="also SFT on 1 rank as a Ray actor (a third side in the rotation)")
+    parser.add_argument(
+        "--actor",
+        action="store_true",
+        help="also SFT on 1 rank as a Ray actor (a third side in the rotation)",
+    )
     args = parser.parse_args()
     import trl
 
