@@ -176,6 +176,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--only", choices=["sft", "pm"], default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
         "--actor",
         action="store_true",
@@ -260,7 +261,7 @@ def main() -> None:
             for r in table
         ],
     }  # fmt: skip
-    write_results(RESULTS, report)
+    write_results(args.out, report)
     print(json.dumps(report, indent=2))
 
 
