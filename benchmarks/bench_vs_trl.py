@@ -1,0 +1,273 @@
+"""The learner group against TRL (a benchmark-only dependency, `pip install -e ".[bench]"`).
+
+Same model (a preset), same rows, micro-batch, fp32 and threads on both sides, in one process,
+run alternating (cai-ray, TRL, cai-ray, TRL, ...) so both see the same background load; the best
+of the repeats is kept. (1) SFT tokens/s: LearnerGroup + SFTObjective in-process (`num_ranks: 0`)
+vs TRL `SFTTrainer` on pre-tokenised rows with a completion mask (response-only loss). (2) PM
+pairs/s: LearnerGroup + PreferenceObjective vs TRL `RewardTrainer` (sequence-classification head,
+Bradley-Terry loss). The first step of each run is not timed: cai-ray from its metrics'
+`step_time_s` (collate included), TRL from the wall time between step ends (data loading
+included). Writes benchmarks/results/bench_vs_trl.json.
+
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_vs_trl.py [--steps 16] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from bench_sl_train import synthetic_rows
+from timing import write_results
+
+from actors.learner.group import LearnerGroup
+from actors.learner.metrics import read_metrics
+from cai_ray.config import ModelConfig
+from cai_ray.config.learner import LearnerConfig
+from cai_ray.feedback.pm_objective import PreferenceObjective
+from cai_ray.models import default_cache_dir, ensure_model
+from cai_ray.sl.objective import SFTObjective
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_vs_trl.json"
+
+
+def pair_rows(n: int, seq_len: int, vocab: int) -> list[dict]:
+    """Random preference pairs, `seq_len` tokens per side, A preferred."""
+    g = torch.Generator().manual_seed(1)
+    return [
+        {
+            "idx": i,
+            "ids_a": torch.randint(10, vocab, (seq_len,), generator=g).tolist(),
+            "ids_b": torch.randint(10, vocab, (seq_len,), generator=g).tolist(),
+            "label": 1.0,
+        }
+        for i in range(n)
+    ]
+
+
+def cai_ray(model_dir: Path, rows: list[dict], objective, args, unit: str, ranks: int = 0) -> float:
+    config = LearnerConfig(
+        num_ranks=ranks,
+        micro_batch_size=args.micro_batch,
+        lr=1e-4,
+        max_seq_len=2 * args.seq_len,
+        tensorboard=False,
+        hf_checkpoints=False,
+        shuffle=False,
+        cpus_per_rank=args.threads,
+    )
+    out = Path(tempfile.mkdtemp(prefix="bench-vs-trl-"))
+    try:
+        with LearnerGroup(config, objective, model_dir, out) as g:
+            g.fit(rows, progress=False)
+        steps = read_metrics(out)[1:]  # the first step warms up
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    seconds = sum(s["step_time_s"] for s in steps)
+    if unit == "tokens":
+        return sum(s["tokens"] for s in steps) / seconds
+    return len(steps) * args.micro_batch / seconds  # pairs
+
+
+def _step_clock():
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+
+        def on_step_end(self, *_a, **_k):
+            self.ends.append(time.perf_counter())
+
+    return StepClock()
+
+
+def _trl_args(cls, out: str, args):
+    return cls(
+        output_dir=out,
+        per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=1,
+        max_steps=args.steps,
+        learning_rate=1e-4,
+        max_grad_norm=1.0,
+        lr_scheduler_type="constant",
+        logging_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+        max_length=2 * args.seq_len,
+        dataset_num_proc=None,
+    )
+
+
+def trl_sft(model_dir: Path, rows: list[dict], args) -> float:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    data = Dataset.from_list(
+        [
+            {"input_ids": r["input_ids"], "completion_mask": [int(x != -100) for x in r["labels"]]}
+            for r in rows
+        ]
+    )
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    out = tempfile.mkdtemp(prefix="bench-trl-sft-")
+    try:
+        cfg = _trl_args(SFTConfig, out, args)
+        cfg.completion_only_loss = True
+        cfg.packing = False
+        clock = _step_clock()
+        trainer = SFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok,
+                             callbacks=[clock])  # fmt: skip
+        trainer.train()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    # tokens as the learner counts them: every unpadded token of the row (prompt included)
+    per_step = sum(len(r["input_ids"]) for r in rows) / (len(rows) // args.micro_batch)
+    return per_step * (len(clock.ends) - 1) / (clock.ends[-1] - clock.ends[0])
+
+
+def trl_pm(model_dir: Path, rows: list[dict], args) -> float:
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    data = Dataset.from_list([{"chosen_ids": r["ids_a"], "rejected_ids": r["ids_b"]} for r in rows])
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(model_dir), num_labels=1, dtype=torch.float32
+    )
+    model.config.pad_token_id = tok.pad_token_id
+    out = tempfile.mkdtemp(prefix="bench-trl-pm-")
+    try:
+        cfg = _trl_args(RewardConfig, out, args)
+        clock = _step_clock()
+        trainer = RewardTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok,
+                                callbacks=[clock])  # fmt: skip
+        trainer.train()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return args.micro_batch * (len(clock.ends) - 1) / (clock.ends[-1] - clock.ends[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="tiny-20m")
+    parser.add_argument("--seq-len", type=int, default=256, help="SFT tokens per row")
+    parser.add_argument("--pm-seq-len", type=int, default=128, help="PM tokens per side")
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--only", choices=["sft", "pm"], default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--actor",
+        action="store_true",
+        help="also SFT on 1 rank as a Ray actor (a third side in the rotation)",
+    )
+    args = parser.parse_args()
+    try:
+        import trl
+    except ImportError:  # a benchmark-only peer: run_all goes on without it
+        print("bench_vs_trl left out: TRL is not installed (`make install-bench`)")
+        return
+
+    torch.set_num_threads(args.threads)
+    model_dir = ensure_model(ModelConfig(preset=args.preset), run_dir=default_cache_dir())
+    meta = json.loads((model_dir / "config.json").read_text())
+    vocab, pad = meta["vocab_size"], meta.get("pad_token_id") or 0
+    n = args.steps * args.micro_batch
+    sft_rows = synthetic_rows(n, args.seq_len, vocab)
+    pm = pair_rows(n, args.pm_seq_len, vocab)
+    pm_args = argparse.Namespace(**{**vars(args), "seq_len": args.pm_seq_len})
+    sides = {
+        "sft": {
+            "cai-ray": lambda: cai_ray(model_dir, sft_rows, SFTObjective(), args, "tokens"),
+            "trl": lambda: trl_sft(model_dir, sft_rows, args),
+        },
+        "pm": {
+            "cai-ray": lambda: cai_ray(model_dir, pm, PreferenceObjective(pad_id=pad), pm_args,
+                                       "pairs"),
+            "trl": lambda: trl_pm(model_dir, pm, pm_args),
+        },
+    }  # fmt: skip
+    if args.actor:
+        import ray
+
+        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+        sides["sft"]["cai-ray 1 rank (actor)"] = lambda: cai_ray(
+            model_dir, sft_rows, SFTObjective(), args, "tokens", ranks=1
+        )
+    loads = [os.getloadavg()[0]]
+    runs: dict[str, dict[str, list[float]]] = {}
+    for task, fns in sides.items():
+        if args.only and task != args.only:
+            continue
+        runs[task] = {name: [] for name in fns}
+        for rep in range(args.repeats):  # A B A B ...
+            for name, fn in fns.items():
+                value = fn()
+                runs[task][name].append(value)
+                loads.append(os.getloadavg()[0])
+                print(json.dumps({"task": task, "side": name, "repeat": rep, "value": value}))
+    unit = {"sft": "tokens/s", "pm": "pairs/s"}
+    table = [
+        {
+            "task": task,
+            "unit": unit[task],
+            "cai_ray": round(max(v["cai-ray"]), 1),
+            "trl": round(max(v["trl"]), 1),
+            "ratio_cai_ray_over_trl": round(max(v["cai-ray"]) / max(v["trl"]), 3),
+            **{
+                f"ratio_{k.replace(' ', '_')}_over_trl": round(max(x) / max(v["trl"]), 3)
+                for k, x in v.items()
+                if k not in ("cai-ray", "trl")
+            },
+            "all_runs": v,
+        }
+        for task, v in runs.items()
+    ]
+    report = {
+        "preset": args.preset,
+        "sft_tokens_per_row": args.seq_len,
+        "pm_tokens_per_side": args.pm_seq_len,
+        "micro_batch": args.micro_batch,
+        "steps": args.steps,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "dtype": "float32",
+        "peer": f"trl {trl.__version__}",
+        "trl": trl.__version__,
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+        "load_average_1m": loads,
+        "results": table,
+        "figures": [
+            {"name": f"{r['task']} {r['unit']} cai-ray / TRL", "value": r["ratio_cai_ray_over_trl"],
+             "unit": "ratio"}
+            for r in table
+        ],
+    }  # fmt: skip
+    write_results(args.out, report)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
