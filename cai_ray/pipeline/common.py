@@ -186,6 +186,13 @@ def ensure_ray(cfg: RayConfig) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+def run_prompts(cfg: RunConfig, spec: str, *, done: set[str], block_rows: int):
+    """`prompt_dataset` of a training stage: the run's `data.turns` and `data.limit`."""
+    return prompt_dataset(
+        spec, turns=cfg.data.turns, limit=cfg.data.limit, done=done, block_rows=block_rows
+    )
+
+
 def prompt_dataset(
     spec: str, *, turns: str, limit: int | None, done: set[str], block_rows: int, skip: int = 0
 ):

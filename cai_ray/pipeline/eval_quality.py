@@ -49,14 +49,10 @@ def side_pools(
     run_dir = Path(cfg.run_dir)
     pools = {}
     if reference is not None and _shards(part_dir(run_dir, RL_LABEL, "labels")):
-        pools["reference-judge"] = _pool(cfg.evaluate.judge)
+        pools["reference-judge"] = cfg.evaluate.judge
     if pm is not None and _shards(part_dir(run_dir, SL_GENERATE, "red_team")):
-        pools["revisions-pm"] = _pool(cfg.evaluate.pm)
+        pools["revisions-pm"] = cfg.evaluate.pm
     return pools
-
-
-def _pool(section: Any) -> PoolConfig:
-    return PoolConfig(**section.model_dump())
 
 
 def label_quality_part(
@@ -116,7 +112,7 @@ def _relabel(
         todo = frozenset(keep - done)
         if not todo:
             return None
-        judge_pool = _pool(cfg.evaluate.judge)
+        judge_pool = cfg.evaluate.judge
         ds = shard_dataset(shards).map_batches(
             _pairs_to_label,
             fn_kwargs=dict(keep=todo),
@@ -200,7 +196,7 @@ def revision_part(cfg: RunConfig, ctx: StageContext, *, pm: ModelRef | None) -> 
         todo = frozenset(sample - done)
         if not todo:
             return None
-        pm_pool = _pool(cfg.evaluate.pm)
+        pm_pool = cfg.evaluate.pm
         ds = shard_dataset(shards).map_batches(
             _chains_to_score,
             fn_kwargs=dict(keep=todo),

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from cai_ray.config import PoolConfig, RunConfig, resolve_path
+from cai_ray.config import RunConfig, resolve_path
 from cai_ray.config.evaluate import HELD_OUT
 from cai_ray.data.conversation import PromptFormat
 from cai_ray.data.shards import ShardStore, atomic_write_text, reject_counts, write_manifest
@@ -59,11 +59,6 @@ from cai_ray.pipeline.eval_checkpoints import (
 STAGE = EVALUATE
 SPLITS = {"harmful": "harmlessness", "helpful": "helpfulness"}
 log = logging.getLogger(__name__)
-
-
-def pool(cfg_pool) -> PoolConfig:
-    """An `evaluate` pool section as the PoolConfig the shared helpers take."""
-    return PoolConfig(**cfg_pool.model_dump())
 
 
 @dataclass
@@ -173,11 +168,11 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
 
     ensure_ray(cfg.ray)
     if e.colocate:
-        pools = {"evaluate (every model)": pool(e.rollout)}
+        pools = {"evaluate (every model)": e.rollout}
     else:
-        pools = {f"rollout:{c.name}": pool(e.rollout) for c in x.checkpoints}
-        pools.update({"judge": pool(e.judge)} if x.judge else {})
-        pools.update({"pm": pool(e.pm)} if x.pm else {})
+        pools = {f"rollout:{c.name}": e.rollout for c in x.checkpoints}
+        pools.update({"judge": e.judge} if x.judge else {})
+        pools.update({"pm": e.pm} if x.pm else {})
     pools.update(side_pools(cfg, reference=x.reference, pm=x.pm))
     check_pool_fits(pools, ray.cluster_resources())
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix=STAGE) as side:
@@ -258,13 +253,13 @@ def _judged_stream(
         from actors.chain import ChainWorker
 
         chain = dict(steps=[(fn, kwargs) for fn, kwargs, _ in steps])
-        ds = ds.map_batches(ChainWorker, fn_constructor_kwargs=chain, **pool_args(pool(e.rollout)))
+        ds = ds.map_batches(ChainWorker, fn_constructor_kwargs=chain, **pool_args(e.rollout))
     else:
         for fn, kwargs, section in steps:
             if section is None:  # a light reshaping step: a 0-CPU task, never behind the pools
                 ds = ds.map_batches(fn, fn_kwargs=kwargs, batch_format="pandas", num_cpus=0)
             else:
-                ds = ds.map_batches(fn, fn_constructor_kwargs=kwargs, **pool_args(pool(section)))
+                ds = ds.map_batches(fn, fn_constructor_kwargs=kwargs, **pool_args(section))
     names = [c.name for c in checkpoints]
     _drain_splits(ds, stores, cfg, expand=_expander(names, e.refusal_phrases), progress=progress)
     return stores

@@ -18,7 +18,7 @@ from cai_ray.pipeline.common import (
     StageContext,
     map_pool,
     policy_model,
-    prompt_dataset,
+    run_prompts,
     summarize,
 )
 
@@ -58,13 +58,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     ctx.start({f"rollout-t{t}": s.rollout for t, _ in groups})
 
     def build(done: set[str]):
-        ds = prompt_dataset(
-            cfg.data.red_team,
-            turns=cfg.data.turns,
-            limit=cfg.data.limit,
-            done=done,
-            block_rows=s.rollout.batch_size,
-        )
+        ds = run_prompts(cfg, cfg.data.red_team, done=done, block_rows=s.rollout.batch_size)
         for g, (temperature, n) in enumerate(groups):
             sampling = SamplingParams.of(
                 cfg.generation, n=n, seed=cfg.seed + g, temperature=temperature

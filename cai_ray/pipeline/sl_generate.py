@@ -17,7 +17,7 @@ from cai_ray.layout import SL_GENERATE
 from cai_ray.pipeline.common import (
     StageContext,
     map_pool,
-    prompt_dataset,
+    run_prompts,
     summarize,
 )
 from cai_ray.sl.critique import CritiqueSettings
@@ -80,13 +80,7 @@ def _revision_pipeline(cfg: RunConfig, ctx: StageContext, helpful, critic):
     )
 
     def build(done: set[str]):
-        ds = prompt_dataset(
-            cfg.data.red_team,
-            turns=cfg.data.turns,
-            limit=cfg.data.limit,
-            done=done,
-            block_rows=s.rollout.batch_size,
-        )
+        ds = run_prompts(cfg, cfg.data.red_team, done=done, block_rows=s.rollout.batch_size)
         ds = map_pool(
             ds,
             RolloutWorker,
@@ -119,13 +113,7 @@ def _helpful_answers(cfg: RunConfig, ctx: StageContext, model, *, progress: bool
     sampling = SamplingParams.of(cfg.generation, n=s.helpful_samples, seed=cfg.seed)
 
     def build(done: set[str]):
-        ds = prompt_dataset(
-            cfg.data.helpful,
-            turns=cfg.data.turns,
-            limit=cfg.data.limit,
-            done=done,
-            block_rows=s.rollout.batch_size,
-        )
+        ds = run_prompts(cfg, cfg.data.helpful, done=done, block_rows=s.rollout.batch_size)
         return map_pool(
             ds,
             RolloutWorker,
