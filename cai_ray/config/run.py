@@ -89,6 +89,20 @@ class ModelsConfig(Section):
     feedback: ModelConfig | None = None
     reward: ModelConfig | None = None  # the PM's start; None: `base`, else `helpful` (+ new head)
 
+    # The fallbacks, resolved here once: None means the helpful model. The config keeps None
+    # (what the user wrote), so config.yaml and its hash stay as they were.
+    @property
+    def base_model(self) -> ModelConfig:
+        return self.base or self.helpful
+
+    @property
+    def critique_model(self) -> ModelConfig:
+        return self.critique or self.helpful
+
+    @property
+    def feedback_model(self) -> ModelConfig:
+        return self.feedback or self.helpful
+
 
 class DataConfig(Section):
     """Prompt sources: a file path, an HF datasets dir, or `sample:NAME` (embedded data)."""

@@ -157,7 +157,7 @@ def policy_model(cfg: RunConfig) -> ModelConfig:
     `models.helpful`."""
     sl = trained_model_dir(cfg.run_dir, SL_TRAIN)
     if (sl / "config.json").is_file():
-        return (cfg.models.base or cfg.models.helpful).derived(sl)  # it reads prompts as its source
+        return cfg.models.base_model.derived(sl)  # it reads prompts as its source
     return cfg.models.helpful
 
 

@@ -96,7 +96,7 @@ def _inputs(cfg: RunConfig, ctx: StageContext) -> _Inputs:
             where=f"evaluate.reference_labels ({e.reference_labels})",
             hint="a CSV pair_id,winner of held-out human labels of stage-4 pairs",
         )
-    judge = ctx.model(cfg.models.feedback or cfg.models.helpful) if e.ai_judge else None
+    judge = ctx.model(cfg.models.feedback_model) if e.ai_judge else None
     judge = optional_model(ctx, e.judge_model, field="evaluate.judge_model") or judge
     reference = optional_model(ctx, e.reference_model, field="evaluate.reference_model")
     pm, pm_note = pm_model(cfg, ctx)
@@ -292,7 +292,7 @@ def _steps(
     )
     steps: list[tuple[Any, dict[str, Any], Any]] = []
     # Trained checkpoints read prompts as the model they came from (chat-template arguments).
-    source = (cfg.models.base or cfg.models.helpful).chat_template_kwargs
+    source = cfg.models.base_model.chat_template_kwargs
     for i, ck in enumerate(checkpoints):
         fmt = PromptFormat(cfg.format, ck.ref.template_kwargs or dict(source))  # type: ignore[arg-type]
         kwargs = dict(sampling=sampling, fmt=fmt, answer_col=f"answer_{i}")

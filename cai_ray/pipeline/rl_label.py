@@ -49,7 +49,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     s = cfg.rl_label
     constitution = ctx.constitution()
     constitution.require_feedback()
-    feedback = ctx.model(cfg.models.feedback or cfg.models.helpful)
+    feedback = ctx.model(cfg.models.feedback_model)
     pairs = ShardStore(part_dir(cfg.run_dir, RL_PAIRS, "red_team"), key="pair_id")
     if not pairs.shard_paths():
         raise DataError(

@@ -43,11 +43,7 @@ def role_models(cfg: RunConfig, ctx: StageContext) -> RoleModels:
             )
         reward = ctx.model(ModelConfig(path=str(pm)), head="classification")
     elif s.reward.kind == "rlaif":
-        spec = (
-            ModelConfig(path=s.reward.model)
-            if s.reward.model
-            else cfg.models.feedback or cfg.models.helpful
-        )
+        spec = ModelConfig(path=s.reward.model) if s.reward.model else cfg.models.feedback_model
         reward = ctx.model(spec)
     value_init, source = None, "none"
     if s.algorithm == "ppo":

@@ -34,7 +34,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     constitution.require_critique()
     s = cfg.sl_generate
     helpful = ctx.model(cfg.models.helpful)
-    critic = ctx.model(cfg.models.critique or cfg.models.helpful)
+    critic = ctx.model(cfg.models.critique_model)
     ctx.start({"rollout": s.rollout, "critique": s.critique})
     build = _revision_pipeline(cfg, ctx, helpful, critic)
     extra = dict(

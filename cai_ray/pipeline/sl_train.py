@@ -51,7 +51,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     )
     pairs = mix_helpful(selection.pairs, helpful, ratio=s.helpful_ratio, seed=cfg.seed)
 
-    model = ctx.model(cfg.models.base or cfg.models.helpful)
+    model = ctx.model(cfg.models.base_model)
     fmt = model.prompt_format(cfg.format).load(model.path)
     tokenizer = fmt.tokenizer or load_tokenizer(model.path)
     items = [(p.prompt_id, fmt.render_messages(p.messages), p.response, p.finished) for p in pairs]

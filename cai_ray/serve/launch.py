@@ -238,8 +238,8 @@ def build_app(cfg: RunConfig, plan: ServePlan):
 
     sc = cfg.serve
     # The served checkpoints were trained from the helpful/base model: they read its template.
-    source = cfg.models.base or cfg.models.helpful
-    critic = cfg.models.critique or cfg.models.helpful
+    source = cfg.models.base_model
+    critic = cfg.models.critique_model
     policy = PolicyDeployment.options(**_options(sc.policy, "policy")).bind(
         str(plan.policy),
         _batch_engine(cfg.engine, sc.policy),
