@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cai_ray.cli.options import add_set_option
-from cai_ray.pipeline import STAGES
+from cai_ray.layout import STAGES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
