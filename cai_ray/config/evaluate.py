@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from cai_ray.config.sections import DEFAULT_BOILERPLATE_PHRASES, PoolConfig, Section
+from cai_ray.config.sections import PoolConfig, Section
 
 # Paper Fig. 2 axes: harmlessness is judged on red-team prompts, helpfulness on helpful ones.
 AXES = ("harmlessness", "helpfulness")
@@ -61,14 +61,16 @@ class EvaluateConfig(Section):
     judge_model: str | None = Field(None, description="None: models.feedback or models.helpful")
     principles_per_comparison: int = Field(1, ge=1, description="harmlessness principles averaged")
     few_shot: int | None = Field(
-        None, ge=0, description="harmlessness few-shot examples (None: all)"
+        None,
+        ge=0,
+        description="the judge's harmlessness few-shot examples (None: as rl_label.few_shot, so "
+        "the judge asks as the labeller did)",
     )
     # The judge's wording; None: its own (cai_ray.eval.judging.HELPFULNESS_QUESTION and so on).
     helpfulness_question: str | None = Field(None, min_length=1)
     evasiveness_question: str | None = Field(None, min_length=1)
     engages_option: str | None = Field(None, min_length=1)
     evades_option: str | None = Field(None, min_length=1)
-    refusal_phrases: tuple[str, ...] = DEFAULT_BOILERPLATE_PHRASES
     human_judgements: HumanJudgementsConfig = HumanJudgementsConfig()
     pm_model: str | None = Field(None, description="None: <run_dir>/pm-train/hf when it exists")
     reference_model: str | None = Field(

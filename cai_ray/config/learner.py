@@ -109,13 +109,15 @@ class SFTConfig(Section):
     `pairs`: `final` trains on each chain's last revision (the default), `all_rounds` on every
     revision, `up_to` on the revisions of rounds 1..`up_to` (the paper's SL-CAI-n). Paper sec. 3.1
     mixes in helpfulness samples (2 responses per helpfulness prompt from the helpful model) so the
-    model stays helpful: `helpful_ratio` is helpful examples per harmlessness example (0 = none).
+    model stays helpful: `helpful_per_revision` is helpful examples per revision example (0 = none).
     """
 
     learner: LearnerConfig = LearnerConfig()
     pairs: Literal["final", "all_rounds", "up_to"] = "final"
     up_to: int | None = Field(None, ge=1)
-    helpful_ratio: float = Field(1.0, ge=0)
+    helpful_per_revision: float = Field(
+        1.0, ge=0, description="helpfulness examples mixed in per revision example (0 = none)"
+    )
     helpful_source: str = Field(
         "model",
         min_length=1,

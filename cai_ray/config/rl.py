@@ -12,21 +12,32 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from cai_ray.config.learner import LearnerConfig
-from cai_ray.config.sections import DEFAULT_BOILERPLATE_PHRASES, Section
+from cai_ray.config.sections import PoolConfig, Section
 
 Algorithm = Literal["ppo", "grpo", "rloo", "dpo"]
 
+# Keys of `rl_train.policy` / `rl_train.value` (a LearnerConfig) that the online loop owns: setting
+# them there would do nothing, so it is an error naming the key that does it.
+LOOP_OWNS = {
+    "epochs": "rl_train.epochs",
+    "max_steps": "rl_train.steps",
+    "checkpoint_every": "rl_train.checkpoint_every",
+    "keep_checkpoints": "rl_train.keep_checkpoints",
+    "hf_checkpoints": "rl_train.snapshots",
+    "tensorboard": "rl-train/metrics.jsonl (the loop's own metrics)",
+}
+_LEARNER_DEFAULTS = {k: LearnerConfig.model_fields[k].default for k in LOOP_OWNS}
 
-class RLWorkersConfig(Section):
-    """A set of long-lived role actors (rollout, reward, reference): how many, what each holds.
 
-    `size: 0` runs the role inside the driver (tests, debugging). `engine` (rollout only):
-    None uses the run's top-level `engine`.
+class RLWorkersConfig(PoolConfig):
+    """A pool of long-lived role actors (rollout, reward, reference): the pool shape of the other
+    stages, with `size: 0` running the role inside the driver (tests, debugging) and restarts.
+
+    A role worker gets one call per RL step for its share of the samples and runs it in forward
+    passes of `batch_size` sequences. `engine` None uses the run's top-level `engine`.
     """
 
-    size: int = Field(1, ge=0)
-    num_cpus: float = Field(1, gt=0)
-    num_gpus: float = Field(0, ge=0, description="fractional GPUs share a device")
+    size: int = Field(1, ge=0, description="0: the role runs inside the driver")
     batch_size: int = Field(8, ge=1, description="sequences per forward pass")
     max_restarts: int = Field(2, ge=0, description="restarts of a killed worker before failing")
 
@@ -57,7 +68,8 @@ class RewardConfig(Section):
       `criterion` (expected rating over the ten option tokens), rescaled to [-1, 1];
     - `function`: a Python reward `fn(prompts, responses, **kwargs) -> list[float]`, named as
       `package.module:fn` or `path/to/file.py:fn` (built-ins live in `cai_ray.feedback.rule_rewards`).
-    `refusal_penalty` is subtracted from any of them for responses with a refusal phrase.
+    `refusal_penalty` is subtracted from any of them for responses with one of the run's
+    `refusal_phrases`.
     """
 
     kind: Literal["pm", "rlaif", "function"] = "pm"
@@ -105,8 +117,8 @@ class RLTrainConfig(Section):
     (`helpful_fraction` of them from `data.helpful`, the rest red-team), so each step holds
     `prompts_per_step * group_size` samples, which must split into whole policy mini-batches of
     `micro_batch_size * grad_accum * ranks`; `epochs` passes over them per step (PPO epochs).
-    Of `policy` / `value` (LearnerConfig), fields about epochs, max_steps and checkpoints are
-    not read: the loop owns those.
+    Of `policy` / `value` (LearnerConfig), the loop owns epochs, steps, checkpoints and metrics
+    (`LOOP_OWNS`): setting one there is an error that names the `rl_train` key to set instead.
     """
 
     algorithm: Algorithm = "ppo"
@@ -129,7 +141,6 @@ class RLTrainConfig(Section):
     )
     kl: KLConfig = KLConfig()
     reward: RewardConfig = RewardConfig()
-    refusal_phrases: tuple[str, ...] = DEFAULT_BOILERPLATE_PHRASES
     rollout: RLWorkersConfig = RLWorkersConfig()
     reward_workers: RLWorkersConfig = RLWorkersConfig()
     reference: RLWorkersConfig = RLWorkersConfig()
@@ -159,6 +170,16 @@ class RLTrainConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> RLTrainConfig:
+        for role in ("policy", "value"):
+            learner = getattr(self, role)
+            # A value other than the default (a resolved config.yaml repeats every default).
+            owned = [k for k in LOOP_OWNS if getattr(learner, k) != _LEARNER_DEFAULTS[k]]
+            if owned:
+                key = owned[0]
+                raise ValueError(
+                    f"rl_train.{role}.{key} is not read: the RL loop owns it; set "
+                    f"{LOOP_OWNS[key]} instead"
+                )
         g = self.samples_per_prompt
         if self.algorithm in ("grpo", "rloo") and g < 2:
             raise ValueError(f"{self.algorithm} needs group_size >= 2 (a group baseline)")

@@ -26,7 +26,13 @@ from cai_ray.config.evaluate import EvaluateConfig
 from cai_ray.config.learner import LearnerConfig, SFTConfig
 from cai_ray.config.rl import RLTrainConfig
 from cai_ray.config.safe_yaml import problem_of, safe_load
-from cai_ray.config.sections import EngineConfig, PoolConfig, Section, VLLMConfig  # noqa: F401
+from cai_ray.config.sections import (  # noqa: F401
+    DEFAULT_BOILERPLATE_PHRASES,
+    EngineConfig,
+    PoolConfig,
+    Section,
+    VLLMConfig,
+)
 from cai_ray.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -292,13 +298,17 @@ class RLLabelConfig(Section):
 class PMTrainConfig(Section):
     """Stage 5: a preference model trained with the Bradley-Terry loss on soft labels.
 
-    `helpful_ratio` is human helpfulness comparisons per AI
-    comparison (0 = none), read from `helpful_source` (hh-rlhf layout).
+    `helpful_per_ai_pair` is human helpfulness comparisons per AI-labelled comparison (0 = none),
+    read from `helpful_source` (hh-rlhf layout).
     """
 
     learner: LearnerConfig = LearnerConfig()
-    helpful_ratio: float = Field(0.0, ge=0)
-    helpful_source: str = "sample:hh_helpful_pairs"
+    helpful_per_ai_pair: float = Field(
+        0.0, ge=0, description="human helpfulness comparisons mixed in per AI-labelled one"
+    )
+    helpful_source: str = Field(
+        "sample:hh_helpful_pairs", description="human comparisons, hh-rlhf layout"
+    )
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="held-out share of comparisons")
 
 
@@ -314,6 +324,11 @@ class RunConfig(Section):
     generation: GenerationConfig = GenerationConfig()
     data: DataConfig = DataConfig()
     ray: RayConfig = RayConfig()
+    refusal_phrases: tuple[str, ...] = Field(
+        DEFAULT_BOILERPLATE_PHRASES,
+        description="a response containing one (case-insensitive) counts as a refusal: "
+        "rl-train's refusal rate and reward.refusal_penalty, evaluate's refusal rates",
+    )
     sl_generate: SLGenerateConfig = SLGenerateConfig()
     sl_train: SFTConfig = SFTConfig()
     rl_pairs: RLPairsConfig = RLPairsConfig()
@@ -334,6 +349,15 @@ class RunConfig(Section):
                 "on a cluster mount shared storage (e.g. NFS) at the same path on every node"
             )
         return value
+
+    @property
+    def judge_settings(self) -> EvaluateConfig:
+        """`evaluate` with its fallback to another section resolved: `few_shot` None is
+        `rl_label.few_shot`, so stage 7's judge asks as stage 4's labeller did."""
+        e = self.evaluate
+        if e.few_shot is not None:
+            return e
+        return e.model_copy(update={"few_shot": self.rl_label.few_shot})
 
     def content_hash(self) -> str:
         """sha256 of the resolved config, recorded in every stage manifest."""
@@ -418,6 +442,15 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
+# Keys that were renamed or moved: the old name is an error that names the new one.
+MOVED = {
+    "sl_train.helpful_ratio": "sl_train.helpful_per_revision",
+    "pm_train.helpful_ratio": "pm_train.helpful_per_ai_pair",
+    "rl_train.refusal_phrases": "refusal_phrases",
+    "evaluate.refusal_phrases": "refusal_phrases",
+}
+
+
 def _config_error(exc: ValidationError, origin: str) -> ConfigError:
     lines = [_describe(err) for err in exc.errors()]
     return ConfigError(
@@ -432,6 +465,8 @@ def _describe(err: Any) -> str:
     key = ".".join(loc) or "(top level)"
     value = err.get("input")
     if err["type"] == "extra_forbidden":
+        if key in MOVED:
+            return f"{key}: this key is now '{MOVED[key]}' (same meaning): rename it"
         valid = _fields_at(loc[:-1])
         close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
         fix = f"did you mean '{'.'.join([*loc[:-1], close[0]])}'?" if close else ""

@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-# The refusal/boilerplate phrases of the RL refusal penalty and stage 7's refusal rate (both
-# sections' `refusal_phrases` default); `cai_ray.feedback.rule_rewards` matches them.
+# The refusal/boilerplate phrases (the run's `refusal_phrases` default): rl-train's refusal rate
+# and penalty, stage 7's refusal rate; `cai_ray.feedback.rule_rewards` matches them too.
 DEFAULT_BOILERPLATE_PHRASES: tuple[str, ...] = (
     "i'm sorry",
     "i am sorry",

@@ -133,9 +133,9 @@ def training_overlap(cfg: RunConfig) -> list[str]:
     training: dict[str, str] = {}
     if cfg.data.limit is None or e.skip < cfg.data.limit:
         training = {"data.red_team": cfg.data.red_team, "data.helpful": cfg.data.helpful}
-    if cfg.pm_train.helpful_ratio > 0:
+    if cfg.pm_train.helpful_per_ai_pair > 0:
         training["pm_train.helpful_source"] = cfg.pm_train.helpful_source
-    if cfg.sl_train.helpful_ratio > 0 and cfg.sl_train.helpful_source != "model":
+    if cfg.sl_train.helpful_per_revision > 0 and cfg.sl_train.helpful_source != "model":
         training["sl_train.helpful_source"] = cfg.sl_train.helpful_source
     keys = {field: _source_key(spec) for field, spec in training.items()}
     warnings = []
@@ -197,7 +197,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     rows = {split: _read_rows(store) for split, store in stores.items()}
     elo = _elo_part(ctx, rows, x.human, x.names, notes=notes)
     timings["total_s"] = round(time.perf_counter() - t0, 3)
-    phrases = e.refusal_phrases
+    phrases = cfg.refusal_phrases
     metrics = {s: checkpoint_metrics(rows[s], x.names, phrases=phrases) for s in rows}
     manifest = ctx.manifest(
         inputs={"harmful": e.harmful, "helpful": e.helpful, "skip": e.skip, "limit": e.limit},
@@ -261,7 +261,7 @@ def _judged_stream(
             else:
                 ds = ds.map_batches(fn, fn_constructor_kwargs=kwargs, **pool_args(section))
     names = [c.name for c in checkpoints]
-    _drain_splits(ds, stores, cfg, expand=_expander(names, e.refusal_phrases), progress=progress)
+    _drain_splits(ds, stores, cfg, expand=_expander(names, cfg.refusal_phrases), progress=progress)
     return stores
 
 
@@ -301,7 +301,7 @@ def _steps(
     if judge is not None:
         kwargs = dict(
             constitution_path=str(ctx.constitution_path),
-            settings=cfg.evaluate,
+            settings=cfg.judge_settings,
             seed=cfg.seed,
             names=[c.name for c in checkpoints],
         )

@@ -101,7 +101,7 @@ def _start_model(cfg: RunConfig, ctx: StageContext) -> tuple[ModelRef, dict[str,
 
 
 def _comparisons(cfg: RunConfig, ctx: StageContext) -> tuple[list[dict], list[dict]]:
-    """AI-labelled pairs of stage 4, plus human helpfulness pairs at `helpful_ratio`."""
+    """AI-labelled pairs of stage 4, plus human helpfulness pairs at `helpful_per_ai_pair`."""
     from cai_ray.data.sources import read_comparisons
 
     labels = ShardStore(part_dir(cfg.run_dir, RL_LABEL, "labels"), key="pair_id")
@@ -114,9 +114,9 @@ def _comparisons(cfg: RunConfig, ctx: StageContext) -> tuple[list[dict], list[di
         )
     ai = [{**r, "source": "ai"} for r in table.to_pylist()]
     s = cfg.pm_train
-    if s.helpful_ratio == 0:
+    if s.helpful_per_ai_pair == 0:
         return ai, []
-    want = max(1, round(s.helpful_ratio * len(ai)))
+    want = max(1, round(s.helpful_per_ai_pair * len(ai)))
     read = read_comparisons(s.helpful_source, limit=want)
     human = [
         {

@@ -176,8 +176,9 @@ def _reference_logps(cfg: RunConfig, path: Path, rows: list[dict], *, pad_id: in
     """Fill `ref_chosen` / `ref_rejected` with the frozen policy's summed response log-probs."""
     from actors.rl_workers import ReferenceWorker
 
+    roles = cfg.rl_train.reference
     ref = ReferenceWorker(
-        str(path), cfg.engine, batch_size=cfg.rl_train.reference.batch_size, pad_id=pad_id
+        str(path), roles.engine or cfg.engine, batch_size=roles.batch_size, pad_id=pad_id
     )
     for k in ("chosen", "rejected"):
         seqs = [{"input_ids": r[f"{k}_ids"], "prompt_len": r[f"{k}_prompt_len"]} for r in rows]

@@ -79,13 +79,10 @@ def same_tokenizer(a: Path, b: Path) -> bool:
 def check_placement(s: RLTrainConfig, cluster: dict[str, float]) -> None:
     """Every role's actors must fit the cluster: a clear error before anything starts."""
 
-    def pool(w: RLWorkersConfig) -> PoolConfig:
-        return PoolConfig(size=w.size, num_cpus=w.num_cpus, num_gpus=w.num_gpus)
-
     pools: dict[str, PoolConfig] = {}
     for name, w in (("rollout", s.rollout), ("reward", s.reward_workers), ("ref", s.reference)):
         if w.size:
-            pools[name] = pool(w)
+            pools[name] = w
     learners = [("policy", s.policy)] + ([("value", s.value)] if s.algorithm == "ppo" else [])
     for name, lc in learners:
         if lc.num_ranks:
@@ -171,12 +168,15 @@ class RLRoles:
             self.groups.append(self.value)
             steps = s.epochs * s.samples_per_step // vcfg.global_batch
             self.value.start(s.steps * steps, resume_tag=resume_tag)
-        engine = cfg.engine
+
+        def engine(w: RLWorkersConfig) -> Any:
+            return w.engine or cfg.engine
+
         self.rollout = RolePool(
             "rollout",
             RLRolloutWorker,
             str(m.policy.path),
-            engine.model_copy(update={"batch_size": s.rollout.batch_size}),
+            engine(s.rollout).model_copy(update={"batch_size": s.rollout.batch_size}),
             fmt=m.policy.prompt_format(cfg.format),
             model_id=m.policy.id,
             scheduling=colocated_strategies(self.policy, s.rollout.size) if colocated else None,
@@ -188,16 +188,16 @@ class RLRoles:
             RewardWorker,
             s.reward,
             model_path=str(m.reward.path) if m.reward else None,
-            engine=engine,
+            engine=engine(s.reward_workers),
             batch_size=s.reward_workers.batch_size,
-            refusal_phrases=s.refusal_phrases,
+            refusal_phrases=cfg.refusal_phrases,
             **worker_options(s.reward_workers, s),
         )
         self.reference = RolePool(
             "reference",
             ReferenceWorker,
             str(m.policy.path),
-            engine,
+            engine(s.reference),
             batch_size=s.reference.batch_size,
             pad_id=self.pad_id,
             **worker_options(s.reference, s),

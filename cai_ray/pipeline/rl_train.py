@@ -178,7 +178,7 @@ class RLLoop:
         t_score = time.perf_counter()
         beta = self.kl.beta
         exp = xp.compute_advantages(
-            scores=scores, old_logprobs=old, ref_logprobs=ref, values=values, s=self._adv(beta)
+            scores=scores, old_logprobs=old, ref_logprobs=ref, values=values, s=self.s, beta=beta
         )
         kl_coef = beta if s.kl_mode == "loss" else 0.0
         policy_p = self.policy.submit_update(
@@ -205,7 +205,7 @@ class RLLoop:
             **exp.stats,
             "kl_coef": beta,
             "response_len": exp.stats["response_tokens"],
-            "refusal_rate": phrase_rate(responses, s.refusal_phrases),
+            "refusal_rate": phrase_rate(responses, self.cfg.refusal_phrases),
             "loss": xp.mean_of(p_metrics, "loss"),
             "policy_loss": xp.mean_of(p_metrics, "policy_loss"),
             "clip_fraction": xp.mean_of(p_metrics, "clip_fraction"),
@@ -274,22 +274,6 @@ class RLLoop:
         return None
 
     # -- state -------------------------------------------------------------------------------
-
-    def _adv(self, beta: float) -> Any:
-        from cai_ray.rl.experience import AdvantageSettings
-
-        s = self.s
-        return AdvantageSettings(
-            algorithm=s.algorithm,
-            group_size=s.samples_per_prompt,
-            kl_mode=s.kl_mode,
-            kl_estimator=s.kl_estimator,
-            beta=beta,
-            gamma=s.gamma,
-            lam=s.lam,
-            whiten=s.whiten_advantages,
-            scale_by_std=s.grpo_scale_by_std,
-        )
 
     def _kl_controller(self, state: dict[str, Any] | None) -> Any:
         from cai_ray.rl import algorithms as rl_math

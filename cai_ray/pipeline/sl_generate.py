@@ -71,12 +71,7 @@ def _revision_pipeline(cfg: RunConfig, ctx: StageContext, helpful, critic):
     s = cfg.sl_generate
     sampling = SamplingParams.of(cfg.generation, seed=cfg.seed)
     settings = CritiqueSettings(
-        rounds=s.rounds,
-        direct_revision=s.direct_revision,
-        fmt=critic.prompt_format(cfg.format),
-        few_shot=s.few_shot,
-        seed=cfg.seed,
-        sampling=sampling,
+        section=s, fmt=critic.prompt_format(cfg.format), seed=cfg.seed, sampling=sampling
     )
 
     def build(done: set[str]):

@@ -49,7 +49,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     helpful, cut_helpful = _helpful_pairs(
         gen_dir / "helpful", per_prompt=s.helpful_samples_per_prompt, cut=s.unfinished
     )
-    pairs = mix_helpful(selection.pairs, helpful, ratio=s.helpful_ratio, seed=cfg.seed)
+    pairs = mix_helpful(selection.pairs, helpful, ratio=s.helpful_per_revision, seed=cfg.seed)
 
     model = ctx.model(cfg.models.base_model)
     fmt = model.prompt_format(cfg.format).load(model.path)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from cai_ray.config.rl import RLTrainConfig
 from cai_ray.errors import CaiRayError
 from cai_ray.rl import algorithms as rl_math
 
@@ -42,22 +43,6 @@ class Sample:
             "input_ids": self.prompt_ids + self.response_ids,
             "prompt_len": len(self.prompt_ids),
         }
-
-
-@dataclass(frozen=True)
-class AdvantageSettings:
-    """One step's advantage inputs: resolved values, not a config section. The loop builds it
-    from `rl_train` each step, with that step's beta (the adaptive KL controller moves it)."""
-
-    algorithm: str  # ppo | grpo | rloo
-    group_size: int
-    kl_mode: str  # reward | loss
-    kl_estimator: str
-    beta: float
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten: bool = True
-    scale_by_std: bool = True
 
 
 @dataclass
@@ -106,9 +91,13 @@ def compute_advantages(
     old_logprobs: Sequence[Sequence[float]],
     ref_logprobs: Sequence[Sequence[float]],
     values: Sequence[Sequence[float]] | None,
-    s: AdvantageSettings,
+    s: RLTrainConfig,
+    beta: float,
 ) -> Experience:
     """Advantages for one step (CAI stage 6: reward = PM score - beta * KL(policy || SL-CAI)).
+
+    `s` is the `rl_train` section; `beta` is this step's KL coefficient (the adaptive controller
+    moves it between steps).
 
     PPO: per-token KL-shaped rewards (kl_mode=reward) and GAE over the critic's values,
     optionally whitened. GRPO/RLOO: sequence rewards (minus beta * summed KL in reward mode)
@@ -128,21 +117,24 @@ def compute_advantages(
             raise CaiRayError("PPO needs the critic's values", where="rl_train.algorithm")
         v, _ = pad(values)  # (B, T)
         penalty = kl_tok if in_reward else torch.zeros_like(kl_tok)
-        token_rewards = rl_math.kl_penalized_rewards(score, penalty, mask, beta=s.beta)  # (B, T)
+        token_rewards = rl_math.kl_penalized_rewards(score, penalty, mask, beta=beta)  # (B, T)
         inputs = rl_math.AdvantageInputs(
             mask=mask, token_rewards=token_rewards, values=v, gamma=s.gamma, lam=s.lam
         )
         seq_reward = rl_math.masked_sum(token_rewards, mask, dim=-1)  # (B,)
     else:
         seq_kl = rl_math.masked_sum(kl_tok, mask, dim=-1)
-        seq_reward = score - s.beta * seq_kl if in_reward else score  # (B,)
+        seq_reward = score - beta * seq_kl if in_reward else score  # (B,)
         inputs = rl_math.AdvantageInputs(
-            mask=mask, scores=seq_reward, group_size=s.group_size, scale_by_std=s.scale_by_std
+            mask=mask,
+            scores=seq_reward,
+            group_size=s.samples_per_prompt,
+            scale_by_std=s.grpo_scale_by_std,
         )
     name = ESTIMATOR_OF.get(s.algorithm, s.algorithm)
     estimate = rl_math.pick(rl_math.ADVANTAGE_ESTIMATORS, name, what="advantage estimator")
     adv, ret = estimate(inputs)  # (B, T) each; critic-free estimators return A twice
-    if s.algorithm == "ppo" and s.whiten:
+    if s.algorithm == "ppo" and s.whiten_advantages:
         adv = rl_math.masked_whiten(adv, mask)
     stats = {
         "score_mean": float(score.mean()),

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from cai_ray.config import DEFAULT_STOP, EngineConfig
+from cai_ray.config import DEFAULT_STOP, EngineConfig, SLGenerateConfig
 from cai_ray.data.conversation import Conversation, PromptFormat
 from cai_ray.engines import resolve_threads
 from cai_ray.engines.base import SamplingParams, ScoreRequest
@@ -303,9 +303,8 @@ class ConstitutionBackend:
         convo, answer = _split_answer(request["messages"], request.get("response"))
         principles = tuple(self._critique_principles(request.get("principle_ids")))
         settings = CritiqueSettings(
-            rounds=request["rounds"],
+            section=SLGenerateConfig(rounds=request["rounds"], few_shot=request.get("few_shot")),
             fmt=self.fmt,
-            few_shot=request.get("few_shot"),
             seed=request["seed"],
             sampling=SamplingParams(
                 temperature=request["temperature"],

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from cai_ray.config import SLGenerateConfig
 from cai_ray.data.conversation import Conversation, PromptFormat, apply_chat_template
 from cai_ray.data.tokens import strip_reasoning
 from cai_ray.engines.base import Engine, SamplingParams
@@ -32,14 +33,13 @@ DEFAULT_BOILERPLATE = (
 
 @dataclass(frozen=True)
 class CritiqueSettings:
-    """How one call's chains run: resolved values, not a config section. Stage 1 builds it from
-    `sl_generate` with the run's seed, the critic's prompt format and the resolved sampling;
-    Serve's `/v1/critique` from each request. The defaults are the paper's (4 rounds, T=1)."""
+    """How one call's chains run: the `sl_generate` section (rounds, direct_revision, few_shot)
+    and what is resolved per call beside it: the critic's prompt format, the seed and sampling.
+    Stage 1 passes the run's section; Serve's `/v1/critique` builds one per request. The defaults
+    are the paper's (4 rounds, T=1)."""
 
-    rounds: int = 4
-    direct_revision: bool = False  # the paper's ablation: revise without a critique
+    section: SLGenerateConfig = field(default_factory=SLGenerateConfig)
     fmt: str | PromptFormat = "transcript"
-    few_shot: int | None = None  # how many few-shot examples to prepend (None = all)
     seed: int = 0
     sampling: SamplingParams = field(
         default_factory=lambda: SamplingParams(temperature=1.0, max_new_tokens=64)
@@ -120,7 +120,8 @@ class ChainPrompter:
         self.s = settings
         self.fmt = fmt
         examples = list(constitution.critique_examples)
-        self.examples = examples if settings.few_shot is None else examples[: settings.few_shot]
+        few = settings.section.few_shot
+        self.examples = examples if few is None else examples[:few]
 
     def principle(self, prompt_id: str, round_index: int):
         from cai_ray.constitution import choose_principles
@@ -199,11 +200,11 @@ def run_chains(
     fit = _Fitter(
         engine, engine.max_context - s.sampling.max_new_tokens, too_long, len(prompter.examples)
     )
-    for r in range(s.rounds):
+    for r in range(s.section.rounds):
         live = [i for i, res in enumerate(results) if res.reject is None]
         picks = {i: prompter.principle(items[i][0], r) for i in live}
         sampled: dict[int, tuple[str | None, str]] = dict.fromkeys(live, (None, ""))
-        if not s.direct_revision:
+        if not s.section.direct_revision:
             prompts = {
                 i: fit(prompter.critique_prompt, items[i][1], answers[i], picks[i].critique)
                 for i in live

@@ -190,7 +190,7 @@ def test_pm_train_learns_ai_labels_and_resumes(ray_cluster, tmp_path, tiny_rewar
         [
             f"run_dir={tmp_path}",
             f"models.reward={{path: {tiny_reward_model_dir}}}",
-            "pm_train.helpful_ratio=0.1",
+            "pm_train.helpful_per_ai_pair=0.1",
             "pm_train.eval_fraction=0.25",
             "pm_train.learner={num_ranks: 0, micro_batch_size: 8, epochs: 2, lr: 3.0e-3}",
         ],
@@ -225,7 +225,7 @@ def test_pm_train_starts_from_the_helpful_lm_with_a_new_head(tmp_path, tiny_mode
         [
             f"run_dir={tmp_path}",
             f"models.helpful={{path: {tiny_model_dir}}}",
-            "pm_train.helpful_ratio=0",
+            "pm_train.helpful_per_ai_pair=0",
             "pm_train.eval_fraction=0.25",
             "pm_train.learner={num_ranks: 0, micro_batch_size: 8, epochs: 1, lr: 3.0e-3}",
         ],

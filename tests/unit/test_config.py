@@ -115,3 +115,66 @@ def test_serve_batch_size_defaults_to_the_admission_limit_and_cannot_exceed_it()
     assert DeploymentConfig(max_ongoing_requests=4, max_batch_size=1).max_batch_size == 1
     with pytest.raises(ValueError, match="max_batch_size 8 is over max_ongoing_requests 4"):
         DeploymentConfig(max_ongoing_requests=4, max_batch_size=8)
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("sl_train.helpful_ratio", "sl_train.helpful_per_revision"),
+        ("pm_train.helpful_ratio", "pm_train.helpful_per_ai_pair"),
+        ("rl_train.refusal_phrases", "refusal_phrases"),
+        ("evaluate.refusal_phrases", "refusal_phrases"),
+    ],
+)
+def test_a_moved_key_names_its_new_name(old, new):
+    value = "[sorry]" if "phrases" in old else "0.5"
+    with pytest.raises(ConfigError, match=f"{old}: this key is now '{new}'"):
+        load_config(None, [f"{old}={value}"])
+    load_config(None, [f"{new}={value}"])  # the new name takes the same value
+
+
+def test_one_refusal_phrase_list_feeds_rl_train_and_evaluate():
+    cfg = load_config(None, ["refusal_phrases=[no way]"])
+    assert cfg.refusal_phrases == ("no way",)
+    assert "refusal_phrases" not in type(cfg.rl_train).model_fields
+    assert "refusal_phrases" not in type(cfg.evaluate).model_fields
+
+
+@pytest.mark.parametrize(
+    "key, owner",
+    [
+        ("rl_train.policy.epochs=2", "rl_train.epochs"),
+        ("rl_train.value.checkpoint_every=3", "rl_train.checkpoint_every"),
+        ("rl_train.policy.keep_checkpoints=1", "rl_train.keep_checkpoints"),
+        ("rl_train.policy.max_steps=5", "rl_train.steps"),
+    ],
+)
+def test_a_learner_key_the_rl_loop_owns_is_an_error(key, owner):
+    with pytest.raises(ConfigError, match=f"not read: the RL loop owns it; set {owner}"):
+        load_config(None, [key])
+
+
+def test_a_resolved_config_with_the_loop_owned_defaults_still_loads(tmp_path):
+    # config.yaml repeats every default, the loop-owned learner keys included.
+    path = tmp_path / "config.yaml"
+    path.write_text(RunConfig().to_yaml())
+    assert load_config(path).rl_train.policy.epochs == 1
+
+
+def test_the_judge_asks_with_the_labellers_few_shot_unless_set():
+    cfg = load_config(None, ["rl_label.few_shot=2"])
+    assert cfg.evaluate.few_shot is None  # the config keeps what the user wrote
+    assert cfg.judge_settings.few_shot == 2
+    own = load_config(None, ["rl_label.few_shot=2", "evaluate.few_shot=0"])
+    assert own.judge_settings.few_shot == 0
+
+
+def test_rl_role_workers_are_a_pool_with_size_zero_and_an_engine():
+    from cai_ray.config import PoolConfig
+
+    cfg = load_config(None, ["rl_train.reference={size: 0, engine: {dtype: bfloat16}}"])
+    assert isinstance(cfg.rl_train.reference, PoolConfig)
+    assert cfg.rl_train.reference.size == 0
+    assert cfg.rl_train.reference.engine.dtype == "bfloat16"
+    with pytest.raises(ConfigError, match="sl_generate.rollout.size"):
+        load_config(None, ["sl_generate.rollout.size=0"])  # a Ray Data pool needs a worker

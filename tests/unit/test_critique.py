@@ -2,6 +2,7 @@
 
 import pytest
 
+from cai_ray.config import SLGenerateConfig
 from cai_ray.constitution import load_constitution
 from cai_ray.data.conversation import Conversation
 from cai_ray.engines.base import SamplingParams
@@ -46,7 +47,7 @@ def _items(n=3):
 
 
 def test_transcript_prompts_follow_the_paper_layout(constitution):
-    s = CritiqueSettings(few_shot=1)
+    s = CritiqueSettings(SLGenerateConfig(few_shot=1))
     prompter = ChainPrompter(constitution, s)
     convo = Conversation.from_messages([{"role": "user", "content": "hi"}])
     p = constitution.critique_principles[0]
@@ -73,7 +74,9 @@ def test_principles_are_keyed_and_reproducible(constitution):
 
 
 def test_chains_run_every_round_with_the_trace(engine, constitution):
-    s = CritiqueSettings(rounds=3, few_shot=1, sampling=SamplingParams(max_new_tokens=12))
+    s = CritiqueSettings(
+        SLGenerateConfig(rounds=3, few_shot=1), sampling=SamplingParams(max_new_tokens=12)
+    )
     results = run_chains(engine, ChainPrompter(constitution, s), _items())
     assert [r.prompt_id for r in results] == ["p0", "p1", "p2"]
     for res in results:
@@ -90,7 +93,8 @@ def test_chains_run_every_round_with_the_trace(engine, constitution):
 
 def test_direct_revision_skips_critiques(engine, constitution):
     s = CritiqueSettings(
-        rounds=2, direct_revision=True, few_shot=0, sampling=SamplingParams(max_new_tokens=8)
+        SLGenerateConfig(rounds=2, direct_revision=True, few_shot=0),
+        sampling=SamplingParams(max_new_tokens=8),
     )
     results = run_chains(engine, ChainPrompter(constitution, s), _items(2))
     done = [r for r in results if r.reject is None]
@@ -100,7 +104,7 @@ def test_direct_revision_skips_critiques(engine, constitution):
 def test_too_long_prompts_are_rejected_or_truncated(engine, constitution):
     long_answer = "word " * 2000  # longer than the tiny model's context on its own
     convo = Conversation.from_messages([{"role": "user", "content": "hi"}])
-    s = CritiqueSettings(rounds=1, sampling=SamplingParams(max_new_tokens=8))
+    s = CritiqueSettings(SLGenerateConfig(rounds=1), sampling=SamplingParams(max_new_tokens=8))
     res = run_chains(engine, ChainPrompter(constitution, s), [("p", convo, long_answer)])
     assert res[0].reject == "prompt too long for the model's context at the critique in round 1"
     # few-shot examples are dropped first when they are what does not fit

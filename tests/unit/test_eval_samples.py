@@ -118,7 +118,7 @@ def test_an_eval_source_that_training_reads_is_a_warning(tmp_path):
     assert training_overlap(load_config(None, skipped)) == []
     pairs = ["evaluate.helpful=sample:hh_helpful_pairs"]
     assert training_overlap(load_config(None, pairs)) == []
-    assert training_overlap(load_config(None, [*pairs, "pm_train.helpful_ratio=0.5"]))
+    assert training_overlap(load_config(None, [*pairs, "pm_train.helpful_per_ai_pair=0.5"]))
 
 
 def test_defaults_in_code_are_the_held_out_sets():

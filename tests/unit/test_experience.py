@@ -8,21 +8,24 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from cai_ray.config.rl import RLTrainConfig  # noqa: E402
 from cai_ray.errors import CaiRayError  # noqa: E402
 from cai_ray.rl import algorithms as rm  # noqa: E402
 from cai_ray.rl import experience as xp  # noqa: E402
 
 
-def settings(algorithm: str, **kw) -> xp.AdvantageSettings:
-    base = dict(
+def settings(
+    algorithm: str, *, beta: float = 0.0, kl_mode: str = "reward", whiten: bool = False, **kw
+) -> dict:
+    """compute_advantages' `s` (the rl_train section) and `beta`."""
+    s = RLTrainConfig(
         algorithm=algorithm,
         group_size=2,
-        kl_mode="reward",
-        kl_estimator="k1",
-        beta=0.0,
-        whiten=False,
+        kl={"mode": kl_mode, "estimator": "k1"},
+        whiten_advantages=whiten,
+        **kw,
     )
-    return xp.AdvantageSettings(**{**base, **kw})
+    return {"s": s, "beta": beta}
 
 
 def test_pad_and_unpad_round_trip():
@@ -41,7 +44,7 @@ def test_grpo_by_hand_with_kl_in_the_reward():
         old_logprobs=old,
         ref_logprobs=ref,
         values=None,
-        s=settings("grpo", beta=0.5),
+        **settings("grpo", beta=0.5),
     )
     assert exp.kl == pytest.approx([1.0, 0.0, 0.0, 0.0])
     assert exp.rewards == pytest.approx([0.5, 0.0, 3.0, 3.0])
@@ -63,7 +66,7 @@ def test_rloo_and_kl_as_loss_leave_the_reward_alone():
         old_logprobs=old,
         ref_logprobs=ref,
         values=None,
-        s=settings("rloo", kl_mode="loss", beta=1.0),
+        **settings("rloo", kl_mode="loss", beta=1.0),
     )
     assert exp.rewards == [2.0, 0.0]
     assert exp.advantages == [[2.0], [-2.0]]
@@ -78,7 +81,7 @@ def test_ppo_matches_gae_on_kl_shaped_rewards():
     scores = [0.5, -1.0, 2.0]
     s = settings("ppo", beta=0.1, gamma=1.0, lam=0.9)
     exp = xp.compute_advantages(
-        scores=scores, old_logprobs=old, ref_logprobs=ref, values=values, s=s
+        scores=scores, old_logprobs=old, ref_logprobs=ref, values=values, **s
     )
     o, mask = xp.pad(old)
     r, _ = xp.pad(ref)
@@ -95,7 +98,7 @@ def test_ppo_matches_gae_on_kl_shaped_rewards():
         old_logprobs=old,
         ref_logprobs=ref,
         values=values,
-        s=settings("ppo", beta=0.1, lam=0.9, whiten=True),
+        **settings("ppo", beta=0.1, lam=0.9, whiten=True),
     )
     flat = [x for row in whitened.advantages for x in row]
     assert sum(flat) / len(flat) == pytest.approx(0.0, abs=1e-5)
@@ -105,12 +108,12 @@ def test_ppo_without_values_and_mismatched_tokens_are_errors():
     with pytest.raises(CaiRayError, match="critic"):
         xp.compute_advantages(
             scores=[1.0], old_logprobs=[[0.0]], ref_logprobs=[[0.0]], values=None,
-            s=settings("ppo"),
+            **settings("ppo"),
         )  # fmt: skip
     with pytest.raises(CaiRayError, match="same response tokens"):
         xp.compute_advantages(
             scores=[1.0], old_logprobs=[[0.0, 0.0]], ref_logprobs=[[0.0]], values=None,
-            s=settings("grpo", group_size=1),
+            **settings("grpo"),
         )  # fmt: skip
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 
+from cai_ray.config import SLGenerateConfig
 from cai_ray.data.conversation import Conversation, PromptFormat
 from cai_ray.data.tokens import encode, encode_response, strip_reasoning
 from cai_ray.engines.base import SamplingParams
@@ -138,7 +139,7 @@ def test_finish_reasons_are_recorded_per_round(real_tiny_model):
     constitution = load_constitution(resolve_path("constitutions/default.yaml"))
     # 3 new tokens: a random model over a 150k+ vocabulary all but never stops that soon
     settings = CritiqueSettings(
-        rounds=2, few_shot=0, sampling=SamplingParams(max_new_tokens=3, seed=0)
+        SLGenerateConfig(rounds=2, few_shot=0), sampling=SamplingParams(max_new_tokens=3, seed=0)
     )
     prompter = ChainPrompter(constitution, settings)
     (result,) = run_chains(engine, prompter, [("p1", CONVO, "Use a tension wrench.")])
