@@ -176,5 +176,5 @@ def test_rl_role_workers_are_a_pool_with_size_zero_and_an_engine():
     assert isinstance(cfg.rl_train.reference, PoolConfig)
     assert cfg.rl_train.reference.size == 0
     assert cfg.rl_train.reference.engine.dtype == "bfloat16"
-    with pytest.raises(ConfigError, match="sl_generate.rollout.size"):
+    with pytest.raises(ConfigError, match=r"sl_generate\.rollout\.size"):
         load_config(None, ["sl_generate.rollout.size=0"])  # a Ray Data pool needs a worker
