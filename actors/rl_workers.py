@@ -160,7 +160,7 @@ class RewardWorker:
 
         from cai_ray.engines.base import ScoreRequest
         from cai_ray.feedback.prompts import RATING_OPTIONS, build_rating_prompt, disjoint_logprobs
-        from cai_ray.rl import algorithms as rl_math
+        from cai_ray.rl import algorithms
 
         requests = [
             ScoreRequest(
@@ -178,8 +178,8 @@ class RewardWorker:
         # events, or a judge certain of 10 would rate 5.5 (issue 14).
         exact = [disjoint_logprobs(s.logprobs, s.option_token_ids) for s in scored]
         logprobs = torch.tensor(exact)  # (B, 10)
-        expected = rl_math.expected_score(logprobs, torch.arange(1.0, 11.0))  # (B,)
-        return rl_math.rlaif_reward(expected).tolist()
+        expected = algorithms.expected_score(logprobs, torch.arange(1.0, 11.0))  # (B,)
+        return algorithms.rlaif_reward(expected).tolist()
 
 
 class ReferenceWorker:

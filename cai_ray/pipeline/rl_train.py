@@ -276,10 +276,10 @@ class RLLoop:
     # -- state -------------------------------------------------------------------------------
 
     def _kl_controller(self, state: dict[str, Any] | None) -> Any:
-        from cai_ray.rl import algorithms as rl_math
+        from cai_ray.rl import algorithms
 
         k = self.s.kl
-        kind = rl_math.pick(rl_math.KL_CONTROLLERS, k.controller, what="kl controller")
+        kind = algorithms.pick(algorithms.KL_CONTROLLERS, k.controller, what="kl controller")
         ctl = kind.build(k.beta, target=k.target, horizon=k.horizon)
         if state is not None:
             ctl.load_state_dict(state["kl"])

@@ -18,7 +18,7 @@ import torch
 
 from cai_ray.config.rl import RLTrainConfig
 from cai_ray.errors import CaiRayError
-from cai_ray.rl import algorithms as rl_math
+from cai_ray.rl import algorithms
 
 
 @dataclass
@@ -81,7 +81,7 @@ def check_finite(scores: Sequence[float], *, what: str) -> None:
             raise CaiRayError(f"{what} returned {s!r}", where=f"sample {i}")
 
 
-# rl_train.algorithm -> its advantage estimator in `rl_math.ADVANTAGE_ESTIMATORS` (same name else)
+# rl_train.algorithm -> its advantage estimator in `algorithms.ADVANTAGE_ESTIMATORS` (same name else)
 ESTIMATOR_OF = {"ppo": "gae"}
 
 
@@ -109,41 +109,43 @@ def compute_advantages(
     old, mask = pad(old_logprobs)  # (B, T)
     ref, _ = pad(ref_logprobs)  # (B, T)
     score = torch.tensor(list(scores), dtype=torch.float32)  # (B,)
-    kl_sum = rl_math.masked_sum(rl_math.kl_k1(old, ref), mask, dim=-1)  # (B,)
-    kl_tok = rl_math.pick(rl_math.KL_ESTIMATORS, s.kl_estimator, what="kl estimator")(old, ref)
+    kl_sum = algorithms.masked_sum(algorithms.kl_k1(old, ref), mask, dim=-1)  # (B,)
+    kl_tok = algorithms.pick(algorithms.KL_ESTIMATORS, s.kl_estimator, what="kl estimator")(
+        old, ref
+    )
     in_reward = s.kl_mode == "reward"
     if s.algorithm == "ppo":
         if values is None:
             raise CaiRayError("PPO needs the critic's values", where="rl_train.algorithm")
         v, _ = pad(values)  # (B, T)
         penalty = kl_tok if in_reward else torch.zeros_like(kl_tok)
-        token_rewards = rl_math.kl_penalized_rewards(score, penalty, mask, beta=beta)  # (B, T)
-        inputs = rl_math.AdvantageInputs(
+        token_rewards = algorithms.kl_penalized_rewards(score, penalty, mask, beta=beta)  # (B, T)
+        inputs = algorithms.AdvantageInputs(
             mask=mask, token_rewards=token_rewards, values=v, gamma=s.gamma, lam=s.lam
         )
-        seq_reward = rl_math.masked_sum(token_rewards, mask, dim=-1)  # (B,)
+        seq_reward = algorithms.masked_sum(token_rewards, mask, dim=-1)  # (B,)
     else:
-        seq_kl = rl_math.masked_sum(kl_tok, mask, dim=-1)
+        seq_kl = algorithms.masked_sum(kl_tok, mask, dim=-1)
         seq_reward = score - beta * seq_kl if in_reward else score  # (B,)
-        inputs = rl_math.AdvantageInputs(
+        inputs = algorithms.AdvantageInputs(
             mask=mask,
             scores=seq_reward,
             group_size=s.samples_per_prompt,
             scale_by_std=s.grpo_scale_by_std,
         )
     name = ESTIMATOR_OF.get(s.algorithm, s.algorithm)
-    estimate = rl_math.pick(rl_math.ADVANTAGE_ESTIMATORS, name, what="advantage estimator")
+    estimate = algorithms.pick(algorithms.ADVANTAGE_ESTIMATORS, name, what="advantage estimator")
     adv, ret = estimate(inputs)  # (B, T) each; critic-free estimators return A twice
     if s.algorithm == "ppo" and s.whiten_advantages:
-        adv = rl_math.masked_whiten(adv, mask)
+        adv = algorithms.masked_whiten(adv, mask)
     stats = {
         "score_mean": float(score.mean()),
         "score_std": float(score.std()) if len(score) > 1 else 0.0,
         "reward_mean": float(seq_reward.mean()),
         "reward_std": float(seq_reward.std()) if len(score) > 1 else 0.0,
         "kl": float(kl_sum.mean()),
-        "kl_k3": float(rl_math.masked_sum(rl_math.kl_k3(old, ref), mask, dim=-1).mean()),
-        "advantage_mean": float(rl_math.masked_mean(adv, mask)),
+        "kl_k3": float(algorithms.masked_sum(algorithms.kl_k3(old, ref), mask, dim=-1).mean()),
+        "advantage_mean": float(algorithms.masked_mean(adv, mask)),
         "response_tokens": float(mask.sum(-1).mean()),
     }
     return Experience(

@@ -94,22 +94,22 @@ class PolicyObjective(_PolicyModel):
     def loss(
         self, model: Any, batch: Mapping[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        from cai_ray.rl import algorithms as rl_math
+        from cai_ray.rl import algorithms
 
         mask = batch["response_mask"]  # (B, T-1)
         units = mask.sum()
         logits = _policy_logits(model, batch)  # (B, T-1, V)
-        logp = rl_math.token_logprobs(logits, batch["input_ids"][:, 1:])  # (B, T-1)
-        pl = rl_math.ppo_policy_loss(
+        logp = algorithms.token_logprobs(logits, batch["input_ids"][:, 1:])  # (B, T-1)
+        pl = algorithms.ppo_policy_loss(
             logp, batch["old_logprobs"], batch["advantages"], mask, clip_eps=self.clip_eps
         )
         total = pl.loss * units  # the masked mean times the count: a masked sum
-        kl_fn = rl_math.pick(rl_math.KL_ESTIMATORS, self.kl_estimator, what="kl estimator")
+        kl_fn = algorithms.pick(algorithms.KL_ESTIMATORS, self.kl_estimator, what="kl estimator")
         kl = kl_fn(logp, batch["ref_logprobs"]) * mask  # (B, T-1)
         coef = batch["kl_coef"][:, None]  # (B, 1)
         if bool((coef > 0).any()):
             total = total + (coef * kl).sum()
-        entropy = rl_math.masked_sum(rl_math.token_entropy(logits), mask)
+        entropy = algorithms.masked_sum(algorithms.token_entropy(logits), mask)
         if self.entropy_coef:
             total = total - self.entropy_coef * entropy
         return total, {
@@ -122,9 +122,9 @@ class PolicyObjective(_PolicyModel):
 
     def infer(self, model: Any, batch: Mapping[str, torch.Tensor]) -> list[list[float]]:
         """Log-probs of each row's response tokens under the current weights."""
-        from cai_ray.rl import algorithms as rl_math
+        from cai_ray.rl import algorithms
 
-        logp = rl_math.token_logprobs(_policy_logits(model, batch), batch["input_ids"][:, 1:])
+        logp = algorithms.token_logprobs(_policy_logits(model, batch), batch["input_ids"][:, 1:])
         return _response_values(logp, batch["response_mask"])
 
 
@@ -155,12 +155,12 @@ class ValueObjective(ScalarModelObjective):
     def loss(
         self, model: Any, batch: Mapping[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        from cai_ray.rl import algorithms as rl_math
+        from cai_ray.rl import algorithms
 
         mask = batch["response_mask"]
         units = mask.sum()
         values = self._values(model, batch)
-        loss, clip = rl_math.ppo_value_loss(
+        loss, clip = algorithms.ppo_value_loss(
             values, batch["old_values"], batch["returns"], mask, clip_eps=self.clip_eps
         )
         return loss * units, {"value_clip_fraction": float(clip * units)}
@@ -198,13 +198,13 @@ class DPOObjective(_PolicyModel):
     def loss(
         self, model: Any, batch: Mapping[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        from cai_ray.rl import algorithms as rl_math
+        from cai_ray.rl import algorithms
 
-        logp = rl_math.token_logprobs(_policy_logits(model, batch), batch["input_ids"][:, 1:])
-        seq = rl_math.sequence_logprobs(logp, batch["response_mask"])  # (2B,)
+        logp = algorithms.token_logprobs(_policy_logits(model, batch), batch["input_ids"][:, 1:])
+        seq = algorithms.sequence_logprobs(logp, batch["response_mask"])  # (2B,)
         chosen, rejected = seq.chunk(2)
         ref_c, ref_r = batch["ref_logps"].chunk(2)
-        out = rl_math.dpo_loss(
+        out = algorithms.dpo_loss(
             chosen, rejected, ref_c, ref_r, beta=self.beta, label_smoothing=self.label_smoothing
         )
         n = chosen.shape[0]
@@ -217,7 +217,7 @@ class DPOObjective(_PolicyModel):
 
     def infer(self, model: Any, batch: Mapping[str, torch.Tensor]) -> list[float]:
         """Summed response log-probs of each sequence (chosen rows, then rejected)."""
-        from cai_ray.rl import algorithms as rl_math
+        from cai_ray.rl import algorithms
 
-        logp = rl_math.token_logprobs(_policy_logits(model, batch), batch["input_ids"][:, 1:])
-        return rl_math.sequence_logprobs(logp, batch["response_mask"]).tolist()
+        logp = algorithms.token_logprobs(_policy_logits(model, batch), batch["input_ids"][:, 1:])
+        return algorithms.sequence_logprobs(logp, batch["response_mask"]).tolist()

@@ -1,4 +1,4 @@
-"""RL experience: rewards, KL and advantages from ragged per-sample lists, against rl_math."""
+"""RL experience: rewards, KL and advantages from ragged per-sample lists, against cai_ray.rl.algorithms."""
 
 from __future__ import annotations
 

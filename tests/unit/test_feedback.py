@@ -81,16 +81,16 @@ def test_rating_options_overlap_on_real_tokenizers(rating_tokens):
 def test_certain_judge_rates_k_and_reward_is_monotone(rating_tokens):
     import torch
 
-    from cai_ray.rl import algorithms as rl_math
+    from cai_ray.rl import algorithms
 
     ids, stop, vocab = rating_tokens
     expected = []
     for k in range(1, 11):
         exact = disjoint_logprobs(_certain_of(k, ids, stop, vocab), ids)
-        score = rl_math.expected_score(torch.tensor([exact]), torch.arange(1.0, 11.0))
+        score = algorithms.expected_score(torch.tensor([exact]), torch.arange(1.0, 11.0))
         expected.append(float(score[0]))
     assert expected == pytest.approx(list(range(1, 11)), abs=0.01)
-    rewards = rl_math.rlaif_reward(torch.tensor(expected)).tolist()
+    rewards = algorithms.rlaif_reward(torch.tensor(expected)).tolist()
     assert all(a < b for a, b in itertools.pairwise(rewards))
     assert rewards[0] == pytest.approx(-1, abs=0.01) and rewards[-1] == pytest.approx(1, abs=0.01)
 
