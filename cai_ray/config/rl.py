@@ -137,8 +137,8 @@ class DPOConfig(Section):
     )
     learner: LearnerConfig = Field(
         LearnerConfig(lr=5e-7, micro_batch_size=4),
-        description="the DPO learner group; default lr 5e-7, micro_batch_size 4 (a written "
-        "section starts from LearnerConfig's defaults)",
+        description="the DPO learner group; unset: lr 5e-7, micro_batch_size 4, but a section "
+        "written in YAML or --set starts from LearnerConfig's defaults (1e-5, 8)",
     )
 
 
@@ -196,8 +196,8 @@ class RLTrainConfig(Section):
     )
     policy: LearnerConfig = Field(
         LearnerConfig(lr=1e-6),
-        description="the policy's learner group; default lr 1e-6 (a written section starts "
-        "from LearnerConfig's defaults, lr 1e-5)",
+        description="the policy's learner group; unset: lr 1e-6, but a section written in YAML "
+        "or --set starts from LearnerConfig's defaults (lr 1e-5)",
     )
     value: LearnerConfig = Field(
         LearnerConfig(lr=1e-5), description="PPO: the critic's learner group"

@@ -313,8 +313,8 @@ class ServeConfig(Section):
     )
     ingress: DeploymentConfig = Field(
         DeploymentConfig(num_cpus=0.1, max_ongoing_requests=64),
-        description="the HTTP front (no batching); default 0.1 CPU, 64 requests; a written "
-        "section starts from DeploymentConfig's defaults",
+        description="the HTTP front (no batching); unset: 0.1 CPU, 64 requests, but a section "
+        "written in YAML or --set starts from DeploymentConfig's defaults (0.5, 32)",
     )
     policy: DeploymentConfig = Field(
         DeploymentConfig(), description="the policy: /v1/chat/completions, /v1/completions"
