@@ -334,7 +334,9 @@ class ServeConfig(Section):
         None, description="file holding the bearer token; wins over auth_token_env"
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body (413 above)")
-    max_prompt_tokens: int = Field(1024, ge=1, description="longest prompt a request may send")
+    max_prompt_tokens: int = Field(
+        1024, ge=1, description="longest prompt, in tokens, a policy request may send"
+    )
     max_tokens_limit: int = Field(256, ge=1, description="largest max_tokens a request may ask")
     max_n: int = Field(4, ge=1, description="most samples (`n`) per completion request")
     max_batch: int = Field(32, ge=1, description="most conversations per /v1/score request")
