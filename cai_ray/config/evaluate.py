@@ -27,8 +27,12 @@ class HumanJudgementsConfig(Section):
     Model names are checkpoint names (`helpful`, `sl-cai`, `rl-step-N`, `rl-cai`, or yours).
     """
 
-    harmlessness: str | None = None
-    helpfulness: str | None = None
+    harmlessness: str | None = Field(
+        None, description="CSV of human harmlessness comparisons (None: none)"
+    )
+    helpfulness: str | None = Field(
+        None, description="CSV of human helpfulness comparisons (None: none)"
+    )
 
     @property
     def files(self) -> dict[str, str]:
@@ -48,7 +52,11 @@ class EvaluateConfig(Section):
     (e.g. the ones training read, when a source is shared).
     """
 
-    checkpoints: Literal["auto"] | tuple[str, ...] = "auto"
+    checkpoints: Literal["auto"] | tuple[str, ...] = Field(
+        "auto",
+        description="auto: every one that exists (helpful, sl-cai, rl-step-N, rl-cai), or a list "
+        "of those names, NAME=PATH or HF directories",
+    )
     harmful: str = Field(HELD_OUT["harmful"], description="judged for harmlessness")
     helpful: str = Field(
         HELD_OUT["helpful"], description="judged for helpfulness; its refusals: over-refusal"
@@ -66,12 +74,25 @@ class EvaluateConfig(Section):
         description="the judge's harmlessness few-shot examples (None: as rl_label.few_shot, so "
         "the judge asks as the labeller did)",
     )
-    # The judge's wording; None: its own (cai_ray.eval.judging.HELPFULNESS_QUESTION and so on).
-    helpfulness_question: str | None = Field(None, min_length=1)
-    evasiveness_question: str | None = Field(None, min_length=1)
-    engages_option: str | None = Field(None, min_length=1)
-    evades_option: str | None = Field(None, min_length=1)
-    human_judgements: HumanJudgementsConfig = HumanJudgementsConfig()
+    helpfulness_question: str | None = Field(
+        None,
+        min_length=1,
+        description="the judge's helpfulness question (None: cai_ray.eval.judging's own)",
+    )
+    evasiveness_question: str | None = Field(
+        None,
+        min_length=1,
+        description="the judge's evasiveness question (None: cai_ray.eval.judging's own)",
+    )
+    engages_option: str | None = Field(
+        None, min_length=1, description="the evasiveness question's engaging option (None: own)"
+    )
+    evades_option: str | None = Field(
+        None, min_length=1, description="the evasiveness question's evasive option (None: own)"
+    )
+    human_judgements: HumanJudgementsConfig = Field(
+        HumanJudgementsConfig(), description="human comparisons fed into the Elo beside the judge's"
+    )
     pm_model: str | None = Field(None, description="None: <run_dir>/pm-train/hf when it exists")
     reference_model: str | None = Field(
         None, description="a second feedback model that re-labels stage-4 pairs (calibration)"
@@ -82,15 +103,27 @@ class EvaluateConfig(Section):
     label_sample: int = Field(64, ge=1, description="stage-4 pairs the reference re-labels")
     revision_sample: int = Field(64, ge=1, description="stage-1 chains scored per revision round")
     bootstrap: int = Field(200, ge=0, description="Elo bootstrap resamples")
-    calibration_bins: int = Field(10, ge=2)
+    calibration_bins: int = Field(
+        10, ge=2, description="equal-width bins of the label calibration table"
+    )
     colocate: bool = Field(
         False,
         description="one pool (sized by `rollout`) whose actors hold every checkpoint, the judge "
         "and the PM: small models on one machine; False: a pool per checkpoint and role",
     )
-    rollout: PoolConfig = PoolConfig()
-    judge: PoolConfig = PoolConfig()
-    pm: PoolConfig = PoolConfig()
+    rollout: PoolConfig = Field(
+        PoolConfig(),
+        description="each checkpoint's pool (colocate: the one pool); its `engine` is unread: "
+        "the top-level engine runs it",
+    )
+    judge: PoolConfig = Field(
+        PoolConfig(),
+        description="the AI judge's pool; its `engine` is read only by the reference re-labelling",
+    )
+    pm: PoolConfig = Field(
+        PoolConfig(),
+        description="the PM's pool; its `engine` is read only by the revision-round scoring",
+    )
     shard_rows: int = Field(64, ge=1, description="rows per output Parquet shard")
 
     @field_validator("checkpoints", mode="before")

@@ -28,37 +28,66 @@ class LearnerConfig(Section):
     """
 
     num_ranks: int = Field(0, ge=0, description="0 = in-process, world size 1")
-    zero_stage: int = Field(0, ge=0, le=3)
+    zero_stage: int = Field(
+        0, ge=0, le=3, description="DeepSpeed ZeRO stage: 0 none, 1 optimizer, 2 +grads, 3 +weights"
+    )
     dtype: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 on CUDA if supported"
     )
     micro_batch_size: int = Field(8, ge=1, description="sequences per rank per forward pass")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    lr: float = Field(1e-5, gt=0)
-    lr_schedule: LRSchedule = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    lr: float = Field(1e-5, gt=0, description="peak learning rate (AdamW)")
+    lr_schedule: LRSchedule = Field(
+        "constant",
+        description="after warm-up: constant (paper, SL-CAI), cosine or linear decay to 0; "
+        "warmup_constant needs warmup_steps",
+    )
+    warmup_steps: int = Field(
+        0, ge=0, description="optimizer steps of linear warm-up to lr (any schedule)"
+    )
+    weight_decay: float = Field(
+        0.0, ge=0, description="AdamW weight decay of 2-D+ parameters (not biases, norms)"
+    )
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2)")
     max_grad_norm: float = Field(1.0, ge=0, description="0 = no clipping")
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(
+        1, ge=1, description="passes over the data (paper SL-CAI: 1); RL: set rl_train.epochs"
+    )
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
-    max_seq_len: int = Field(1024, ge=8)
+    max_seq_len: int = Field(
+        1024,
+        ge=8,
+        description="longest training sequence in tokens: SFT cuts or drops (sl_train.truncation), "
+        "DPO cuts the prompt, the PM keeps the last tokens; the online RL loop does not read it",
+    )
     packing: bool = Field(False, description="pack several examples into one row")
     shuffle: bool = Field(True, description="seeded shuffle, a new order every epoch")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass: less memory, slower"
+    )
     checkpoint_every: int = Field(0, ge=0, description="optimizer steps; 0 = only at the end")
-    keep_checkpoints: int = Field(2, ge=1)
+    keep_checkpoints: int = Field(
+        2,
+        ge=1,
+        description="newest checkpoints kept (older deleted); RL: rl_train.keep_checkpoints",
+    )
     hf_checkpoints: bool = Field(True, description="also write an HF dir into each checkpoint")
-    seed: int = 0
-    tensorboard: bool = True
-    wandb: bool = False
-    mlflow: bool = False
+    seed: int = Field(0, description="the ranks' torch/numpy/random seed and the shuffle order")
+    tensorboard: bool = Field(
+        True, description="also log the step metrics to tensorboard/ beside metrics.jsonl"
+    )
+    wandb: bool = Field(False, description="also log the step metrics to Weights & Biases")
+    mlflow: bool = Field(False, description="also log the step metrics to MLflow")
     cpus_per_rank: float = Field(1.0, gt=0, description="also the torch thread count (floor)")
-    gpus_per_rank: float = Field(0.0, ge=0, le=1)
+    gpus_per_rank: float = Field(
+        0.0, ge=0, le=1, description="0: train on CPU (gloo); > 0: CUDA (NCCL), fractional shares"
+    )
     max_restarts: int = Field(
         1, ge=0, description="group restarts from the last checkpoint after a rank dies"
     )
-    placement_timeout_s: float = Field(120.0, gt=0)
+    placement_timeout_s: float = Field(
+        120.0, gt=0, description="seconds to wait for the cluster to place every rank"
+    )
     step_timeout_s: float = Field(1800.0, gt=0, description="per call and per collective")
 
     @model_validator(mode="after")
@@ -112,18 +141,30 @@ class SFTConfig(Section):
     model stays helpful: `helpful_per_revision` is helpful examples per revision example (0 = none).
     """
 
-    learner: LearnerConfig = LearnerConfig()
-    pairs: Literal["final", "all_rounds", "up_to"] = "final"
-    up_to: int | None = Field(None, ge=1)
+    learner: LearnerConfig = Field(LearnerConfig(), description="the SFT learner group")
+    pairs: Literal["final", "all_rounds", "up_to"] = Field(
+        "final",
+        description="revisions trained on: each chain's final one, every round's, or rounds "
+        "1..up_to (SL-CAI-n)",
+    )
+    up_to: int | None = Field(
+        None, ge=1, description="pairs up_to only: the last revision round trained on"
+    )
     helpful_per_revision: float = Field(
         1.0, ge=0, description="helpfulness examples mixed in per revision example (0 = none)"
     )
     helpful_source: str = Field(
         "model",
         min_length=1,
-        description="'model' (the helpful model answers data.helpful) or a file",
+        description="'model': stage 1's helpful answers (the only source stage 2 reads); "
+        "another value is only checked by evaluate's held-out warning",
     )
-    helpful_samples_per_prompt: int = Field(2, ge=1)
+    helpful_samples_per_prompt: int = Field(
+        2,
+        ge=1,
+        description="stage 1's helpful answers used per prompt, at most (paper: 2; stage 1 "
+        "writes sl_generate.helpful_samples)",
+    )
     truncation: Literal["left", "drop"] = Field(
         "left", description="left: cut the prompt's start to fit max_seq_len; drop: set aside"
     )

@@ -55,13 +55,19 @@ def rows(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str
         path = f"{prefix}{name}"
         section = _section_type(field.annotation)
         if section is not None and _is_section_field(field.annotation):
-            desc = (field.description or (section.__doc__ or "").strip().split("\n")[0]).strip()
+            desc = (field.description or _summary(section)).strip()
             default = "null" if field.default is None else "(section)"
             out.append((path, _type_name(field.annotation), default, desc))
             out += rows(section, prefix=f"{path}.")
             continue
         out.append((path, _type_name(field.annotation), _default(field), field.description or ""))
     return out
+
+
+def _summary(section: type[BaseModel]) -> str:
+    """The first paragraph of a section's docstring, as one line."""
+    paragraph = (section.__doc__ or "").strip().split("\n\n")[0]
+    return " ".join(paragraph.split())
 
 
 def _is_section_field(annotation: Any) -> bool:

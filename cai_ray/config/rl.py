@@ -50,11 +50,17 @@ class KLConfig(Section):
     GRPO/RLOO. `controller: adaptive` moves beta towards `target` nats (Ziegler et al. 2019).
     """
 
-    mode: Literal["reward", "loss"] | None = None
+    mode: Literal["reward", "loss"] | None = Field(
+        None,
+        description="reward: -beta * KL per token in the reward; loss: beta * KL in the policy "
+        "loss (None: reward for PPO, loss for GRPO/RLOO)",
+    )
     estimator: Literal["k1", "k2", "k3"] | None = Field(
         None, description="None: k1 in the reward, k3 as a loss"
     )
-    controller: Literal["fixed", "adaptive"] = "fixed"
+    controller: Literal["fixed", "adaptive"] = Field(
+        "fixed", description="adaptive: beta moves towards `target` (Ziegler et al. 2019)"
+    )
     beta: float = Field(0.001, ge=0, description="HH-RLHF used about 0.001")
     target: float = Field(6.0, gt=0, description="adaptive: KL per response to aim at (nats)")
     horizon: int = Field(10000, ge=1, description="adaptive: samples per full correction")
@@ -72,16 +78,27 @@ class RewardConfig(Section):
     `refusal_phrases`.
     """
 
-    kind: Literal["pm", "rlaif", "function"] = "pm"
+    kind: Literal["pm", "rlaif", "function"] = Field(
+        "pm",
+        description="pm: the PM's score; rlaif: the feedback model's 1-10 rating, in [-1, 1]; "
+        "function: `function`",
+    )
     model: str | None = Field(None, description="pm: a PM directory; rlaif: a feedback model")
-    function: str | None = None
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    criterion: str = (
+    function: str | None = Field(
+        None, description="kind function: `package.module:fn` or `path/to/file.py:fn`"
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="kind function: keyword arguments passed to it"
+    )
+    criterion: str = Field(
         "How harmless, honest and helpful is the assistant's last response? "
-        "1 is harmful or evasive, 10 is harmless and genuinely helpful."
+        "1 is harmful or evasive, 10 is harmless and genuinely helpful.",
+        description="kind rlaif: what the feedback model rates",
     )
     clip: float | None = Field(None, gt=0, description="clip rewards to [-clip, clip]")
-    refusal_penalty: float = Field(0.0, ge=0)
+    refusal_penalty: float = Field(
+        0.0, ge=0, description="subtracted for a response with a refusal phrase (0: off)"
+    )
     max_bad_batches: int = Field(
         3, ge=0, description="batches with a failing or NaN reward skipped before the run stops"
     )
@@ -103,11 +120,26 @@ class DPOConfig(Section):
     label is at least `min_margin` from 0.5.
     """
 
-    pairs: Literal["revisions", "labels"] = "revisions"
-    beta: float = Field(0.1, gt=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
-    min_margin: float = Field(0.0, ge=0, lt=0.5)
-    learner: LearnerConfig = LearnerConfig(lr=5e-7, micro_batch_size=4)
+    pairs: Literal["revisions", "labels"] = Field(
+        "revisions",
+        description="revisions: stage 1's final revision over the initial answer; labels: "
+        "stage 4's winner",
+    )
+    beta: float = Field(0.1, gt=0, description="DPO's beta: strength of the implicit KL")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="share of the loss given to the flipped preference"
+    )
+    min_margin: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="pairs labels: drop pairs whose |label - 0.5| <= this (0: exact ties only)",
+    )
+    learner: LearnerConfig = Field(
+        LearnerConfig(lr=5e-7, micro_batch_size=4),
+        description="the DPO learner group; unset: lr 5e-7, micro_batch_size 4, but a section "
+        "written in YAML or --set starts from LearnerConfig's defaults (1e-5, 8)",
+    )
 
 
 class RLTrainConfig(Section):
@@ -121,31 +153,55 @@ class RLTrainConfig(Section):
     (`LOOP_OWNS`): setting one there is an error that names the `rl_train` key to set instead.
     """
 
-    algorithm: Algorithm = "ppo"
-    steps: int = Field(20, ge=1)
-    prompts_per_step: int = Field(8, ge=1)
+    algorithm: Algorithm = Field(
+        "ppo", description="ppo (the paper), grpo, rloo, or dpo (offline, see `dpo`)"
+    )
+    steps: int = Field(20, ge=1, description="RL steps (online algorithms)")
+    prompts_per_step: int = Field(8, ge=1, description="prompts sampled per RL step")
     group_size: int | None = Field(None, ge=1, description="None: 1 for PPO, 4 for GRPO/RLOO")
-    helpful_fraction: float = Field(0.5, ge=0, le=1)
+    helpful_fraction: float = Field(
+        0.5, ge=0, le=1, description="share of each step's prompts from data.helpful"
+    )
     epochs: int = Field(1, ge=1, description="passes over each step's samples")
     max_new_tokens: int | None = Field(None, ge=1, description="None: generation.max_new_tokens")
     temperature: float | None = Field(None, gt=0, description="None: generation.temperature")
-    clip_eps: float = Field(0.2, gt=0)
-    value_clip_eps: float = Field(0.2, gt=0)
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
+    clip_eps: float = Field(
+        0.2, gt=0, description="the policy ratio's clip range (PPO, GRPO, RLOO)"
+    )
+    value_clip_eps: float = Field(
+        0.2, gt=0, description="PPO: the critic's clip range around its old values"
+    )
+    gamma: float = Field(1.0, ge=0, le=1, description="PPO: GAE discount per token")
+    lam: float = Field(0.95, ge=0, le=1, description="PPO: GAE lambda")
     whiten_advantages: bool = Field(True, description="PPO: normalise advantages per step")
     grpo_scale_by_std: bool = Field(True, description="False: Dr. GRPO's mean-only baseline")
-    entropy_coef: float = Field(0.0, ge=0)
+    entropy_coef: float = Field(
+        0.0, ge=0, description="weight of an entropy bonus in the policy loss (0: off)"
+    )
     old_logprobs: Literal["recompute", "rollout"] = Field(
         "recompute", description="the learner's log-probs, or the rollout engine's (vLLM: bf16)"
     )
-    kl: KLConfig = KLConfig()
-    reward: RewardConfig = RewardConfig()
-    rollout: RLWorkersConfig = RLWorkersConfig()
-    reward_workers: RLWorkersConfig = RLWorkersConfig()
-    reference: RLWorkersConfig = RLWorkersConfig()
-    policy: LearnerConfig = LearnerConfig(lr=1e-6)
-    value: LearnerConfig = LearnerConfig(lr=1e-5)
+    kl: KLConfig = Field(KLConfig(), description="the KL term to the SL-CAI policy")
+    reward: RewardConfig = Field(RewardConfig(), description="where the reward comes from")
+    rollout: RLWorkersConfig = Field(
+        RLWorkersConfig(), description="workers that sample the policy's responses"
+    )
+    reward_workers: RLWorkersConfig = Field(
+        RLWorkersConfig(), description="workers that score the responses (`reward`)"
+    )
+    reference: RLWorkersConfig = Field(
+        RLWorkersConfig(),
+        description="workers of the frozen SL-CAI policy's log-probs (the KL); DPO reads its "
+        "engine and batch_size",
+    )
+    policy: LearnerConfig = Field(
+        LearnerConfig(lr=1e-6),
+        description="the policy's learner group; unset: lr 1e-6, but a section written in YAML "
+        "or --set starts from LearnerConfig's defaults (lr 1e-5)",
+    )
+    value: LearnerConfig = Field(
+        LearnerConfig(lr=1e-5), description="PPO: the critic's learner group"
+    )
     value_init: Literal["auto", "reward", "policy"] = Field(
         "auto",
         description="the critic's start: the PM, the policy; auto = PM if it shares "
@@ -159,14 +215,16 @@ class RLTrainConfig(Section):
         description="nccl: GPU to GPU into vLLM engines; auto picks it when possible (vLLM on "
         "CUDA, policy ranks on GPUs, placement separate), else the object store",
     )
-    checkpoint_every: int = Field(10, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
+    checkpoint_every: int = Field(
+        10, ge=1, description="RL steps between checkpoints (and snapshots); the last step too"
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="newest RL checkpoints kept")
     rollout_log: bool = Field(True, description="write every sample to rollouts/step-*.parquet")
     snapshots: bool = Field(
         True, description="the policy as an HF dir at every checkpoint (snapshots/step-N)"
     )
     call_timeout_s: float = Field(600, gt=0, description="per role call (generate, score, sync)")
-    dpo: DPOConfig = DPOConfig()
+    dpo: DPOConfig = Field(DPOConfig(), description="algorithm dpo: offline DPO")
 
     @model_validator(mode="after")
     def _check(self) -> RLTrainConfig:

