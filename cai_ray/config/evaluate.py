@@ -113,16 +113,16 @@ class EvaluateConfig(Section):
     )
     rollout: PoolConfig = Field(
         PoolConfig(),
-        description="each checkpoint's pool (colocate: the one pool); its `engine` is unread: "
-        "the top-level engine runs it",
+        description="each checkpoint's answering pool (colocate: the one pool, whose workers "
+        "hold every model, each on its own section's engine)",
     )
     judge: PoolConfig = Field(
         PoolConfig(),
-        description="the AI judge's pool; its `engine` is read only by the reference re-labelling",
+        description="the AI judge's pool (and the reference judge's re-labelling)",
     )
     pm: PoolConfig = Field(
         PoolConfig(),
-        description="the PM's pool; its `engine` is read only by the revision-round scoring",
+        description="the PM's pool (and the PM's pass over revision rounds)",
     )
     shard_rows: int = Field(64, ge=1, description="rows per output Parquet shard")
 

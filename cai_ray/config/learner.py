@@ -153,12 +153,6 @@ class SFTConfig(Section):
     helpful_per_revision: float = Field(
         1.0, ge=0, description="helpfulness examples mixed in per revision example (0 = none)"
     )
-    helpful_source: str = Field(
-        "model",
-        min_length=1,
-        description="'model': stage 1's helpful answers (the only source stage 2 reads); "
-        "another value is only checked by evaluate's held-out warning",
-    )
     helpful_samples_per_prompt: int = Field(
         2,
         ge=1,

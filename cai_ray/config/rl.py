@@ -19,12 +19,14 @@ Algorithm = Literal["ppo", "grpo", "rloo", "dpo"]
 # Keys of `rl_train.policy` / `rl_train.value` (a LearnerConfig) that the online loop owns: setting
 # them there would do nothing, so it is an error naming the key that does it.
 LOOP_OWNS = {
-    "epochs": "rl_train.epochs",
-    "max_steps": "rl_train.steps",
-    "checkpoint_every": "rl_train.checkpoint_every",
-    "keep_checkpoints": "rl_train.keep_checkpoints",
-    "hf_checkpoints": "rl_train.snapshots",
-    "tensorboard": "rl-train/metrics.jsonl (the loop's own metrics)",
+    "epochs": "set rl_train.epochs",
+    "max_steps": "set rl_train.steps",
+    "checkpoint_every": "set rl_train.checkpoint_every",
+    "keep_checkpoints": "set rl_train.keep_checkpoints",
+    "hf_checkpoints": "set rl_train.snapshots",
+    "tensorboard": "its metrics are rl-train/metrics.jsonl",
+    "max_seq_len": "a sample is its prompt plus at most rl_train.max_new_tokens",
+    "packing": "every sample is its own row",
 }
 _LEARNER_DEFAULTS = {k: LearnerConfig.model_fields[k].default for k in LOOP_OWNS}
 
@@ -40,6 +42,22 @@ class RLWorkersConfig(PoolConfig):
     size: int = Field(1, ge=0, description="0: the role runs inside the driver")
     batch_size: int = Field(8, ge=1, description="sequences per forward pass")
     max_restarts: int = Field(2, ge=0, description="restarts of a killed worker before failing")
+
+
+# A section written in YAML or --set starts from its class's defaults, so a learner whose
+# defaults differ from LearnerConfig's is its own class: `policy: {micro_batch_size: 8}` keeps
+# the policy's lr.
+class PolicyLearnerConfig(LearnerConfig):
+    """The RL policy's learner group: LearnerConfig with a smaller learning rate (1e-6)."""
+
+    lr: float = Field(1e-6, gt=0, description="peak learning rate (the RL policy's: 1e-6)")
+
+
+class DPOLearnerConfig(LearnerConfig):
+    """The DPO learner group: LearnerConfig with lr 5e-7 and micro-batches of 4 pairs."""
+
+    lr: float = Field(5e-7, gt=0, description="peak learning rate (DPO's: 5e-7)")
+    micro_batch_size: int = Field(4, ge=1, description="pairs per rank per forward pass")
 
 
 class KLConfig(Section):
@@ -135,10 +153,8 @@ class DPOConfig(Section):
         lt=0.5,
         description="pairs labels: drop pairs whose |label - 0.5| <= this (0: exact ties only)",
     )
-    learner: LearnerConfig = Field(
-        LearnerConfig(lr=5e-7, micro_batch_size=4),
-        description="the DPO learner group; unset: lr 5e-7, micro_batch_size 4, but a section "
-        "written in YAML or --set starts from LearnerConfig's defaults (1e-5, 8)",
+    learner: DPOLearnerConfig = Field(
+        DPOLearnerConfig(), description="the DPO learner group (lr 5e-7, micro_batch_size 4)"
     )
 
 
@@ -194,14 +210,10 @@ class RLTrainConfig(Section):
         description="workers of the frozen SL-CAI policy's log-probs (the KL); DPO reads its "
         "engine and batch_size",
     )
-    policy: LearnerConfig = Field(
-        LearnerConfig(lr=1e-6),
-        description="the policy's learner group; unset: lr 1e-6, but a section written in YAML "
-        "or --set starts from LearnerConfig's defaults (lr 1e-5)",
+    policy: PolicyLearnerConfig = Field(
+        PolicyLearnerConfig(), description="the policy's learner group (lr 1e-6)"
     )
-    value: LearnerConfig = Field(
-        LearnerConfig(lr=1e-5), description="PPO: the critic's learner group"
-    )
+    value: LearnerConfig = Field(LearnerConfig(), description="PPO: the critic's learner group")
     value_init: Literal["auto", "reward", "policy"] = Field(
         "auto",
         description="the critic's start: the PM, the policy; auto = PM if it shares "
@@ -235,8 +247,8 @@ class RLTrainConfig(Section):
             if owned:
                 key = owned[0]
                 raise ValueError(
-                    f"rl_train.{role}.{key} is not read: the RL loop owns it; set "
-                    f"{LOOP_OWNS[key]} instead"
+                    f"rl_train.{role}.{key} is not read by the RL loop ({LOOP_OWNS[key]}): "
+                    "remove it"
                 )
         g = self.samples_per_prompt
         if self.algorithm in ("grpo", "rloo") and g < 2:

@@ -282,6 +282,14 @@ class DeploymentConfig(Section):
         return value
 
 
+class IngressConfig(DeploymentConfig):
+    """The HTTP front: a DeploymentConfig that is light (0.1 CPU) and holds more requests (64).
+    Its own class, so a written `serve.ingress` section keeps these defaults."""
+
+    num_cpus: float = Field(0.1, ge=0, description="CPUs per replica")
+    max_ongoing_requests: int = Field(64, ge=1, description="requests a replica holds at once")
+
+
 class ServeConfig(Section):
     """`cai-ray serve`: the policy, the PM and the constitution over HTTP (Ray Serve).
 
@@ -311,10 +319,8 @@ class ServeConfig(Section):
         description="the PM when reward_path is unset and pm-train/hf is absent: a trained PM "
         "dir; a preset is a random classifier",
     )
-    ingress: DeploymentConfig = Field(
-        DeploymentConfig(num_cpus=0.1, max_ongoing_requests=64),
-        description="the HTTP front (no batching); unset: 0.1 CPU, 64 requests, but a section "
-        "written in YAML or --set starts from DeploymentConfig's defaults (0.5, 32)",
+    ingress: IngressConfig = Field(
+        IngressConfig(), description="the HTTP front (no batching): 0.1 CPU, 64 requests"
     )
     policy: DeploymentConfig = Field(
         DeploymentConfig(), description="the policy: /v1/chat/completions, /v1/completions"
@@ -590,6 +596,11 @@ MOVED = {
     "rl_train.refusal_phrases": "refusal_phrases",
     "evaluate.refusal_phrases": "refusal_phrases",
 }
+# Keys that were removed: the old name is an error that says why.
+REMOVED = {
+    "sl_train.helpful_source": "stage 2 mixes in stage 1's helpful answers (sl_generate."
+    "helpful_samples on data.helpful); to train on other prompts, point data.helpful at them",
+}
 
 
 def _config_error(exc: ValidationError, origin: str) -> ConfigError:
@@ -608,6 +619,8 @@ def _describe(err: Any) -> str:
     if err["type"] == "extra_forbidden":
         if key in MOVED:
             return f"{key}: this key is now '{MOVED[key]}' (same meaning): rename it"
+        if key in REMOVED:
+            return f"{key}: this key was removed: {REMOVED[key]}"
         valid = _fields_at(loc[:-1])
         close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
         fix = f"did you mean '{'.'.join([*loc[:-1], close[0]])}'?" if close else ""

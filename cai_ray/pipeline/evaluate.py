@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from cai_ray.config import RunConfig, resolve_path
+from cai_ray.config import PoolConfig, RunConfig, resolve_path
 from cai_ray.config.evaluate import HELD_OUT
 from cai_ray.data.conversation import PromptFormat
 from cai_ray.data.shards import ShardStore, atomic_write_text, reject_counts, write_manifest
@@ -135,8 +135,6 @@ def training_overlap(cfg: RunConfig) -> list[str]:
         training = {"data.red_team": cfg.data.red_team, "data.helpful": cfg.data.helpful}
     if cfg.pm_train.helpful_per_ai_pair > 0:
         training["pm_train.helpful_source"] = cfg.pm_train.helpful_source
-    if cfg.sl_train.helpful_per_revision > 0 and cfg.sl_train.helpful_source != "model":
-        training["sl_train.helpful_source"] = cfg.sl_train.helpful_source
     keys = {field: _source_key(spec) for field, spec in training.items()}
     warnings = []
     for split in SPLITS:
@@ -280,8 +278,9 @@ def _steps(
 
     e = cfg.evaluate
 
-    def model(ref: ModelRef) -> dict[str, Any]:
-        return dict(model_path=str(ref.path), engine=cfg.engine, model_id=ref.id)
+    def model(ref: ModelRef, pool: PoolConfig) -> dict[str, Any]:
+        """A worker's model arguments; its pool section's engine, else the run's."""
+        return dict(model_path=str(ref.path), engine=pool.engine or cfg.engine, model_id=ref.id)
 
     # one seed for every checkpoint: answers differ by model, not by sampling noise
     sampling = SamplingParams.of(
@@ -296,7 +295,7 @@ def _steps(
     for i, ck in enumerate(checkpoints):
         fmt = PromptFormat(cfg.format, ck.ref.template_kwargs or dict(source))  # type: ignore[arg-type]
         kwargs = dict(sampling=sampling, fmt=fmt, answer_col=f"answer_{i}")
-        steps.append((RolloutWorker, {**model(ck.ref), **kwargs}, e.rollout))
+        steps.append((RolloutWorker, {**model(ck.ref, e.rollout), **kwargs}, e.rollout))
     steps.append((_pack_answers, dict(n=len(checkpoints)), None))
     if judge is not None:
         kwargs = dict(
@@ -305,9 +304,9 @@ def _steps(
             seed=cfg.seed,
             names=[c.name for c in checkpoints],
         )
-        steps.append((JudgeWorker, {**model(judge), **kwargs}, e.judge))
+        steps.append((JudgeWorker, {**model(judge, e.judge), **kwargs}, e.judge))
     if pm is not None:
-        steps.append((PMScoreWorker, {**model(pm), "text_col": "answers"}, e.pm))
+        steps.append((PMScoreWorker, {**model(pm, e.pm), "text_col": "answers"}, e.pm))
     return steps
 
 

@@ -143,15 +143,30 @@ def test_one_refusal_phrase_list_feeds_rl_train_and_evaluate():
 @pytest.mark.parametrize(
     "key, owner",
     [
-        ("rl_train.policy.epochs=2", "rl_train.epochs"),
-        ("rl_train.value.checkpoint_every=3", "rl_train.checkpoint_every"),
-        ("rl_train.policy.keep_checkpoints=1", "rl_train.keep_checkpoints"),
-        ("rl_train.policy.max_steps=5", "rl_train.steps"),
+        ("rl_train.policy.epochs=2", "set rl_train.epochs"),
+        ("rl_train.value.checkpoint_every=3", "set rl_train.checkpoint_every"),
+        ("rl_train.policy.keep_checkpoints=1", "set rl_train.keep_checkpoints"),
+        ("rl_train.policy.max_steps=5", "set rl_train.steps"),
+        ("rl_train.policy.max_seq_len=64", "rl_train.max_new_tokens"),
     ],
 )
 def test_a_learner_key_the_rl_loop_owns_is_an_error(key, owner):
-    with pytest.raises(ConfigError, match=f"not read: the RL loop owns it; set {owner}"):
+    with pytest.raises(ConfigError, match="is not read by the RL loop") as err:
         load_config(None, [key])
+    assert owner in str(err.value)
+
+
+def test_a_written_learner_or_ingress_section_keeps_its_own_defaults():
+    # `policy: {micro_batch_size: 4}` must not reset the policy's lr to LearnerConfig's.
+    cfg = load_config(None, ["rl_train.policy={micro_batch_size: 4}", "serve.ingress={}"])
+    assert cfg.rl_train.policy.lr == RunConfig().rl_train.policy.lr == 1e-6
+    assert (
+        load_config(
+            None, ["rl_train.dpo.learner={lr: 1.0e-6}"]
+        ).rl_train.dpo.learner.micro_batch_size
+        == 4
+    )
+    assert cfg.serve.ingress.num_cpus == 0.1 and cfg.serve.ingress.max_ongoing_requests == 64
 
 
 def test_a_resolved_config_with_the_loop_owned_defaults_still_loads(tmp_path):
@@ -178,3 +193,8 @@ def test_rl_role_workers_are_a_pool_with_size_zero_and_an_engine():
     assert cfg.rl_train.reference.engine.dtype == "bfloat16"
     with pytest.raises(ConfigError, match=r"sl_generate\.rollout\.size"):
         load_config(None, ["sl_generate.rollout.size=0"])  # a Ray Data pool needs a worker
+
+
+def test_a_removed_key_says_why():
+    with pytest.raises(ConfigError, match="sl_train.helpful_source: this key was removed"):
+        load_config(None, ["sl_train.helpful_source=model"])

@@ -93,7 +93,6 @@ def test_held_out_prompts_are_distinct_from_each_other():
 def test_training_never_reads_the_held_out_sets(config):
     cfg = load_config(ROOT / config if config else None)
     training = [cfg.data.red_team, cfg.data.helpful, cfg.pm_train.helpful_source]
-    training.append(cfg.sl_train.helpful_source)
     held = {f"sample:{name}" for name in EVAL_SAMPLES}
     held_files = {str(sample_path(name)) for name in EVAL_SAMPLES}
     assert held.isdisjoint(training) and held_files.isdisjoint(training)
@@ -109,9 +108,9 @@ def test_an_eval_source_that_training_reads_is_a_warning(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "hi"}\n')
     overrides = [f"data.helpful={prompts}", f"evaluate.helpful={tmp_path}/./prompts.jsonl"]
-    overrides += [f"sl_train.helpful_source={prompts}"]
+    overrides += [f"pm_train.helpful_source={prompts}", "pm_train.helpful_per_ai_pair=0.5"]
     (warning,) = training_overlap(load_config(None, overrides))
-    assert "is also data.helpful, sl_train.helpful_source" in warning
+    assert "is also data.helpful, pm_train.helpful_source" in warning
     # skipping past the `data.limit` prompts training read holds them out; pm_train's source
     # counts only when stage 5 mixes it in
     skipped = ["evaluate.harmful=sample:red_team", "data.limit=16", "evaluate.skip=16"]
