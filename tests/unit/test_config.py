@@ -196,5 +196,5 @@ def test_rl_role_workers_are_a_pool_with_size_zero_and_an_engine():
 
 
 def test_a_removed_key_says_why():
-    with pytest.raises(ConfigError, match="sl_train.helpful_source: this key was removed"):
+    with pytest.raises(ConfigError, match=r"sl_train\.helpful_source: this key was removed"):
         load_config(None, ["sl_train.helpful_source=model"])
