@@ -46,6 +46,16 @@ RESULTS = ROOT / "benchmarks" / "results" / "bench_vs_trl.json"
 RL_REWARD = "cai_ray.feedback.rule_rewards:length_target"
 RL_TARGET_CHARS = 8
 RL_SPLIT = ("time_generate_s", "time_score_s", "time_train_s", "time_sync_s")
+# cai-ray's RL side for one machine: every role in the driver (no object-store weight sync, no
+# Ray round trips), the step's 16 samples in one decode batch (local-tiny: 8), and the rollout engine's fp32 log-probs
+# as the old policy's (one update per step: the policy that sampled is the one that trains).
+RL_ONE_MACHINE = [
+    "rl_train.rollout.size=0",
+    "rl_train.reward_workers.size=0",
+    "rl_train.reference.size=0",
+    "rl_train.old_logprobs=rollout",
+    "rl_train.rollout.batch_size=16",
+]
 
 
 def pair_rows(n: int, seq_len: int, vocab: int) -> list[dict]:
@@ -176,7 +186,7 @@ def trl_pm(model_dir: Path, rows: list[dict], args) -> float:
     return args.micro_batch * (len(clock.ends) - 1) / (clock.ends[-1] - clock.ends[0])
 
 
-def rl_sets(model_dir: Path, run_dir: Path, args) -> list[str]:
+def rl_sets(model_dir: Path, run_dir: Path, args, extra: list[str]) -> list[str]:
     """cai-ray's side of the RL row: configs/local-tiny.yaml with GRPO and the bench's sizes."""
     samples = args.rl_prompts * args.rl_group
     return [
@@ -196,11 +206,12 @@ def rl_sets(model_dir: Path, run_dir: Path, args) -> list[str]:
         f"rl_train.kl.beta={args.rl_beta}",
         f"rl_train.policy={{micro_batch_size: {samples}, lr: 1.0e-5, "
         f"cpus_per_rank: {args.threads}}}",
+        *extra,
         *args.rl_set,
     ]
 
 
-def cai_ray_rl(model_dir: Path, args, prompts: list[str]) -> dict:
+def cai_ray_rl(model_dir: Path, args, prompts: list[str], extra: list[str]) -> dict:
     """One rl_train run; fills `prompts` (rendered as the policy read them) for TRL's side."""
     from cai_ray.data.conversation import PromptFormat
     from cai_ray.pipeline import rl_train
@@ -208,7 +219,7 @@ def cai_ray_rl(model_dir: Path, args, prompts: list[str]) -> dict:
 
     run_dir = Path(tempfile.mkdtemp(prefix="bench-vs-trl-rl-"))
     try:
-        rl_train.run(load_config(ROOT / "configs/local-tiny.yaml", rl_sets(model_dir, run_dir, args)),
+        rl_train.run(load_config(ROOT / "configs/local-tiny.yaml", rl_sets(model_dir, run_dir, args, extra)),
                      progress=False)  # fmt: skip
         rows = read_metrics(run_dir / "rl-train")[1:]  # the first step pays start-up
         if not prompts:
@@ -356,8 +367,9 @@ def main() -> None:
     }  # fmt: skip
     rl_prompts: list[str] = []  # filled by cai-ray's first RL run, then TRL's dataset
     sides["rl"] = {
-        "cai-ray": lambda: cai_ray_rl(model_dir, args, rl_prompts),
+        "cai-ray": lambda: cai_ray_rl(model_dir, args, rl_prompts, RL_ONE_MACHINE),
         "trl": lambda: trl_grpo(model_dir, args, rl_prompts),
+        "cai-ray local-tiny roles": lambda: cai_ray_rl(model_dir, args, rl_prompts, []),
     }
     if args.actor or args.only in (None, "rl"):
         import ray
@@ -413,7 +425,7 @@ def main() -> None:
         "steps": args.steps,
         "rl": {"steps": args.rl_steps, "prompts_per_step": args.rl_prompts, "group": args.rl_group,
                "new_tokens": args.rl_tokens, "beta": args.rl_beta, "reward": RL_REWARD,
-               "target_chars": RL_TARGET_CHARS, "cai_ray_sets": args.rl_set},
+               "target_chars": RL_TARGET_CHARS, "cai_ray_sets": RL_ONE_MACHINE + args.rl_set},
         "threads": args.threads,
         "repeats": args.repeats,
         "dtype": "float32",
