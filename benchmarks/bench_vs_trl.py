@@ -5,11 +5,17 @@ run alternating (cai-ray, TRL, cai-ray, TRL, ...) so both see the same backgroun
 of the repeats is kept. (1) SFT tokens/s: LearnerGroup + SFTObjective in-process (`num_ranks: 0`)
 vs TRL `SFTTrainer` on pre-tokenised rows with a completion mask (response-only loss). (2) PM
 pairs/s: LearnerGroup + PreferenceObjective vs TRL `RewardTrainer` (sequence-classification head,
-Bradley-Terry loss). The first step of each run is not timed: cai-ray from its metrics'
-`step_time_s` (collate included), TRL from the wall time between step ends (data loading
-included). Writes benchmarks/results/bench_vs_trl.json.
+Bradley-Terry loss). (3) RL samples/s: the real stage-6 loop (`rl_train`, GRPO, the local-tiny
+roles as Ray actors, a rule reward) vs TRL `GRPOTrainer` on the prompts cai-ray sampled, same
+group size, new tokens, reward function, beta, lr and one optimizer step per RL step, with
+each step's time split (cai-ray: its metrics' generate / score / train / sync; TRL: its
+`_generate`, the rest of `_generate_and_score_completions` (reward, reference log-probs) and the
+update). The first step of each run is not timed: cai-ray from its metrics' `step_time_s`
+(collate included), TRL from the wall time between step ends (data loading included). Writes
+benchmarks/results/bench_vs_trl.json.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_vs_trl.py [--steps 16] [--repeats 2]
+        [--only rl] [--rl-steps 8]
 """
 
 from __future__ import annotations
@@ -29,13 +35,27 @@ from timing import write_results
 
 from actors.learner.group import LearnerGroup
 from actors.learner.metrics import read_metrics
-from cai_ray.config import ModelConfig
+from cai_ray.config import ModelConfig, load_config
 from cai_ray.config.learner import LearnerConfig
 from cai_ray.feedback.pm_objective import PreferenceObjective
 from cai_ray.models import default_cache_dir, ensure_model
 from cai_ray.sl.objective import SFTObjective
 
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_vs_trl.json"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "bench_vs_trl.json"
+RL_REWARD = "cai_ray.feedback.rule_rewards:length_target"
+RL_TARGET_CHARS = 8
+RL_SPLIT = ("time_generate_s", "time_score_s", "time_train_s", "time_sync_s")
+# cai-ray's RL side for one machine: every role in the driver (no object-store weight sync, no
+# Ray round trips), the step's 16 samples in one decode batch (local-tiny: 8), and the rollout engine's fp32 log-probs
+# as the old policy's (one update per step: the policy that sampled is the one that trains).
+RL_ONE_MACHINE = [
+    "rl_train.rollout.size=0",
+    "rl_train.reward_workers.size=0",
+    "rl_train.reference.size=0",
+    "rl_train.old_logprobs=rollout",
+    "rl_train.rollout.batch_size=16",
+]
 
 
 def pair_rows(n: int, seq_len: int, vocab: int) -> list[dict]:
@@ -166,6 +186,136 @@ def trl_pm(model_dir: Path, rows: list[dict], args) -> float:
     return args.micro_batch * (len(clock.ends) - 1) / (clock.ends[-1] - clock.ends[0])
 
 
+def rl_sets(model_dir: Path, run_dir: Path, args, extra: list[str]) -> list[str]:
+    """cai-ray's side of the RL row: configs/local-tiny.yaml with GRPO and the bench's sizes."""
+    samples = args.rl_prompts * args.rl_group
+    return [
+        f"run_dir={run_dir}",
+        f"models.helpful={{path: {model_dir}}}",
+        f"engine.threads={args.threads}",
+        f"generation.max_new_tokens={args.rl_tokens}",
+        "rl_train.algorithm=grpo",
+        f"rl_train.group_size={args.rl_group}",
+        f"rl_train.prompts_per_step={args.rl_prompts}",
+        f"rl_train.steps={args.rl_steps}",
+        f"rl_train.checkpoint_every={args.rl_steps}",
+        "rl_train.snapshots=false",
+        "rl_train.reward.kind=function",
+        f"rl_train.reward.function={RL_REWARD}",
+        f"rl_train.reward.kwargs={{target_chars: {RL_TARGET_CHARS}}}",
+        f"rl_train.kl.beta={args.rl_beta}",
+        f"rl_train.policy={{micro_batch_size: {samples}, lr: 1.0e-5, "
+        f"cpus_per_rank: {args.threads}}}",
+        *extra,
+        *args.rl_set,
+    ]
+
+
+def cai_ray_rl(model_dir: Path, args, prompts: list[str], extra: list[str]) -> dict:
+    """One rl_train run; fills `prompts` (rendered as the policy read them) for TRL's side."""
+    from cai_ray.data.conversation import PromptFormat
+    from cai_ray.pipeline import rl_train
+    from cai_ray.pipeline.rl_checkpoint import read_rollouts
+
+    run_dir = Path(tempfile.mkdtemp(prefix="bench-vs-trl-rl-"))
+    try:
+        rl_train.run(load_config(ROOT / "configs/local-tiny.yaml", rl_sets(model_dir, run_dir, args, extra)),
+                     progress=False)  # fmt: skip
+        rows = read_metrics(run_dir / "rl-train")[1:]  # the first step pays start-up
+        if not prompts:
+            fmt = PromptFormat.of("transcript").load(model_dir)
+            rollouts = read_rollouts(run_dir / "rl-train")
+            first = rollouts[rollouts["sample"] == 0].sort_values(["step"], kind="stable")
+            prompts += [fmt.render_messages(list(m)) for m in first["messages"]]
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    seconds = sum(r["step_time_s"] for r in rows)
+    return {
+        "value": sum(r["samples"] for r in rows) / seconds,
+        "split": {k: round(sum(r[k] for r in rows) / len(rows), 4) for k in RL_SPLIT},
+        "step_s": round(seconds / len(rows), 4),
+        "response_tokens": round(sum(r["response_len"] for r in rows) / len(rows), 2),
+    }
+
+
+def rl_reward(prompts, completions, **_):
+    """The rule reward of cai-ray's side, on the response as cai-ray's reward worker reads it."""
+    from cai_ray.feedback.rule_rewards import length_target
+
+    return length_target(prompts, [c.strip() for c in completions], target_chars=RL_TARGET_CHARS)
+
+
+def trl_grpo(model_dir: Path, args, prompts: list[str]) -> dict:
+    """TRL GRPOTrainer on the same prompts, in order; its step split from wrapped methods."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    out = tempfile.mkdtemp(prefix="bench-trl-grpo-")
+    samples = args.rl_prompts * args.rl_group
+    try:
+        cfg = GRPOConfig(
+            output_dir=out,
+            per_device_train_batch_size=samples,
+            gradient_accumulation_steps=1,
+            num_generations=args.rl_group,
+            max_completion_length=args.rl_tokens,
+            temperature=1.0,
+            top_p=1.0,
+            beta=args.rl_beta,
+            max_steps=args.rl_steps,
+            learning_rate=1e-5,
+            max_grad_norm=1.0,
+            lr_scheduler_type="constant",
+            shuffle_dataset=False,
+            logging_strategy="no",
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            bf16=False,
+            fp16=False,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            seed=0,
+        )
+        clock = _step_clock()
+        trainer = GRPOTrainer(model=model, reward_funcs=rl_reward, args=cfg,
+                              train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
+                              processing_class=tok, callbacks=[clock])  # fmt: skip
+        spans: dict[str, list[float]] = {"generate": [], "generate_and_score": []}
+        for name, key in (("_generate", "generate"), ("_generate_and_score_completions",
+                                                       "generate_and_score")):  # fmt: skip
+            inner = getattr(trainer, name)
+
+            def timed(*a, _inner=inner, _key=key, **k):
+                t0 = time.perf_counter()
+                try:
+                    return _inner(*a, **k)
+                finally:
+                    spans[_key].append(time.perf_counter() - t0)
+
+            setattr(trainer, name, timed)
+        trainer.train()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    steps = len(clock.ends) - 1  # the first step warms up
+    seconds = clock.ends[-1] - clock.ends[0]
+    gen = sum(spans["generate"][1:]) / steps
+    gen_score = sum(spans["generate_and_score"][1:]) / steps
+    return {
+        "value": samples * steps / seconds,
+        "split": {
+            "time_generate_s": round(gen, 4),
+            "time_score_s": round(gen_score - gen, 4),  # reward + reference log-probs
+            "time_train_s": round(seconds / steps - gen_score, 4),  # the update, the loop
+        },
+        "step_s": round(seconds / steps, 4),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny-20m")
@@ -175,7 +325,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--only", choices=["sft", "pm"], default=None)
+    parser.add_argument("--only", choices=["sft", "pm", "rl"], default=None)
+    parser.add_argument("--rl-steps", type=int, default=8, help="RL steps per run (1st untimed)")
+    parser.add_argument("--rl-prompts", type=int, default=4, help="prompts per RL step")
+    parser.add_argument("--rl-group", type=int, default=4, help="samples per prompt")
+    parser.add_argument("--rl-tokens", type=int, default=16, help="new tokens per sample")
+    parser.add_argument("--rl-beta", type=float, default=0.001, help="KL coefficient (loss)")
+    parser.add_argument("--rl-set", action="append", default=[],
+                        help="a further --set for cai-ray's rl_train (repeatable)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
         "--actor",
@@ -208,15 +365,26 @@ def main() -> None:
             "trl": lambda: trl_pm(model_dir, pm, pm_args),
         },
     }  # fmt: skip
-    if args.actor:
+    rl_prompts: list[str] = []  # filled by cai-ray's first RL run, then TRL's dataset
+    sides["rl"] = {
+        "cai-ray": lambda: cai_ray_rl(model_dir, args, rl_prompts, RL_ONE_MACHINE),
+        "trl": lambda: trl_grpo(model_dir, args, rl_prompts),
+        "cai-ray local-tiny roles": lambda: cai_ray_rl(model_dir, args, rl_prompts, []),
+    }
+    if args.actor or args.only in (None, "rl"):
         import ray
 
         ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+    if args.actor:
         sides["sft"]["cai-ray 1 rank (actor)"] = lambda: cai_ray(
             model_dir, sft_rows, SFTObjective(), args, "tokens", ranks=1
         )
+        sides["pm"]["cai-ray 1 rank (actor)"] = lambda: cai_ray(
+            model_dir, pm, PreferenceObjective(pad_id=pad), pm_args, "pairs", ranks=1
+        )
     loads = [os.getloadavg()[0]]
     runs: dict[str, dict[str, list[float]]] = {}
+    splits: dict[str, dict[str, list[dict]]] = {}
     for task, fns in sides.items():
         if args.only and task != args.only:
             continue
@@ -224,16 +392,20 @@ def main() -> None:
         for rep in range(args.repeats):  # A B A B ...
             for name, fn in fns.items():
                 value = fn()
+                if isinstance(value, dict):  # the RL row: samples/s and the step's split
+                    splits.setdefault(task, {}).setdefault(name, []).append(value)
+                    value = value["value"]
                 runs[task][name].append(value)
                 loads.append(os.getloadavg()[0])
-                print(json.dumps({"task": task, "side": name, "repeat": rep, "value": value}))
-    unit = {"sft": "tokens/s", "pm": "pairs/s"}
+                print(json.dumps({"task": task, "side": name, "repeat": rep, "value": value,
+                                  "split": splits.get(task, {}).get(name, [None])[-1]}))  # fmt: skip
+    unit = {"sft": "tokens/s", "pm": "pairs/s", "rl": "samples/s"}
     table = [
         {
             "task": task,
             "unit": unit[task],
-            "cai_ray": round(max(v["cai-ray"]), 1),
-            "trl": round(max(v["trl"]), 1),
+            "cai_ray": round(max(v["cai-ray"]), 2),
+            "trl": round(max(v["trl"]), 2),
             "ratio_cai_ray_over_trl": round(max(v["cai-ray"]) / max(v["trl"]), 3),
             **{
                 f"ratio_{k.replace(' ', '_')}_over_trl": round(max(x) / max(v["trl"]), 3)
@@ -241,6 +413,7 @@ def main() -> None:
                 if k not in ("cai-ray", "trl")
             },
             "all_runs": v,
+            **({"splits": splits[task]} if task in splits else {}),
         }
         for task, v in runs.items()
     ]
@@ -250,6 +423,9 @@ def main() -> None:
         "pm_tokens_per_side": args.pm_seq_len,
         "micro_batch": args.micro_batch,
         "steps": args.steps,
+        "rl": {"steps": args.rl_steps, "prompts_per_step": args.rl_prompts, "group": args.rl_group,
+               "new_tokens": args.rl_tokens, "beta": args.rl_beta, "reward": RL_REWARD,
+               "target_chars": RL_TARGET_CHARS, "cai_ray_sets": RL_ONE_MACHINE + args.rl_set},
         "threads": args.threads,
         "repeats": args.repeats,
         "dtype": "float32",

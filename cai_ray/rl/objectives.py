@@ -52,11 +52,29 @@ def _response_values(values: torch.Tensor, mask: torch.Tensor) -> list[list[floa
     return [row[m > 0].tolist() for row, m in zip(values, mask, strict=True)]
 
 
-def _policy_logits(model: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def _policy_logits(model: Any, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Logits at the target positions from `start`, the first response token of any row, on:
+    (B, T-1-start, V), and `start`. The LM head and the softmax skip the prompt positions no
+    response covers (`logits_to_keep`); per-token (B, T-1) tensors line up as `x[:, start:]`."""
+    columns = batch["response_mask"].any(0).nonzero()
+    start = int(columns[0]) if len(columns) else 0
     out = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        use_cache=False,
+        logits_to_keep=batch["input_ids"].shape[1] - start,
     )
-    return out.logits[:, :-1].float()  # (B, T-1, V): position t predicts token t + 1
+    return out.logits[:, :-1].float(), start  # position t predicts token t + 1
+
+
+def _response_logprobs(
+    model: Any, batch: Mapping[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(log-probs of the next tokens, logits), both from `start` on, and `start`."""
+    from cai_ray.rl import algorithms
+
+    logits, start = _policy_logits(model, batch)
+    return algorithms.token_logprobs(logits, batch["input_ids"][:, 1 + start :]), logits, start
 
 
 @dataclass(frozen=True)
@@ -96,16 +114,14 @@ class PolicyObjective(_PolicyModel):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         from cai_ray.rl import algorithms
 
-        mask = batch["response_mask"]  # (B, T-1)
+        logp, logits, start = _response_logprobs(model, batch)  # (B, T') T' = T-1-start
+        mask = batch["response_mask"][:, start:]  # (B, T')
         units = mask.sum()
-        logits = _policy_logits(model, batch)  # (B, T-1, V)
-        logp = algorithms.token_logprobs(logits, batch["input_ids"][:, 1:])  # (B, T-1)
-        pl = algorithms.ppo_policy_loss(
-            logp, batch["old_logprobs"], batch["advantages"], mask, clip_eps=self.clip_eps
-        )
+        old, adv = batch["old_logprobs"][:, start:], batch["advantages"][:, start:]
+        pl = algorithms.ppo_policy_loss(logp, old, adv, mask, clip_eps=self.clip_eps)
         total = pl.loss * units  # the masked mean times the count: a masked sum
         kl_fn = algorithms.pick(algorithms.KL_ESTIMATORS, self.kl_estimator, what="kl estimator")
-        kl = kl_fn(logp, batch["ref_logprobs"]) * mask  # (B, T-1)
+        kl = kl_fn(logp, batch["ref_logprobs"][:, start:]) * mask  # (B, T')
         coef = batch["kl_coef"][:, None]  # (B, 1)
         if bool((coef > 0).any()):
             total = total + (coef * kl).sum()
@@ -122,10 +138,8 @@ class PolicyObjective(_PolicyModel):
 
     def infer(self, model: Any, batch: Mapping[str, torch.Tensor]) -> list[list[float]]:
         """Log-probs of each row's response tokens under the current weights."""
-        from cai_ray.rl import algorithms
-
-        logp = algorithms.token_logprobs(_policy_logits(model, batch), batch["input_ids"][:, 1:])
-        return _response_values(logp, batch["response_mask"])
+        logp, _, start = _response_logprobs(model, batch)
+        return _response_values(logp, batch["response_mask"][:, start:])
 
 
 @dataclass(frozen=True)
@@ -200,8 +214,8 @@ class DPOObjective(_PolicyModel):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         from cai_ray.rl import algorithms
 
-        logp = algorithms.token_logprobs(_policy_logits(model, batch), batch["input_ids"][:, 1:])
-        seq = algorithms.sequence_logprobs(logp, batch["response_mask"])  # (2B,)
+        logp, _, start = _response_logprobs(model, batch)
+        seq = algorithms.sequence_logprobs(logp, batch["response_mask"][:, start:])  # (2B,)
         chosen, rejected = seq.chunk(2)
         ref_c, ref_r = batch["ref_logps"].chunk(2)
         out = algorithms.dpo_loss(
@@ -219,5 +233,5 @@ class DPOObjective(_PolicyModel):
         """Summed response log-probs of each sequence (chosen rows, then rejected)."""
         from cai_ray.rl import algorithms
 
-        logp = algorithms.token_logprobs(_policy_logits(model, batch), batch["input_ids"][:, 1:])
-        return algorithms.sequence_logprobs(logp, batch["response_mask"]).tolist()
+        logp, _, start = _response_logprobs(model, batch)
+        return algorithms.sequence_logprobs(logp, batch["response_mask"][:, start:]).tolist()

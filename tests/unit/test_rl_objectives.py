@@ -121,3 +121,40 @@ def test_dpo_loss_is_log2_per_pair_when_the_policy_is_the_reference(policy):
     assert obj.loss_units(batch) == 1
     assert float(loss) == pytest.approx(math.log(2.0), abs=1e-5)
     assert metrics["margin"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_prompt_window_changes_no_loss_nor_gradient(policy):
+    """Logits only from the first response position on (`logits_to_keep`): the same loss,
+    metrics and gradient as the full (B, T-1, V) logits."""
+    from cai_ray.rl import algorithms as rl_math
+
+    obj = PolicyObjective(pad_id=0, entropy_coef=0.01)
+    rows = [{"input_ids": [1, 50, 60, 70, 80, 2], "prompt_len": 4}, {**ROWS[0]}]
+    old = obj.infer(policy, obj.collate(rows))
+    rows = [
+        {**r, "advantages": [0.5 * (i + 1)] * len(o), "old_logprobs": [x - 0.1 for x in o],
+         "ref_logprobs": [x + 0.2 for x in o], "kl_coef": 0.5}
+        for i, (r, o) in enumerate(zip(rows, old, strict=True))
+    ]  # fmt: skip
+    batch = obj.collate(rows)
+    assert batch["response_mask"][:, :2].sum() == 0  # a window of 2 prompt positions to skip
+    loss, metrics = obj.loss(policy, batch)
+    loss.backward()
+    grads = [p.grad.clone() for p in policy.parameters()]
+    policy.zero_grad()
+    # the same loss on every position's logits
+    mask = batch["response_mask"]
+    logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, :-1].float()
+    logp = rl_math.token_logprobs(logits, batch["input_ids"][:, 1:])
+    pl = rl_math.ppo_policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask)
+    kl = rl_math.kl_k3(logp, batch["ref_logprobs"]) * mask
+    entropy = rl_math.masked_sum(rl_math.token_entropy(logits), mask)
+    full = pl.loss * mask.sum() + (0.5 * kl).sum() - 0.01 * entropy
+    full.backward()
+    assert float(loss.detach()) == pytest.approx(float(full.detach()), rel=1e-5)
+    assert metrics["entropy"] == pytest.approx(float(entropy), rel=1e-5)
+    assert metrics["kl_loss_term"] == pytest.approx(float(kl.sum()), rel=1e-5)
+    for got, want in zip(grads, (p.grad for p in policy.parameters()), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    policy.zero_grad()
