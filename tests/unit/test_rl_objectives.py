@@ -126,7 +126,7 @@ def test_dpo_loss_is_log2_per_pair_when_the_policy_is_the_reference(policy):
 def test_the_prompt_window_changes_no_loss_nor_gradient(policy):
     """Logits only from the first response position on (`logits_to_keep`): the same loss,
     metrics and gradient as the full (B, T-1, V) logits."""
-    from cai_ray.rl import algorithms as rl_math
+    from cai_ray.rl import algorithms
 
     obj = PolicyObjective(pad_id=0, entropy_coef=0.01)
     rows = [{"input_ids": [1, 50, 60, 70, 80, 2], "prompt_len": 4}, {**ROWS[0]}]
@@ -146,10 +146,10 @@ def test_the_prompt_window_changes_no_loss_nor_gradient(policy):
     mask = batch["response_mask"]
     logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits = logits[:, :-1].float()
-    logp = rl_math.token_logprobs(logits, batch["input_ids"][:, 1:])
-    pl = rl_math.ppo_policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask)
-    kl = rl_math.kl_k3(logp, batch["ref_logprobs"]) * mask
-    entropy = rl_math.masked_sum(rl_math.token_entropy(logits), mask)
+    logp = algorithms.token_logprobs(logits, batch["input_ids"][:, 1:])
+    pl = algorithms.ppo_policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask)
+    kl = algorithms.kl_k3(logp, batch["ref_logprobs"]) * mask
+    entropy = algorithms.masked_sum(algorithms.token_entropy(logits), mask)
     full = pl.loss * mask.sum() + (0.5 * kl).sum() - 0.01 * entropy
     full.backward()
     assert float(loss.detach()) == pytest.approx(float(full.detach()), rel=1e-5)
