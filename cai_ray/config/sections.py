@@ -76,3 +76,12 @@ class PoolConfig(Section):
     num_cpus: float = Field(1, gt=0)
     num_gpus: float = Field(0, ge=0, description="fractional GPUs share a device")
     engine: EngineConfig | None = None  # None: the top-level `engine`
+    recycle_rows: int | None = Field(
+        20000,
+        ge=1,
+        description="input rows per round of a streaming stage (stages 1, 3, 4 and stage 7's "
+        "reference labels and revision scores; not yet stage 7's answers): each round is a fresh "
+        "Ray Data execution with fresh actors, since a Ray Data actor worker grows ~1.6 KB per "
+        "row (upstream); the smallest of a stage's pools applies; None: one round. A round "
+        "restarts the pools, 3-7 s: a few percent of a 20k-row round of the tiny model",
+    )

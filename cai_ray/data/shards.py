@@ -43,9 +43,15 @@ class ShardStore:
     def _files(self, *globs: str) -> list[Path]:
         return sorted(p for g in globs for p in self.folder.glob(g))
 
-    def done_keys(self) -> set[str]:
+    def done_keys(self) -> frozenset[str]:
         """Keys already written (output rows and rejects): what a resumed run must skip."""
-        return set(self._done)
+        return frozenset(self._done)
+
+    @property
+    def keys(self) -> set[str]:
+        """The live set behind `done_keys` (`write` adds to it), for a caller that must not hold
+        a copy (100k keys are about 10 MB a copy); whatever it adds counts as done."""
+        return self._done
 
     def _read_done_keys(self) -> set[str]:
         import pyarrow.parquet as pq
