@@ -3,7 +3,8 @@
 A streaming stage's `run` keeps only its own steps; `StageContext` owns the skeleton:
 `open` (config stamp, skip when finished), `start` (clock, Ray, pools fit the cluster),
 `stream` (a part's ShardStore, its Ray Data pipeline over what is not done yet, drained into
-shards and rejects with a progress bar) and `finish` (the manifest, with the stage's time).
+shards and rejects with a progress bar, in rounds of fresh pool actors) and `finish` (the
+manifest, with the stage's time).
 """
 
 from __future__ import annotations
