@@ -36,4 +36,5 @@ from cai_ray.config.sections import (  # noqa: F401
     PoolConfig,
     Section,
     VLLMConfig,
+    WorkersConfig,
 )

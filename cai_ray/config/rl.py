@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from cai_ray.config.learner import LearnerConfig
-from cai_ray.config.sections import PoolConfig, Section
+from cai_ray.config.sections import Section, WorkersConfig
 
 Algorithm = Literal["ppo", "grpo", "rloo", "dpo"]
 
@@ -31,7 +31,7 @@ LOOP_OWNS = {
 _LEARNER_DEFAULTS = {k: LearnerConfig.model_fields[k].default for k in LOOP_OWNS}
 
 
-class RLWorkersConfig(PoolConfig):
+class RLWorkersConfig(WorkersConfig):
     """A pool of long-lived role actors (rollout, reward, reference): the pool shape of the other
     stages, with `size: 0` running the role inside the driver (tests, debugging) and restarts.
 

@@ -85,9 +85,10 @@ class EngineConfig(Section):
         raise ValueError("must be a whole number of threads >= 1, or 'auto'")
 
 
-class PoolConfig(Section):
-    """A Ray Data actor pool of one role (stages 1, 3, 4, 7): how many workers, what each holds,
-    how big a batch; `engine` None uses the run's top-level `engine`."""
+class WorkersConfig(Section):
+    """The one shape of a set of actors of one role: how many, what each holds, how big a batch;
+    `engine` None uses the run's top-level `engine`. A streaming stage's pool is a `PoolConfig`,
+    the RL loop's long-lived roles are `RLWorkersConfig` (cai_ray.config.rl)."""
 
     size: int = Field(1, ge=1, description="actors in the pool")
     batch_size: int = Field(8, ge=1, description="rows (prompts, pairs) per call to an actor")
@@ -95,4 +96,18 @@ class PoolConfig(Section):
     num_gpus: float = Field(0, ge=0, description="GPUs per actor; fractional GPUs share a device")
     engine: EngineConfig | None = Field(
         None, description="this pool's engine, a whole section (None: the top-level `engine`)"
+    )
+
+
+class PoolConfig(WorkersConfig):
+    """A Ray Data actor pool of one role in a streaming stage (stages 1, 3, 4, 7)."""
+
+    recycle_rows: int | None = Field(
+        20000,
+        ge=1,
+        description="input rows per round of a streaming stage (stages 1, 3, 4 and stage 7's "
+        "reference labels and revision scores; not yet stage 7's answers): each round is a fresh "
+        "Ray Data execution with fresh actors, since a Ray Data actor worker grows ~1.6 KB per "
+        "row (upstream); the smallest of a stage's pools applies; None: one round. A round "
+        "restarts the pools, 3-7 s: a few percent of a 20k-row round of the tiny model",
     )

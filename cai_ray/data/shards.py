@@ -34,7 +34,7 @@ class ShardStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.key = key
         self._next = self._next_index()
-        self._done = self._read_done_keys()  # read once; `write` keeps it current
+        self._done: set[str] | None = None  # read on first use; `write` keeps it current
 
     def _next_index(self) -> int:
         indexes = [int(p.stem.split("-")[1]) for p in self._files(SHARD_GLOB, REJECTS_GLOB)]
@@ -43,9 +43,18 @@ class ShardStore:
     def _files(self, *globs: str) -> list[Path]:
         return sorted(p for g in globs for p in self.folder.glob(g))
 
-    def done_keys(self) -> set[str]:
+    def done_keys(self) -> frozenset[str]:
         """Keys already written (output rows and rejects): what a resumed run must skip."""
-        return set(self._done)
+        return frozenset(self.keys)
+
+    @property
+    def keys(self) -> set[str]:
+        """The live set behind `done_keys` (`write` adds to it), for a caller that must not hold
+        a copy (100k keys are about 10 MB a copy); whatever it adds counts as done. Read from
+        disk on first use: a store only read (a later stage's input) never holds it."""
+        if self._done is None:
+            self._done = self._read_done_keys()
+        return self._done
 
     def _read_done_keys(self) -> set[str]:
         import pyarrow.parquet as pq
@@ -64,8 +73,9 @@ class ShardStore:
 
         index = self._next
         self._next += 1
-        self._done.update(r[self.key] for r in rows)
-        self._done.update(r["key"] for r in rejects)
+        if self._done is not None:  # else read from disk, with this shard, on first use
+            self._done.update(r[self.key] for r in rows)
+            self._done.update(r["key"] for r in rejects)
         if rejects:
             text = "".join(json.dumps(r, default=str) + "\n" for r in rejects)
             atomic_write_text(self.folder / f"rejects-{index:05d}.jsonl", text)

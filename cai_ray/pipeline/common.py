@@ -3,7 +3,8 @@
 A streaming stage's `run` keeps only its own steps; `StageContext` owns the skeleton:
 `open` (config stamp, skip when finished), `start` (clock, Ray, pools fit the cluster),
 `stream` (a part's ShardStore, its Ray Data pipeline over what is not done yet, drained into
-shards and rejects with a progress bar) and `finish` (the manifest, with the stage's time).
+shards and rejects with a progress bar, in rounds of fresh pool actors) and `finish` (the
+manifest, with the stage's time).
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from cai_ray import layout, profiling
-from cai_ray.config import ModelConfig, PoolConfig, RayConfig, RunConfig, resolve_path
+from cai_ray.config import (
+    ModelConfig,
+    PoolConfig,
+    RayConfig,
+    RunConfig,
+    WorkersConfig,
+    resolve_path,
+)
 from cai_ray.data.conversation import PromptFormat
 from cai_ray.data.shards import (
     ShardStore,
@@ -57,6 +65,7 @@ class StageContext:
     stage_hash: str
     finished: dict[str, Any] | None
     t0: float | None = None  # set by `start`: the stage's clock for timings.total_s
+    rounds: dict[str, int] = field(default_factory=dict)  # `stream`'s rounds per part
 
     @classmethod
     def open(cls, cfg: RunConfig, stage: str, *, sections: tuple[str, ...]) -> StageContext:
@@ -116,6 +125,7 @@ class StageContext:
         part: str,
         build,
         *,
+        pools: Iterable[PoolConfig],
         key: str = "prompt_id",
         shard_rows: int,
         extra: dict[str, Any],
@@ -123,17 +133,37 @@ class StageContext:
         desc: str,
         progress: bool,
     ) -> ShardStore:
-        """Stream one output part, `<stage>/<part>/`: `build(done_keys)` makes the Ray Data
-        pipeline over what is not done yet (None: nothing is left); its rows become shards and
-        rejects (`drain`)."""
+        """Stream one output part, `<stage>/<part>/`, in rounds: `build(done_keys, rows)` makes
+        the Ray Data pipeline over the first `rows` input rows not done yet (None: nothing is
+        left); its rows become shards and rejects (`drain`).
+
+        `rows` is the smallest `recycle_rows` of the `pools` the pipeline uses (None: all in one
+        round). Each round is a fresh Ray Data execution, so its pool actors start fresh: a Ray
+        Data actor worker grows with every task it runs (upstream), and recycling bounds that.
+        Every input row ends as a row or a reject, so a round that takes `rows` inputs writes
+        `rows` keys; one that writes fewer has read the rest of the input and is the last.
+        """
+        from tqdm import tqdm
+
         store = ShardStore(self.stage_dir / part, key=key)
-        ds = build(store.done_keys())
-        if ds is None:
-            return store
-        drain(
-            ds, store, self.cfg, shard_rows=shard_rows, extra=extra, expand=expand, desc=desc,
-            progress=progress,
-        )  # fmt: skip
+        rows = min((p.recycle_rows for p in pools if p.recycle_rows), default=None)
+        bar = tqdm(desc=desc, unit="prompt", disable=not progress)
+        self.rounds[part] = 0
+        while True:
+            ds = build(store.done_keys(), rows)
+            if ds is None:
+                break
+            before = len(store.keys)
+            drain(
+                ds, store, self.cfg, shard_rows=shard_rows, extra=extra, expand=expand,
+                desc=desc, bar=bar,
+            )  # fmt: skip
+            del ds  # the round's dataset (and the done keys it holds) goes before the next
+            self.rounds[part] += 1
+            written = len(store.keys) - before
+            if rows is None or written < rows:  # a round writing nothing ends it too
+                break
+        bar.close()
         return store
 
     def finish(self, **fields: Any) -> dict[str, Any]:
@@ -148,6 +178,7 @@ class StageContext:
             "complete": True,
             "config_hash": self.cfg.content_hash(),
             "stage_hash": self.stage_hash,
+            **({"stream_rounds": dict(self.rounds)} if self.rounds else {}),
             **fields,
         }
 
@@ -387,27 +418,20 @@ def pool_args(pool: PoolConfig) -> dict[str, Any]:
 
 
 def drain(
-    ds,
-    store: ShardStore,
-    cfg: RunConfig,
-    *,
-    shard_rows: int,
-    extra,
-    expand,
-    desc: str,
-    progress: bool,
-):
-    """Stream finished rows into shards of `shard_rows`; duplicate ids are rejects, never rows."""
-    from tqdm import tqdm
-
-    seen = store.done_keys()
-    bar = tqdm(desc=desc, unit="prompt", disable=not progress)
+    ds, store: ShardStore, cfg: RunConfig, *, shard_rows: int, extra, expand, desc: str, bar
+) -> None:
+    """Stream finished rows into shards of `shard_rows`; duplicate ids are rejects, never rows.
+    `bar` (tqdm) counts the prompts."""
     batches = ds.iter_batches(batch_size=shard_rows, batch_format="pandas")
     for batch in stream_with_timeout(batches, cfg.ray.batch_timeout_s, what=desc):
-        rows, rejects = split_batch(batch, seen)
+        rows, rejects = split_batch(batch, store.keys)  # the store's own set: no copy of it
         store.write([{**expand(r), **extra} for r in rows], rejects)
         bar.update(len(batch))
-    bar.close()
+
+
+def take(ds, rows: int | None):
+    """The first `rows` rows of `ds` (None: all of them): a `stream` round's input."""
+    return ds if rows is None else ds.limit(rows)
 
 
 def summarize(store: ShardStore) -> dict[str, Any]:
@@ -426,7 +450,7 @@ def summarize(store: ShardStore) -> dict[str, Any]:
     }
 
 
-def check_pool_fits(pools: dict[str, PoolConfig], cluster: dict[str, float]) -> None:
+def check_pool_fits(pools: dict[str, WorkersConfig], cluster: dict[str, float]) -> None:
     """A pool larger than the cluster can place is an error before anything starts."""
     for resource, key in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
         need = sum(p.size * getattr(p, key) for p in pools.values())

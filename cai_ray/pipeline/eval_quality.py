@@ -27,6 +27,7 @@ from cai_ray.pipeline.common import (
     map_pool,
     shard_dataset,
     summarize,
+    take,
 )
 
 LABEL_COLUMNS = ["pair_id", "label", "label_raw", "flips", "order_checks", "principles"]
@@ -108,11 +109,12 @@ def _relabel(
         cfg.generation, seed=cfg.seed, max_new_tokens=cfg.rl_label.cot_max_new_tokens
     )
 
-    def build(done: set[str]):
+    judge_pool = cfg.evaluate.judge
+
+    def build(done: frozenset[str], rows: int | None):
         todo = frozenset(keep - done)
         if not todo:
             return None
-        judge_pool = cfg.evaluate.judge
         ds = shard_dataset(shards).map_batches(
             _pairs_to_label,
             fn_kwargs=dict(keep=todo),
@@ -121,7 +123,7 @@ def _relabel(
             num_cpus=0,
         )
         return map_pool(
-            ds,
+            take(ds, rows),
             LabelerWorker,
             judge_pool,
             cfg,
@@ -136,6 +138,7 @@ def _relabel(
     return ctx.stream(
         "reference-labels",
         build,
+        pools=(judge_pool,),
         key="pair_id",
         shard_rows=cfg.evaluate.shard_rows,
         extra=dict(reference_model_id=ref.id),
@@ -192,11 +195,12 @@ def revision_part(cfg: RunConfig, ctx: StageContext, *, pm: ModelRef | None) -> 
     ]
     sample = set(_sample(ids, cfg.evaluate.revision_sample, cfg.seed))
 
-    def build(done: set[str]):
+    pm_pool = cfg.evaluate.pm
+
+    def build(done: frozenset[str], rows: int | None):
         todo = frozenset(sample - done)
         if not todo:
             return None
-        pm_pool = cfg.evaluate.pm
         ds = shard_dataset(shards).map_batches(
             _chains_to_score,
             fn_kwargs=dict(keep=todo),
@@ -204,11 +208,12 @@ def revision_part(cfg: RunConfig, ctx: StageContext, *, pm: ModelRef | None) -> 
             batch_size=pm_pool.batch_size,
             num_cpus=0,
         )
-        return map_pool(ds, PMScoreWorker, pm_pool, cfg, model=pm, text_col="texts")
+        return map_pool(take(ds, rows), PMScoreWorker, pm_pool, cfg, model=pm, text_col="texts")
 
     store = ctx.stream(
         "revisions",
         build,
+        pools=(pm_pool,),
         shard_rows=cfg.evaluate.shard_rows,
         extra=dict(pm_model_id=pm.id),
         expand=_revision_row,

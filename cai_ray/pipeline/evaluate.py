@@ -321,12 +321,11 @@ def _drain_splits(ds, stores: dict[str, ShardStore], cfg: RunConfig, *, expand, 
     store, and ids are unique within a split (the same prompt may sit in both sources)."""
     from tqdm import tqdm
 
-    seen = {split: store.done_keys() for split, store in stores.items()}
     bar = tqdm(desc=STAGE, unit="prompt", disable=not progress)
     batches = ds.iter_batches(batch_size=cfg.evaluate.shard_rows, batch_format="pandas")
     for batch in stream_with_timeout(batches, cfg.ray.batch_timeout_s, what=STAGE):
         for split, part in batch.groupby("split", sort=False):
-            rows, rejects = split_batch(part, seen[split])
+            rows, rejects = split_batch(part, stores[split].keys)  # the store's own set
             stores[split].write([expand(r) for r in rows], rejects)
         bar.update(len(batch))
     bar.close()

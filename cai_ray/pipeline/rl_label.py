@@ -21,6 +21,7 @@ from cai_ray.pipeline.common import (
     pool_args,
     shard_dataset,
     summarize,
+    take,
 )
 
 STAGE = RL_LABEL
@@ -63,6 +64,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     store = ctx.stream(
         "labels",
         build,
+        pools=(s.labeler,),
         key="pair_id",
         shard_rows=s.shard_rows,
         extra=extra,
@@ -96,15 +98,15 @@ def _label_pipeline(cfg: RunConfig, ctx: StageContext, pairs: ShardStore, feedba
     s = cfg.rl_label
     sampling = SamplingParams.of(cfg.generation, seed=cfg.seed, max_new_tokens=s.cot_max_new_tokens)
 
-    def build(done: set[str]):
+    def build(done: frozenset[str], rows: int | None):
         ds = shard_dataset(pairs.shard_paths()).map_batches(
             _todo,
-            fn_kwargs=dict(done=frozenset(done)),
+            fn_kwargs=dict(done=done),
             batch_format="pandas",
             batch_size=s.labeler.batch_size,
             num_cpus=0,
         )
-        return ds.map_batches(
+        return take(ds, rows).map_batches(
             LabelerWorker,
             fn_constructor_kwargs=dict(
                 model_path=str(feedback.path),

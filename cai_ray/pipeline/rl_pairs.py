@@ -20,6 +20,7 @@ from cai_ray.pipeline.common import (
     policy_model,
     run_prompts,
     summarize,
+    take,
 )
 
 STAGE = RL_PAIRS
@@ -57,8 +58,9 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     groups = temperature_groups(cfg)
     ctx.start({f"rollout-t{t}": s.rollout for t, _ in groups})
 
-    def build(done: set[str]):
+    def build(done: frozenset[str], rows: int | None):
         ds = run_prompts(cfg, cfg.data.red_team, done=done, block_rows=s.rollout.batch_size)
+        ds = take(ds, rows)
         for g, (temperature, n) in enumerate(groups):
             sampling = SamplingParams.of(
                 cfg.generation, n=n, seed=cfg.seed + g, temperature=temperature
@@ -78,6 +80,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     store = ctx.stream(
         "red_team",
         build,
+        pools=(s.rollout,),
         key="pair_id",
         shard_rows=s.shard_rows,
         extra=dict(response_model_id=policy.id),

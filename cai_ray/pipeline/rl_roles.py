@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cai_ray.config import ModelConfig, PoolConfig, RunConfig
+from cai_ray.config import ModelConfig, RunConfig, WorkersConfig
 from cai_ray.config.rl import RLTrainConfig, RLWorkersConfig
 from cai_ray.data.shards import atomic_write_text
 from cai_ray.errors import CaiRayError, ConfigError, DataError
@@ -79,14 +79,14 @@ def same_tokenizer(a: Path, b: Path) -> bool:
 def check_placement(s: RLTrainConfig, cluster: dict[str, float]) -> None:
     """Every role's actors must fit the cluster: a clear error before anything starts."""
 
-    pools: dict[str, PoolConfig] = {}
+    pools: dict[str, WorkersConfig] = {}
     for name, w in (("rollout", s.rollout), ("reward", s.reward_workers), ("ref", s.reference)):
         if w.size:
             pools[name] = w
     learners = [("policy", s.policy)] + ([("value", s.value)] if s.algorithm == "ppo" else [])
     for name, lc in learners:
         if lc.num_ranks:
-            pools[f"{name} learner"] = PoolConfig(
+            pools[f"{name} learner"] = WorkersConfig(
                 size=lc.num_ranks, num_cpus=lc.cpus_per_rank, num_gpus=lc.gpus_per_rank
             )
     check_pool_fits(pools, cluster)

@@ -19,6 +19,7 @@ from cai_ray.pipeline.common import (
     map_pool,
     run_prompts,
     summarize,
+    take,
 )
 from cai_ray.sl.critique import CritiqueSettings
 
@@ -45,6 +46,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     store = ctx.stream(
         "red_team",
         build,
+        pools=(s.rollout, s.critique),
         shard_rows=s.shard_rows,
         extra=extra,
         expand=_expand_rounds,
@@ -74,10 +76,10 @@ def _revision_pipeline(cfg: RunConfig, ctx: StageContext, helpful, critic):
         section=s, fmt=critic.prompt_format(cfg.format), seed=cfg.seed, sampling=sampling
     )
 
-    def build(done: set[str]):
+    def build(done: frozenset[str], rows: int | None):
         ds = run_prompts(cfg, cfg.data.red_team, done=done, block_rows=s.rollout.batch_size)
         ds = map_pool(
-            ds,
+            take(ds, rows),
             RolloutWorker,
             s.rollout,
             cfg,
@@ -107,10 +109,10 @@ def _helpful_answers(cfg: RunConfig, ctx: StageContext, model, *, progress: bool
     s = cfg.sl_generate
     sampling = SamplingParams.of(cfg.generation, n=s.helpful_samples, seed=cfg.seed)
 
-    def build(done: set[str]):
+    def build(done: frozenset[str], rows: int | None):
         ds = run_prompts(cfg, cfg.data.helpful, done=done, block_rows=s.rollout.batch_size)
         return map_pool(
-            ds,
+            take(ds, rows),
             RolloutWorker,
             s.rollout,
             cfg,
@@ -124,6 +126,7 @@ def _helpful_answers(cfg: RunConfig, ctx: StageContext, model, *, progress: bool
     store = ctx.stream(
         "helpful",
         build,
+        pools=(s.rollout,),
         shard_rows=s.shard_rows,
         extra=dict(response_model_id=model.id),
         expand=_expand_answers,

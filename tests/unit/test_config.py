@@ -185,10 +185,11 @@ def test_the_judge_asks_with_the_labellers_few_shot_unless_set():
 
 
 def test_rl_role_workers_are_a_pool_with_size_zero_and_an_engine():
-    from cai_ray.config import PoolConfig
+    from cai_ray.config import PoolConfig, WorkersConfig
 
     cfg = load_config(None, ["rl_train.reference={size: 0, engine: {dtype: bfloat16}}"])
-    assert isinstance(cfg.rl_train.reference, PoolConfig)
+    assert isinstance(cfg.rl_train.reference, WorkersConfig)  # the one shape of a set of actors
+    assert not isinstance(cfg.rl_train.reference, PoolConfig)  # no streaming keys (recycle_rows)
     assert cfg.rl_train.reference.size == 0
     assert cfg.rl_train.reference.engine.dtype == "bfloat16"
     with pytest.raises(ConfigError, match=r"sl_generate\.rollout\.size"):
