@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -582,7 +583,7 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
     node = data
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
-        if not isinstance(child, dict):
+        if not isinstance(child, dict) or _is_value(parts[: i + 1]):
             at = ".".join(parts[: i + 1])
             raise ConfigError(f"--set {item!r}: '{at}' is a value, not a section")
         node = child
@@ -629,6 +630,22 @@ def _describe(err: Any) -> str:
         )
     shown = json.dumps(value, default=str)[:80] if value is not None else "null"
     return f"{key} = {shown}: {err['msg']}"
+
+
+def _is_value(loc: list[str]) -> bool:
+    """Whether the schema's key at `loc` holds a plain value: neither a section nor a mapping
+    (`reward.kwargs`, `chat_template_kwargs`), so `--set a.b=c` cannot go inside it."""
+    model: type[BaseModel] | None = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if model else None
+        model = _section_type(field.annotation) if field else None
+    field = model.model_fields.get(loc[-1]) if model else None
+    if field is None:
+        return False  # an unknown key: validation names it with the closest valid one
+    ann = field.annotation
+    kinds = (ann, *typing.get_args(ann))
+    mapping = any(k is dict or typing.get_origin(k) is dict for k in kinds)
+    return _section_type(ann) is None and not mapping
 
 
 def _fields_at(loc: list[str]) -> list[str]:
