@@ -109,6 +109,22 @@ def _step_clock():
     return StepClock()
 
 
+# What every TRL side shares: clipping, a constant LR, fp32 on CPU, no logging, saving or workers.
+TRL_COMMON = dict(
+    max_grad_norm=1.0,
+    lr_scheduler_type="constant",
+    logging_strategy="no",
+    save_strategy="no",
+    report_to="none",
+    use_cpu=True,
+    bf16=False,
+    fp16=False,
+    dataloader_num_workers=0,
+    disable_tqdm=True,
+    seed=0,
+)
+
+
 def _trl_args(cls, out: str, args):
     return cls(
         output_dir=out,
@@ -116,17 +132,7 @@ def _trl_args(cls, out: str, args):
         gradient_accumulation_steps=1,
         max_steps=args.steps,
         learning_rate=1e-4,
-        max_grad_norm=1.0,
-        lr_scheduler_type="constant",
-        logging_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        seed=0,
+        **TRL_COMMON,
         max_length=2 * args.seq_len,
         dataset_num_proc=None,
     )
@@ -268,18 +274,8 @@ def trl_grpo(model_dir: Path, args, prompts: list[str]) -> dict:
             beta=args.rl_beta,
             max_steps=args.rl_steps,
             learning_rate=1e-5,
-            max_grad_norm=1.0,
-            lr_scheduler_type="constant",
             shuffle_dataset=False,
-            logging_strategy="no",
-            save_strategy="no",
-            report_to="none",
-            use_cpu=True,
-            bf16=False,
-            fp16=False,
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-            seed=0,
+            **TRL_COMMON,
         )
         clock = _step_clock()
         trainer = GRPOTrainer(model=model, reward_funcs=rl_reward, args=cfg,
