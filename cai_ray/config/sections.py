@@ -111,3 +111,12 @@ class PoolConfig(WorkersConfig):
         "row (upstream); the smallest of a stage's pools applies; None: one round. A round "
         "restarts the pools, 3-7 s: a few percent of a 20k-row round of the tiny model",
     )
+    compute: Literal["auto", "actors", "tasks"] = Field(
+        "auto",
+        description="`actors`: a Ray Data actor pool, its actors started with each execution "
+        "(round) and ended with it; `tasks`: a Ray Data task pool whose worker builds once per "
+        "Ray worker process and stays there, so later rounds and stages (and every stage that "
+        "loads the same model) skip the process start, imports and model load "
+        "(actors/warm.py); `auto`: tasks on a one-node cluster for a pool without GPUs on the "
+        "HF engine (a local run), else actors",
+    )

@@ -6,7 +6,12 @@ each only when `make_engine` builds one (the core package stays light).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -30,7 +35,26 @@ __all__ = [
     "make_async_engine",
     "make_engine",
     "resolve_engine_kind",
+    "sharing_engines",
 ]
+
+# Engines `make_engine` built while `sharing_engines` is on, by model and settings; an entry
+# lives as long as some worker holds its engine.
+_shared: weakref.WeakValueDictionary[str, Engine] = weakref.WeakValueDictionary()
+_sharing = False
+
+
+@contextmanager
+def sharing_engines() -> Iterator[None]:
+    """While on, `make_engine` returns an engine this process already loaded for the same model
+    and settings (warm inference workers, `actors/warm.py`): never for a model whose weights
+    change (the RL rollout), since every holder sees the same weights."""
+    global _sharing
+    _sharing, before = True, _sharing
+    try:
+        yield
+    finally:
+        _sharing = before
 
 
 def resolve_engine_kind(config: EngineConfig) -> Literal["hf", "vllm"]:
@@ -48,7 +72,21 @@ def resolve_engine_kind(config: EngineConfig) -> Literal["hf", "vllm"]:
 def make_engine(
     model_path: str | Path, config: EngineConfig, *, model_id: str | None = None
 ) -> Engine:
-    """Load the model at `model_path` on the backend `config` selects."""
+    """Load the model at `model_path` on the backend `config` selects (inside `sharing_engines`,
+    the one already loaded here for the same model and settings)."""
+    if not _sharing:
+        return _load_engine(model_path, config, model_id=model_id)
+    key = json.dumps([str(model_path), model_id, config.model_dump(mode="json")], sort_keys=True)
+    name = hashlib.sha256(key.encode()).hexdigest()
+    engine = _shared.get(name)
+    if engine is None:
+        engine = _shared[name] = _load_engine(model_path, config, model_id=model_id)
+    return engine
+
+
+def _load_engine(
+    model_path: str | Path, config: EngineConfig, *, model_id: str | None = None
+) -> Engine:
     if resolve_engine_kind(config) == "vllm":
         from cai_ray.engines.vllm import VLLMEngine
 

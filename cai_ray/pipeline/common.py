@@ -201,14 +201,21 @@ def ensure_ray(cfg: RayConfig) -> None:
     env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     if os.environ.get(profiling.ENV):  # the end-to-end benchmark's compute spans
         env[profiling.ENV] = os.environ[profiling.ENV]
+    local = {}
+    if cfg.address is None:
+        cpus = cfg.num_cpus or len(os.sched_getaffinity(0))
+        # Ray ends idle worker processes above this count (default: the CPUs). Warm pool workers
+        # (`compute: tasks`) sit idle while a stage's learner or RL actors run; ending them
+        # would load their models again in the next stage.
+        local = dict(num_cpus=cfg.num_cpus, _system_config={"num_workers_soft_limit": 4 * cpus})
     with profiling.span("ray_init"):
         ray.init(
             address=cfg.address,
-            num_cpus=cfg.num_cpus if cfg.address is None else None,
             namespace=cfg.namespace,
             include_dashboard=False,
             log_to_driver=False,
             runtime_env={"env_vars": env},
+            **local,
         )
     import ray.data
 
@@ -393,28 +400,53 @@ def stream_with_timeout(items: Iterable[Any], timeout_s: float, *, what: str) ->
 
 
 def map_pool(ds, worker, pool: PoolConfig, cfg: RunConfig, *, model, **kwargs):
-    return ds.map_batches(
-        worker,
-        fn_constructor_kwargs=dict(
-            model_path=str(model.path),
-            engine=pool.engine or cfg.engine,
-            model_id=model.id,
-            **kwargs,
-        ),
-        **pool_args(pool),
+    """`pool_map` of a worker that loads `model` on the pool's engine."""
+    kwargs = dict(
+        model_path=str(model.path), engine=pool.engine or cfg.engine, model_id=model.id, **kwargs
     )
+    return pool_map(ds, worker, kwargs, pool, cfg)
 
 
-def pool_args(pool: PoolConfig) -> dict[str, Any]:
-    from ray.data import ActorPoolStrategy
+def pool_map(ds, worker, kwargs: dict[str, Any], pool: PoolConfig, cfg: RunConfig):
+    """`ds` through `worker(**kwargs)` in `pool`: a Ray Data actor pool, or with `compute: tasks`
+    a task pool whose worker stays built in Ray's reused worker processes (`actors/warm.py`)."""
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
-    return dict(
-        compute=ActorPoolStrategy(size=pool.size),
+    common = dict(
         batch_size=pool.batch_size,
         num_cpus=pool.num_cpus,
         num_gpus=pool.num_gpus,
         batch_format="pandas",
     )
+    if pool_compute(pool, cfg) == "actors":
+        return ds.map_batches(
+            worker,
+            fn_constructor_kwargs=kwargs,
+            compute=ActorPoolStrategy(size=pool.size),
+            **common,
+        )
+    from actors.warm import warm_call, warm_key
+
+    engine = pool.engine or cfg.engine
+    warm = dict(worker=worker, kwargs=kwargs, key=warm_key(worker, kwargs), threads=engine.threads)
+    return ds.map_batches(
+        warm_call, fn_kwargs=warm, compute=TaskPoolStrategy(size=pool.size), **common
+    )
+
+
+def pool_compute(pool: PoolConfig, cfg: RunConfig) -> str:
+    """`actors` or `tasks`; `auto` is tasks on a one-node cluster for a pool without GPUs whose
+    engine is HF (a local run: warm workers), else actors."""
+    if pool.compute != "auto":
+        return pool.compute
+    import ray
+
+    from cai_ray.engines import resolve_engine_kind
+
+    if pool.num_gpus or resolve_engine_kind(pool.engine or cfg.engine) != "hf":
+        return "actors"
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return "tasks" if len(nodes) == 1 else "actors"
 
 
 def drain(

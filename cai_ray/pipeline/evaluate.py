@@ -41,7 +41,7 @@ from cai_ray.pipeline.common import (
     StageContext,
     check_pool_fits,
     ensure_ray,
-    pool_args,
+    pool_map,
     prompt_dataset,
     split_batch,
     stream_with_timeout,
@@ -251,13 +251,13 @@ def _judged_stream(
         from actors.chain import ChainWorker
 
         chain = dict(steps=[(fn, kwargs) for fn, kwargs, _ in steps])
-        ds = ds.map_batches(ChainWorker, fn_constructor_kwargs=chain, **pool_args(e.rollout))
+        ds = pool_map(ds, ChainWorker, chain, e.rollout, cfg)
     else:
         for fn, kwargs, section in steps:
             if section is None:  # a light reshaping step: a 0-CPU task, never behind the pools
                 ds = ds.map_batches(fn, fn_kwargs=kwargs, batch_format="pandas", num_cpus=0)
             else:
-                ds = ds.map_batches(fn, fn_constructor_kwargs=kwargs, **pool_args(section))
+                ds = pool_map(ds, fn, kwargs, section, cfg)
     names = [c.name for c in checkpoints]
     _drain_splits(ds, stores, cfg, expand=_expander(names, cfg.refusal_phrases), progress=progress)
     return stores

@@ -18,7 +18,7 @@ from cai_ray.feedback.labeling import label_statistics
 from cai_ray.layout import RL_LABEL, RL_PAIRS, part_dir
 from cai_ray.pipeline.common import (
     StageContext,
-    pool_args,
+    map_pool,
     shard_dataset,
     summarize,
     take,
@@ -106,21 +106,17 @@ def _label_pipeline(cfg: RunConfig, ctx: StageContext, pairs: ShardStore, feedba
             batch_size=s.labeler.batch_size,
             num_cpus=0,
         )
-        return take(ds, rows).map_batches(
+        return map_pool(
+            take(ds, rows),
             LabelerWorker,
-            fn_constructor_kwargs=dict(
-                model_path=str(feedback.path),
-                engine=s.labeler.engine or cfg.engine,
-                constitution_path=str(ctx.constitution_path),
-                settings=cfg.rl_label,
-                seed=cfg.seed,
-                rationale_sampling=sampling,
-                model_id=feedback.id,
-                fmt=feedback.prompt_format(
-                    cfg.format
-                ),  # CoT asks the feedback model in this format
-            ),
-            **pool_args(s.labeler),
+            s.labeler,
+            cfg,
+            model=feedback,
+            constitution_path=str(ctx.constitution_path),
+            settings=cfg.rl_label,
+            seed=cfg.seed,
+            rationale_sampling=sampling,
+            fmt=feedback.prompt_format(cfg.format),  # CoT asks the feedback model in this format
         )
 
     return build
