@@ -34,9 +34,10 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     constitution = ctx.constitution()
     constitution.require_critique()
     s = cfg.sl_generate
-    helpful = ctx.model(cfg.models.helpful)
-    critic = ctx.model(cfg.models.critique_model)
-    ctx.start({"rollout": s.rollout, "critique": s.critique})
+    helpful, critic = ctx.start(
+        {"rollout": s.rollout, "critique": s.critique},
+        meanwhile=lambda: (ctx.model(cfg.models.helpful), ctx.model(cfg.models.critique_model)),
+    )
     build = _revision_pipeline(cfg, ctx, helpful, critic)
     extra = dict(
         response_model_id=helpful.id,

@@ -39,16 +39,27 @@ def worker_pids(ray, fragment: str) -> list[int]:
     return pids
 
 
-def run_and_kill(ray, stage_run, *, folder: Path, fragment: str) -> tuple[dict, int]:
-    """Run a stage in a thread; SIGKILL one `fragment` worker once the first shard is out."""
+def run_and_kill(
+    ray, stage_run, *, folder: Path, fragment: str, after_shard: bool = True
+) -> tuple[dict, int]:
+    """Run a stage in a thread; SIGKILL one `fragment` worker once the first shard is out
+    (`after_shard`), else once it has worked for 0.2 s. A stream this small is one Ray Data
+    block (`STREAM_BLOCK_BYTES`), so a warm task holds all of it and shards come when it ends:
+    its kill is mid-block, and Ray runs the task again."""
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(m=stage_run()))
     thread.start()
-    killed = 0
+    killed, seen = 0, None
     deadline = time.monotonic() + 300
     while thread.is_alive() and not killed and time.monotonic() < deadline:
         pids = worker_pids(ray, fragment)
-        if pids and list(folder.glob("shard-*.parquet")):
+        seen = (seen or time.monotonic()) if pids else None
+        ready = (
+            list(folder.glob("shard-*.parquet"))
+            if after_shard
+            else seen and (time.monotonic() - seen > 0.2)
+        )
+        if pids and ready:
             os.kill(pids[0], signal.SIGKILL)
             killed = pids[0]
         time.sleep(0.05)
@@ -82,8 +93,15 @@ def _check_exactly_once(folder: Path, key: str, manifest_part: dict) -> None:
     assert manifest_part["rows"] == N and manifest_part["rejects"] == 0
 
 
+# A pool's worker process by title: an actor names its class, a warm task its function.
+FRAGMENT = {"actors": "CritiqueWorker", "tasks": "warm_call"}
+
+
 @pytest.mark.slow
-def test_stage1_survives_a_killed_critique_worker(ray_cluster, tmp_path, tiny_model_dir, prompts):
+@pytest.mark.parametrize("compute", ["actors", "tasks"])
+def test_stage1_survives_a_killed_critique_worker(
+    ray_cluster, tmp_path, tiny_model_dir, prompts, compute
+):
     from cai_ray.pipeline import sl_generate
 
     cfg = _cfg(
@@ -96,11 +114,13 @@ def test_stage1_survives_a_killed_critique_worker(ray_cluster, tmp_path, tiny_mo
         "sl_generate.rollout.batch_size=2",
         "sl_generate.critique.batch_size=2",
         "sl_generate.helpful_samples=0",
+        f"sl_generate.rollout.compute={compute}",
+        f"sl_generate.critique.compute={compute}",
     )
     folder = tmp_path / "sl-generate" / "red_team"
     manifest, killed = run_and_kill(
         ray_cluster, lambda: sl_generate.run(cfg, progress=False), folder=folder,
-        fragment="CritiqueWorker",
+        fragment=FRAGMENT[compute], after_shard=compute == "actors",
     )  # fmt: skip
     assert killed
     _check_exactly_once(folder, "prompt_id", manifest["outputs"]["red_team"])
@@ -111,7 +131,12 @@ def test_stage3_survives_a_killed_rollout_worker(ray_cluster, tmp_path, tiny_mod
     from cai_ray.pipeline import rl_pairs
 
     cfg = _cfg(
-        tmp_path, tiny_model_dir, prompts, "rl_pairs.shard_rows=2", "rl_pairs.rollout.batch_size=2"
+        tmp_path,
+        tiny_model_dir,
+        prompts,
+        "rl_pairs.shard_rows=2",
+        "rl_pairs.rollout.batch_size=2",
+        "rl_pairs.rollout.compute=actors",
     )
     folder = tmp_path / "rl-pairs" / "red_team"
     manifest, killed = run_and_kill(
@@ -148,11 +173,12 @@ def test_stage4_survives_a_killed_labeler_worker(ray_cluster, tmp_path, tiny_mod
         "rl_label.shard_rows=2",
         "rl_label.labeler.batch_size=2",
         "rl_label.few_shot=1",
+        "rl_label.labeler.compute=tasks",  # a warm worker (one block: killed mid-block)
     )
     folder = tmp_path / "rl-label" / "labels"
     manifest, killed = run_and_kill(
         ray_cluster, lambda: rl_label.run(cfg, progress=False), folder=folder,
-        fragment="LabelerWorker",
+        fragment="warm_call", after_shard=False,
     )  # fmt: skip
     assert killed
     _check_exactly_once(folder, "pair_id", manifest["outputs"]["labels"])
@@ -174,9 +200,9 @@ def test_a_hung_reward_worker_fails_the_step_after_its_timeout(
         "rl_train.reward.max_bad_batches=0",
         "rl_train.call_timeout_s=5",
         "rl_train.steps=2",
-        "rl_train.rollout.num_cpus=0.5",
-        "rl_train.reward_workers.num_cpus=0.5",
-        "rl_train.reference.num_cpus=0.5",
+        "rl_train.rollout={size: 1, num_cpus: 0.5}",
+        "rl_train.reward_workers={size: 1, num_cpus: 0.5}",
+        "rl_train.reference={size: 1, num_cpus: 0.5}",
     )
     t0 = time.monotonic()
     with pytest.raises(CaiRayError, match=r"reward_workers worker did not answer .* within 5 s"):

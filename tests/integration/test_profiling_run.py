@@ -15,15 +15,21 @@ from cai_ray import profiling
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_stage_one_writes_spans_from_driver_and_workers(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("compute", ["actors", "tasks"])
+def test_stage_one_writes_spans_from_driver_and_workers(tmp_path, tiny_model_dir, compute):
+    """Actors: one process per pool, each loading the model. Tasks (warm workers): the red-team
+    and the helpful-answer executions run in Ray's reused processes, each loading it once."""
     prof = tmp_path / "spans"
+    helpful = 0 if compute == "actors" else 2
     sets = [
         f"run_dir={tmp_path / 'run'}",
         f"models.helpful={{path: {tiny_model_dir}}}",
         "data.limit=4",
         "ray.num_cpus=2",
         "sl_generate.rounds=1",
-        "sl_generate.helpful_samples=0",
+        f"sl_generate.helpful_samples={helpful}",
+        f"sl_generate.rollout.compute={compute}",
+        f"sl_generate.critique.compute={compute}",
         "generation.max_new_tokens=4",
     ]
     cmd = [sys.executable, "-m", "cai_ray", "stage", "sl-generate", "configs/local-tiny.yaml"]
@@ -38,12 +44,17 @@ def test_stage_one_writes_spans_from_driver_and_workers(tmp_path, tiny_model_dir
     driver = stage[0]["pid"]
     kinds = {s["kind"] for s in spans}
     assert {"ray_init", "load", "generate"} <= kinds
-    # the rollout and the critique pool: model loads and generate calls in two other processes
     workers = {s["pid"] for s in spans if s["kind"] == "generate"}
-    assert driver not in workers and len(workers) == 2
-    assert {s["pid"] for s in spans if s["kind"] == "load"} == workers
-    # 4 prompts in one batch: 1 rollout call, 1 critique + 1 revision call
-    assert sum(s["kind"] == "generate" for s in spans) == 3
+    loads = [s["pid"] for s in spans if s["kind"] == "load"]
+    assert driver not in workers and set(loads) == workers
+    # 4 red-team prompts in one batch: 1 rollout call, 1 critique + 1 revision call
+    red_team = 3
+    if compute == "actors":  # the rollout and the critique pool: two processes, a load each
+        assert len(workers) == 2 and len(loads) == 2
+        assert sum(s["kind"] == "generate" for s in spans) == red_team
+    else:  # one load per process for both workers, both parts (the engine is shared)
+        assert len(loads) == len(workers) <= 2
+        assert sum(s["kind"] == "generate" for s in spans) > red_team  # the helpful answers too
 
     window = (stage[0]["t0"], stage[0]["t1"])
     part = profiling.split(window, spans)

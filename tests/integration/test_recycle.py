@@ -30,6 +30,10 @@ BASE = [
     "rl_label.labeler.batch_size=2",
     "rl_label.shard_rows=2",
     "rl_label.principles_per_label=1",
+    # recycling restarts a round's actors; warm task workers (`compute: tasks`) stay by design
+    "sl_generate.rollout.compute=actors",
+    "sl_generate.critique.compute=actors",
+    "rl_label.labeler.compute=actors",
 ]
 RECYCLE = [f"{s}.recycle_rows=4" for s in ("sl_generate.rollout", "sl_generate.critique")]
 COLUMNS = ["prompt_id", "prompt", "initial_answer", "final_revision"]

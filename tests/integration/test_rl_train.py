@@ -36,9 +36,9 @@ LEARN = [
     "rl_train.kl.beta=0.02",
     "rl_train.policy={micro_batch_size: 8, lr: 1.0e-2}",
     "rl_train.value={micro_batch_size: 8, lr: 1.0e-2}",
-    "rl_train.rollout.num_cpus=0.5",
-    "rl_train.reward_workers.num_cpus=0.5",
-    "rl_train.reference.num_cpus=0.5",
+    "rl_train.rollout={size: 1, num_cpus: 0.5}",
+    "rl_train.reward_workers={size: 1, num_cpus: 0.5}",
+    "rl_train.reference={size: 1, num_cpus: 0.5}",
 ]
 
 
