@@ -63,3 +63,13 @@ def test_stage_one_writes_spans_from_driver_and_workers(tmp_path, tiny_model_dir
     assert part["setup_s"]["ray_init"] > 0 and part["setup_s"]["load"] > 0
     total = part["startup_s"] + part["compute_s"] + part["gaps_s"] + part["tail_s"]
     assert total == pytest.approx(part["wall_s"])
+
+
+def test_compute_auto_is_warm_tasks_on_a_one_node_cluster(ray_cluster):
+    from cai_ray.config import EngineConfig, PoolConfig, RunConfig
+    from cai_ray.pipeline.common import pool_compute
+
+    cfg = RunConfig(engine=EngineConfig(kind="hf"))
+    assert len(ray_cluster.nodes()) == 1
+    assert pool_compute(PoolConfig(), cfg) == "tasks"
+    assert pool_compute(PoolConfig(num_gpus=0.5), cfg) == "actors"
