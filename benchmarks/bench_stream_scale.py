@@ -8,6 +8,11 @@ Stage 4 labels synthetic stage-3 pairs written straight into the run dir. Writes
 benchmarks/results/stream_scale.json.
 
     .venv/bin/python benchmarks/bench_stream_scale.py [--sizes 1000,10000,100000]
+        [--compute actors|tasks]
+
+`--compute` sets the three pools' `compute` (default `actors`, whose rounds of `recycle_rows`
+restart the pools; `tasks`: warm task workers, which rounds do not restart; written to
+stream_scale-tasks.json).
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ def _peak_rss(stop: threading.Event, peaks: dict) -> None:
         time.sleep(0.5)
 
 
-def one(stage: str, size: int) -> dict:
+def one(stage: str, size: int, compute: str = "actors") -> dict:
     import ray
 
     from cai_ray.config import ModelConfig, load_config
@@ -81,6 +86,8 @@ def one(stage: str, size: int) -> dict:
             f.write(json.dumps({"prompt": f"How do I do task number {i} safely?"}) + "\n")
     model = ensure_model(ModelConfig(preset="tiny-1m"), run_dir=default_cache_dir())
     sets = [f"run_dir={run_dir}", f"models.helpful={{path: {model}}}", f"data.red_team={prompts}"]
+    pools = ("sl_generate.rollout", "sl_generate.critique", "rl_label.labeler")
+    sets += [f"{pool}.compute={compute}" for pool in pools]
     cfg = load_config(ROOT / "configs/local-tiny.yaml", [*sets, *SETS])
     if stage == "rl-label":
         store = ShardStore(run_dir / "rl-pairs" / "red_team", key="pair_id")
@@ -98,6 +105,7 @@ def one(stage: str, size: int) -> dict:
     part = manifest["outputs"]["red_team" if stage == "sl-generate" else "labels"]
     return {
         "stage": stage,
+        "compute": compute,
         "prompts": size,
         "rows": part["rows"],
         "rejects": part["rejects"],
@@ -123,15 +131,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,10000,100000")
     parser.add_argument("--stages", default="sl-generate,rl-label")
+    parser.add_argument("--compute", choices=("actors", "tasks"), default="actors")
     parser.add_argument("--one", nargs=2, metavar=("STAGE", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(one(args.one[0], int(args.one[1]))), flush=True)
+        print("RESULT " + json.dumps(one(args.one[0], int(args.one[1]), args.compute)), flush=True)
         return
     rows = []
     for stage in args.stages.split(","):
         for size in (int(s) for s in args.sizes.split(",")):
-            cmd = [sys.executable, __file__, "--one", stage, str(size)]
+            cmd = [sys.executable, __file__, "--one", stage, str(size), "--compute", args.compute]
             out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
             if out.returncode or not lines:
@@ -157,10 +166,13 @@ def main() -> None:
     report = {
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
         "load_average_1m": os.getloadavg()[0],
+        "compute": args.compute,
         "runs": rows,
         "figures": figures,
     }
-    write_results(RESULTS, report)
+    write_results(
+        RESULTS.with_stem(f"{RESULTS.stem}-tasks") if args.compute == "tasks" else RESULTS, report
+    )
 
 
 if __name__ == "__main__":

@@ -114,19 +114,26 @@ class StageContext:
 
     def start(self, pools: dict[str, PoolConfig], *, meanwhile=None):
         """Start the stage's clock, join Ray and check the actor pools fit the cluster; returns
-        `meanwhile()`, run in a thread while Ray starts (stage 1 builds its models then: a local
-        Ray start is ~3 s of waiting on its own processes)."""
+        `meanwhile()`, run in a thread while a local Ray starts (stage 1 builds its models then:
+        the start is ~3 s of waiting on Ray's own processes), else before joining Ray."""
         from concurrent.futures import ThreadPoolExecutor
 
         import ray
 
         self.t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.stage) as side:
-            pending = side.submit(meanwhile) if meanwhile is not None else None
-            try:
-                ensure_ray(self.cfg.ray)
-            finally:
-                result = pending.result() if pending is not None else None  # its error first
+        starts_here = self.cfg.ray.address is None and "RAY_ADDRESS" not in os.environ
+        if meanwhile is None or ray.is_initialized() or not starts_here:
+            # joining a cluster (a `ray job submit` driver): nothing to overlap, and its
+            # runtime-env set-up must not run beside model building (it moved the cwd under it)
+            result = meanwhile() if meanwhile is not None else None
+            ensure_ray(self.cfg.ray)
+        else:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.stage) as side:
+                pending = side.submit(meanwhile)
+                try:
+                    ensure_ray(self.cfg.ray)
+                finally:
+                    result = pending.result()  # its error first
         check_pool_fits(pools, ray.cluster_resources())
         return result
 
