@@ -18,7 +18,6 @@ from typing import Any
 
 from cai_ray.config import PoolConfig, RunConfig, resolve_path
 from cai_ray.data.shards import SHARD_GLOB, ShardStore, reject_counts
-from cai_ray.engines.base import SamplingParams
 from cai_ray.eval.metrics import label_quality, read_reference_labels, revision_curve
 from cai_ray.layout import RL_LABEL, SL_GENERATE, part_dir
 from cai_ray.pipeline.common import (
@@ -102,12 +101,7 @@ def _relabel(
 ) -> ShardStore:
     """The reference judge labels the sampled stage-4 pairs with stage 4's own settings (the
     principles are drawn by pair id, so both judges answer the same questions)."""
-
-    from actors.labeler import LabelerWorker
-
-    sampling = SamplingParams.of(
-        cfg.generation, seed=cfg.seed, max_new_tokens=cfg.rl_label.cot_max_new_tokens
-    )
+    from cai_ray.pipeline.rl_label import labeler_pool
 
     judge_pool = cfg.evaluate.judge
 
@@ -122,18 +116,7 @@ def _relabel(
             batch_size=judge_pool.batch_size,
             num_cpus=0,
         )
-        return map_pool(
-            take(ds, rows),
-            LabelerWorker,
-            judge_pool,
-            cfg,
-            model=ref,
-            constitution_path=str(ctx.constitution_path),
-            settings=cfg.rl_label,
-            seed=cfg.seed,
-            rationale_sampling=sampling,
-            fmt=ref.prompt_format(cfg.format),  # stage 4's chain-of-thought framing
-        )
+        return labeler_pool(take(ds, rows), judge_pool, cfg, ctx, ref)  # stage 4's framing
 
     return ctx.stream(
         "reference-labels",

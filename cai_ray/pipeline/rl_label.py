@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from cai_ray.config import RunConfig
+from cai_ray.config import PoolConfig, RunConfig
 from cai_ray.data.shards import ShardStore
 from cai_ray.engines.base import SamplingParams
 from cai_ray.errors import DataError
@@ -93,10 +93,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
 
 def _label_pipeline(cfg: RunConfig, ctx: StageContext, pairs: ShardStore, feedback):
     """`build(done)` for the labels part: stage 3's pairs not labelled yet -> the labeller pool."""
-    from actors.labeler import LabelerWorker
-
     s = cfg.rl_label
-    sampling = SamplingParams.of(cfg.generation, seed=cfg.seed, max_new_tokens=s.cot_max_new_tokens)
 
     def build(done: frozenset[str], rows: int | None):
         ds = shard_dataset(pairs.shard_paths()).map_batches(
@@ -106,20 +103,30 @@ def _label_pipeline(cfg: RunConfig, ctx: StageContext, pairs: ShardStore, feedba
             batch_size=s.labeler.batch_size,
             num_cpus=0,
         )
-        return map_pool(
-            take(ds, rows),
-            LabelerWorker,
-            s.labeler,
-            cfg,
-            model=feedback,
-            constitution_path=str(ctx.constitution_path),
-            settings=cfg.rl_label,
-            seed=cfg.seed,
-            rationale_sampling=sampling,
-            fmt=feedback.prompt_format(cfg.format),  # CoT asks the feedback model in this format
-        )
+        return labeler_pool(take(ds, rows), s.labeler, cfg, ctx, feedback)
 
     return build
+
+
+def labeler_pool(ds, pool: PoolConfig, cfg: RunConfig, ctx: StageContext, model):
+    """`ds` (pairs with a `reject` column) through `pool` of `LabelerWorker`s on `model`, with
+    stage 4's settings (`rl_label`); stage 7's reference judge relabels through it too."""
+    from actors.labeler import LabelerWorker
+
+    s = cfg.rl_label
+    sampling = SamplingParams.of(cfg.generation, seed=cfg.seed, max_new_tokens=s.cot_max_new_tokens)
+    return map_pool(
+        ds,
+        LabelerWorker,
+        pool,
+        cfg,
+        model=model,
+        constitution_path=str(ctx.constitution_path),
+        settings=s,
+        seed=cfg.seed,
+        rationale_sampling=sampling,
+        fmt=model.prompt_format(cfg.format),  # CoT asks the feedback model in this format
+    )
 
 
 def _todo(batch: Any, *, done: frozenset[str]) -> Any:
