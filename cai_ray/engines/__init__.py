@@ -6,7 +6,6 @@ each only when `make_engine` builds one (the core package stays light).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import weakref
@@ -77,10 +76,9 @@ def make_engine(
     if not _sharing:
         return _load_engine(model_path, config, model_id=model_id)
     key = json.dumps([str(model_path), model_id, config.model_dump(mode="json")], sort_keys=True)
-    name = hashlib.sha256(key.encode()).hexdigest()
-    engine = _shared.get(name)
+    engine = _shared.get(key)
     if engine is None:
-        engine = _shared[name] = _load_engine(model_path, config, model_id=model_id)
+        engine = _shared[key] = _load_engine(model_path, config, model_id=model_id)
     return engine
 
 
@@ -153,8 +151,9 @@ def resolve_threads(threads: int | str) -> int:
 
 
 def set_threads(config: EngineConfig) -> int:
-    """Resolve `config.threads` and set torch's intra-op threads to it, once per process: for a
-    role that runs torch itself without an engine (the RL reference worker). Returns the count."""
+    """Resolve `config.threads` and set torch's intra-op threads to it: for a role that runs
+    torch itself without an engine (the RL reference worker), and per task for a warm worker
+    (`actors/warm.py`). Returns the count."""
     import torch
 
     threads = resolve_threads(config.threads)

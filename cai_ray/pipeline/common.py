@@ -457,7 +457,7 @@ def pool_map(ds, worker, kwargs: dict[str, Any], pool: PoolConfig, cfg: RunConfi
     from actors.warm import warm_call, warm_key
 
     engine = pool.engine or cfg.engine
-    warm = dict(worker=worker, kwargs=kwargs, key=warm_key(worker, kwargs), threads=engine.threads)
+    warm = dict(worker=worker, kwargs=kwargs, key=warm_key(worker, kwargs), engine=engine)
     return ds.map_batches(
         warm_call, fn_kwargs=warm, compute=TaskPoolStrategy(size=pool.size), **common
     )

@@ -35,7 +35,8 @@ def _fresh_cache():
 def _call(tag: str):
     kwargs = {"tag": tag}
     key = warm.warm_key(Counting, kwargs)
-    return warm.warm_call(pd.DataFrame({"x": [1, 2]}), worker=Counting, kwargs=kwargs, key=key)
+    batch = pd.DataFrame({"x": [1, 2]})
+    return warm.warm_call(batch, worker=Counting, kwargs=kwargs, key=key, engine=EngineConfig())
 
 
 def test_a_worker_is_built_once_per_key_and_the_oldest_goes_first():
@@ -44,7 +45,7 @@ def test_a_worker_is_built_once_per_key_and_the_oldest_goes_first():
     assert Counting.built == 1
     for tag in "bcd":  # MAX_WORKERS = 3: "a" is evicted by the fourth key
         _call(tag)
-    assert Counting.built == 4 and warm.cached_workers() == warm.MAX_WORKERS
+    assert Counting.built == 4 and len(warm._workers) == warm.MAX_WORKERS
     _call("d")
     assert Counting.built == 4
     _call("a")
