@@ -72,9 +72,12 @@ def pair_rows(n: int, seq_len: int, vocab: int) -> list[dict]:
     ]
 
 
-def cai_ray(model_dir: Path, rows: list[dict], objective, args, unit: str, ranks: int = 0) -> float:
+def cai_ray(
+    model_dir: Path, rows: list[dict], objective, args, unit: str, ranks: int = 0, compile=False
+) -> float:
     config = LearnerConfig(
         num_ranks=ranks,
+        compile=compile,
         micro_batch_size=args.micro_batch,
         lr=1e-4,
         max_seq_len=2 * args.seq_len,
@@ -125,8 +128,9 @@ TRL_COMMON = dict(
 )
 
 
-def _trl_args(cls, out: str, args):
+def _trl_args(cls, out: str, args, compile=False):
     return cls(
+        torch_compile=compile,
         output_dir=out,
         per_device_train_batch_size=args.micro_batch,
         gradient_accumulation_steps=1,
@@ -138,7 +142,7 @@ def _trl_args(cls, out: str, args):
     )
 
 
-def trl_sft(model_dir: Path, rows: list[dict], args) -> float:
+def trl_sft(model_dir: Path, rows: list[dict], args, compile=False) -> float:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -154,7 +158,7 @@ def trl_sft(model_dir: Path, rows: list[dict], args) -> float:
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     out = tempfile.mkdtemp(prefix="bench-trl-sft-")
     try:
-        cfg = _trl_args(SFTConfig, out, args)
+        cfg = _trl_args(SFTConfig, out, args, compile)
         cfg.completion_only_loss = True
         cfg.packing = False
         clock = _step_clock()
@@ -168,7 +172,7 @@ def trl_sft(model_dir: Path, rows: list[dict], args) -> float:
     return per_step * (len(clock.ends) - 1) / (clock.ends[-1] - clock.ends[0])
 
 
-def trl_pm(model_dir: Path, rows: list[dict], args) -> float:
+def trl_pm(model_dir: Path, rows: list[dict], args, compile=False) -> float:
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
@@ -182,7 +186,7 @@ def trl_pm(model_dir: Path, rows: list[dict], args) -> float:
     model.config.pad_token_id = tok.pad_token_id
     out = tempfile.mkdtemp(prefix="bench-trl-pm-")
     try:
-        cfg = _trl_args(RewardConfig, out, args)
+        cfg = _trl_args(RewardConfig, out, args, compile)
         clock = _step_clock()
         trainer = RewardTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok,
                                 callbacks=[clock])  # fmt: skip
@@ -335,6 +339,11 @@ def main() -> None:
         action="store_true",
         help="also SFT on 1 rank as a Ray actor (a third side in the rotation)",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also both sides with torch.compile (learner.compile / TRL torch_compile)",
+    )
     args = parser.parse_args()
     try:
         import trl
@@ -378,6 +387,15 @@ def main() -> None:
         sides["pm"]["cai-ray 1 rank (actor)"] = lambda: cai_ray(
             model_dir, pm, PreferenceObjective(pad_id=pad), pm_args, "pairs", ranks=1
         )
+    if args.compile:
+        sides["sft"]["cai-ray compiled"] = lambda: cai_ray(
+            model_dir, sft_rows, SFTObjective(), args, "tokens", compile=True
+        )
+        sides["sft"]["trl compiled"] = lambda: trl_sft(model_dir, sft_rows, args, compile=True)
+        sides["pm"]["cai-ray compiled"] = lambda: cai_ray(
+            model_dir, pm, PreferenceObjective(pad_id=pad), pm_args, "pairs", compile=True
+        )
+        sides["pm"]["trl compiled"] = lambda: trl_pm(model_dir, pm, pm_args, compile=True)
     loads = [os.getloadavg()[0]]
     runs: dict[str, dict[str, list[float]]] = {}
     splits: dict[str, dict[str, list[dict]]] = {}

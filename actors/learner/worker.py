@@ -102,6 +102,8 @@ class LearnerWorker:
         model = self.objective.load_model(self.model_path)
         if self.config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if self.config.compile:
+            model.compile()  # in place: parameter names and checkpoints stay as they are
         self.dtype = self.config.resolved_dtype(
             cuda=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported()
         )
@@ -140,6 +142,8 @@ class LearnerWorker:
         decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
         # A torch optimizer: DeepSpeed's fused Adam needs a compiler toolchain we cannot assume.
+        # torch's own fused kernel (CPU and CUDA) does the step in one pass over each tensor:
+        # 4% faster SFT steps on tiny-20m (benchmarks/README.md, "Against a peer").
         optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": cfg.weight_decay},
@@ -147,6 +151,7 @@ class LearnerWorker:
             ],
             lr=cfg.lr,
             betas=cfg.adam_betas,
+            fused=True,
         )
         ds_config = {
             "train_micro_batch_size_per_gpu": cfg.micro_batch_size,

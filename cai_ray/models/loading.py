@@ -50,6 +50,21 @@ def load_causal_lm(
         ) from None
 
 
+def target_logits(
+    model: Any, target_mask: torch.Tensor, **inputs: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """Next-token logits from `start`, the first target position any row trains on, to the end:
+    (B, T-1-start, V), and `start`. `target_mask` (B, T-1) marks the positions t whose token t + 1
+    carries loss. The LM head and the softmax skip the leading positions no row needs
+    (`logits_to_keep`): the prompts of SFT and RL rows; (B, T-1) tensors line up as `x[:, start:]`.
+    """
+    columns = target_mask.any(0).nonzero()
+    start = int(columns[0]) if len(columns) else 0
+    width = inputs["input_ids"].shape[1]
+    out = model(**inputs, use_cache=False, logits_to_keep=width - start)
+    return out.logits[:, :-1].float(), start  # position t predicts token t + 1
+
+
 class CausalLMObjective:
     """Base of the objectives that train a causal LM itself (SFT, the RL policy, DPO), in fp32."""
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from cai_ray.models.loading import CausalLMObjective
+from cai_ray.models.loading import CausalLMObjective, target_logits
 from cai_ray.models.value_head import ScalarModelObjective
 
 if TYPE_CHECKING:
@@ -52,28 +52,18 @@ def _response_values(values: torch.Tensor, mask: torch.Tensor) -> list[list[floa
     return [row[m > 0].tolist() for row, m in zip(values, mask, strict=True)]
 
 
-def _policy_logits(model: Any, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Logits at the target positions from `start`, the first response token of any row, on:
-    (B, T-1-start, V), and `start`. The LM head and the softmax skip the prompt positions no
-    response covers (`logits_to_keep`); per-token (B, T-1) tensors line up as `x[:, start:]`."""
-    columns = batch["response_mask"].any(0).nonzero()
-    start = int(columns[0]) if len(columns) else 0
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        use_cache=False,
-        logits_to_keep=batch["input_ids"].shape[1] - start,
-    )
-    return out.logits[:, :-1].float(), start  # position t predicts token t + 1
-
-
 def _response_logprobs(
     model: Any, batch: Mapping[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(log-probs of the next tokens, logits), both from `start` on, and `start`."""
     from cai_ray.rl import algorithms
 
-    logits, start = _policy_logits(model, batch)
+    logits, start = target_logits(
+        model,
+        batch["response_mask"],
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+    )
     return algorithms.token_logprobs(logits, batch["input_ids"][:, 1 + start :]), logits, start
 
 

@@ -26,10 +26,17 @@ def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     logits (B, T, V) predict the token at t+1 from position t; labels (B, T) hold the target token
     id or IGNORE_INDEX. Ignored positions contribute exactly zero loss and zero gradient.
     """
+    # fp32 for a stable log-softmax
+    return shifted_nll_sum(logits[:, :-1, :].float(), labels[:, 1:])
+
+
+def shifted_nll_sum(
+    shift_logits: torch.Tensor, shift_labels: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """`token_nll_sum` on logits already shifted: shift_logits (B, N, V) predict shift_labels
+    (B, N), the target token ids or IGNORE_INDEX."""
     import torch.nn.functional as F
 
-    shift_logits = logits[:, :-1, :].float()  # (B, T-1, V); fp32 for a stable log-softmax
-    shift_labels = labels[:, 1:]  # (B, T-1)
     total = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)),
         shift_labels.reshape(-1),

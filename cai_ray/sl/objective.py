@@ -74,13 +74,17 @@ class SFTObjective(CausalLMObjective):
     def loss(
         self, model: Any, batch: Mapping[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        from cai_ray.sl.losses import token_nll_sum
+        from cai_ray.models.loading import target_logits
+        from cai_ray.sl.losses import IGNORE_INDEX, shifted_nll_sum
 
         inputs = {
             k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch
         }
-        logits = model(**inputs, use_cache=False).logits  # (B, T, V)
-        total, _ = token_nll_sum(logits, batch["labels"])
+        targets = batch["labels"][:, 1:]  # (B, T-1)
+        # Logits only from the first labelled position on: the prompt's share of the LM head
+        # and the softmax is skipped (the loss and the gradient are the same).
+        logits, start = target_logits(model, targets != IGNORE_INDEX, **inputs)
+        total, _ = shifted_nll_sum(logits, targets[:, start:])
         return total, {}
 
     def tokens(self, batch: Mapping[str, torch.Tensor]) -> int:

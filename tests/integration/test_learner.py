@@ -137,6 +137,27 @@ def test_in_process_group_lowers_the_loss(tiny_model_dir, rows16, tmp_path):
 
 
 @pytest.mark.integration
+def test_a_compiled_model_trains_the_same_and_saves_the_same_names(
+    tiny_model_dir, rows16, tmp_path
+):
+    """`compile: true` (torch.compile, inductor): the same loss curve as eager up to kernel
+    rounding, and an HF dir with the eager model's parameter names."""
+    runs = {}
+    for compiled in (False, True):
+        out = tmp_path / f"compile-{compiled}"
+        with LearnerGroup(cfg(max_steps=3, compile=compiled), objective(tiny_model_dir),
+                          tiny_model_dir, out) as group:  # fmt: skip
+            group.fit(rows16, progress=False)
+        runs[compiled] = out
+    np.testing.assert_allclose(losses(runs[True]), losses(runs[False]), rtol=1e-4)
+    assert losses(runs[True])[-1] < losses(runs[True])[0]
+    assert sorted(hf_weights(runs[True] / "hf")) == sorted(hf_weights(runs[False] / "hf"))
+    assert_same_weights(runs[True] / "hf", runs[False] / "hf", atol=1e-4)
+    with pytest.raises(ValueError, match="ZeRO 0-2"):
+        cfg(compile=True, zero_stage=3)
+
+
+@pytest.mark.integration
 def test_a_model_that_is_not_a_causal_lm_is_a_model_error(tiny_reward_model_dir, tmp_path):
     with pytest.raises(ModelError, match="causal"):
         LearnerGroup(cfg(), objective(tiny_reward_model_dir), tiny_reward_model_dir, tmp_path)

@@ -226,6 +226,39 @@ def test_packed_loss_equals_unpacked_loss(tiny):
     assert loss_packed.item() == pytest.approx(loss_unpacked.item(), rel=1e-5)
 
 
+def test_the_prompt_window_changes_no_loss_nor_gradient(tiny_model_dir):
+    """SFT logits only from the first labelled position on (`target_logits`): the same loss and
+    gradient as the full (B, T, V) logits, with prompts of different lengths in one batch."""
+    from transformers import AutoModelForCausalLM
+
+    from cai_ray.models import load_tokenizer
+    from cai_ray.sl.losses import token_nll_sum
+    from cai_ray.sl.objective import SFTObjective
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tok = load_tokenizer(tiny_model_dir)
+    objective = SFTObjective(pad_id=tok.pad_token_id)
+    examples = [
+        tokenize_example(tok, "\n\nHuman: a much longer question here\n\nAssistant:", " yes",
+                         max_seq_len=64),
+        tokenize_example(tok, "\n\nHuman: a long question\n\nAssistant:", " no, not that",
+                         max_seq_len=64),
+    ]  # fmt: skip
+    batch = objective.collate(examples)
+    first = int((batch["labels"][:, 1:] != IGNORE_INDEX).any(0).nonzero()[0])
+    assert first >= 4  # a window of prompt positions to skip
+    loss, _ = objective.loss(model, batch)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    full, _ = token_nll_sum(model(**inputs).logits, batch["labels"])
+    full.backward()
+    assert float(loss.detach()) == pytest.approx(float(full.detach()), rel=1e-6)
+    for got, want in zip(grads, (p.grad for p in model.parameters()), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
 # -- config ------------------------------------------------------------------------------------
 
 
