@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import subprocess
@@ -75,7 +76,6 @@ def one(stage: str, size: int, compute: str = "actors") -> dict:
     import ray
 
     from cai_ray.config import ModelConfig, load_config
-    from cai_ray.data.shards import ShardStore
     from cai_ray.models import default_cache_dir, ensure_model
     from cai_ray.pipeline import rl_label, sl_generate
 
@@ -90,9 +90,14 @@ def one(stage: str, size: int, compute: str = "actors") -> dict:
     sets += [f"{pool}.compute={compute}" for pool in pools]
     cfg = load_config(ROOT / "configs/local-tiny.yaml", [*sets, *SETS])
     if stage == "rl-label":
-        store = ShardStore(run_dir / "rl-pairs" / "red_team", key="pair_id")
-        for start in range(0, size, 4096):
-            store.write([_pair(i) for i in range(start, min(size, start + 4096))], [])
+        # in a child process: the driver's peak is the stage's, not this set-up's (the store's
+        # 100k keys and the row dicts stayed in the driver's heap before)
+        writer = multiprocessing.get_context("spawn").Process(
+            target=_write_pairs, args=(run_dir, size)
+        )
+        writer.start()
+        writer.join()
+        assert writer.exitcode == 0, f"writing the synthetic pairs failed ({writer.exitcode})"
     peaks = dict.fromkeys(("driver", "worker", "driver_private", "worker_private"), 0)
     stop = threading.Event()
     threading.Thread(target=_peak_rss, args=(stop, peaks), daemon=True).start()
@@ -116,6 +121,14 @@ def one(stage: str, size: int, compute: str = "actors") -> dict:
         "driver_peak_private_mb": round(peaks["driver_private"] / 2**20),
         "worker_peak_private_mb": round(peaks["worker_private"] / 2**20),
     }
+
+
+def _write_pairs(run_dir: Path, size: int) -> None:
+    from cai_ray.data.shards import ShardStore
+
+    store = ShardStore(run_dir / "rl-pairs" / "red_team", key="pair_id")
+    for start in range(0, size, 4096):
+        store.write([_pair(i) for i in range(start, min(size, start + 4096))], [])
 
 
 def _pair(i: int) -> dict:
