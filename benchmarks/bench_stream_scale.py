@@ -4,8 +4,8 @@ Each (stage, size) runs in a fresh process with its own local Ray cluster, so pe
 that run's: the driver's peak RSS and the largest worker process's peak RSS (sampled every
 0.5 s). Time should grow linearly with size (seconds per 1k prompts flat) and memory stay flat,
 since Ray Data streams the prompts with back-pressure and the driver writes shards as they come.
-Stage 4 labels synthetic stage-3 pairs written straight into the run dir. Writes
-benchmarks/results/stream_scale.json.
+Stage 4 labels synthetic stage-3 pairs, written into the run dir by a child process (so the
+driver's peak is the stage's own). Writes benchmarks/results/stream_scale.json.
 
     .venv/bin/python benchmarks/bench_stream_scale.py [--sizes 1000,10000,100000]
         [--compute actors|tasks]
@@ -97,7 +97,8 @@ def one(stage: str, size: int, compute: str = "actors") -> dict:
         )
         writer.start()
         writer.join()
-        assert writer.exitcode == 0, f"writing the synthetic pairs failed ({writer.exitcode})"
+        if writer.exitcode:
+            raise SystemExit(f"writing the synthetic pairs failed (exit code {writer.exitcode})")
     peaks = dict.fromkeys(("driver", "worker", "driver_private", "worker_private"), 0)
     stop = threading.Event()
     threading.Thread(target=_peak_rss, args=(stop, peaks), daemon=True).start()
