@@ -32,6 +32,7 @@ from cai_ray.config import (
 )
 from cai_ray.data.conversation import PromptFormat
 from cai_ray.data.shards import (
+    KeyIndex,
     ShardStore,
     atomic_write_text,
     read_manifest,
@@ -157,8 +158,8 @@ class StageContext:
         `rows` is the smallest `recycle_rows` of the `pools` the pipeline uses (None: all in one
         round). Each round is a fresh Ray Data execution, so its pool actors start fresh: a Ray
         Data actor worker grows with every task it runs (upstream), and recycling bounds that.
-        Every input row ends as a row or a reject, so a round that takes `rows` inputs writes
-        `rows` keys; one that writes fewer has read the rest of the input and is the last.
+        Every input row ends as one output row (a row or a reject), so a round whose pipeline
+        gives fewer than `rows` has read the rest of the input and is the last.
         """
         from tqdm import tqdm
 
@@ -170,15 +171,13 @@ class StageContext:
             ds = build(store.done_keys(), rows)
             if ds is None:
                 break
-            before = len(store.keys)
-            drain(
+            taken = drain(
                 ds, store, self.cfg, shard_rows=shard_rows, extra=extra, expand=expand,
                 desc=desc, bar=bar,
             )  # fmt: skip
             del ds  # the round's dataset (and the done keys it holds) goes before the next
             self.rounds[part] += 1
-            written = len(store.keys) - before
-            if rows is None or written < rows:  # a round writing nothing ends it too
+            if rows is None or taken < rows:  # a round taking nothing ends it too
                 break
         bar.close()
         return store
@@ -244,15 +243,26 @@ def ensure_ray(cfg: RayConfig) -> None:
 STREAM_BLOCK_BYTES = 1 << 20  # the prompt stream's Ray Data block size (see `prompt_dataset`)
 
 
-def run_prompts(cfg: RunConfig, spec: str, *, done: set[str], block_rows: int):
-    """`prompt_dataset` of a training stage: the run's `data.turns` and `data.limit`."""
+def run_prompts(
+    cfg: RunConfig, spec: str, *, done: KeyIndex, block_rows: int, rows: int | None = None
+):
+    """`prompt_dataset` of a training stage: the run's `data.turns` and `data.limit`; at most
+    `rows` rows (a `stream` round's input; None: all)."""
     return prompt_dataset(
-        spec, turns=cfg.data.turns, limit=cfg.data.limit, done=done, block_rows=block_rows
-    )
+        spec, turns=cfg.data.turns, limit=cfg.data.limit, done=done, block_rows=block_rows,
+        rows=rows,
+    )  # fmt: skip
 
 
 def prompt_dataset(
-    spec: str, *, turns: str, limit: int | None, done: set[str], block_rows: int, skip: int = 0
+    spec: str,
+    *,
+    turns: str,
+    limit: int | None,
+    done: KeyIndex,
+    block_rows: int,
+    skip: int = 0,
+    rows: int | None = None,
 ):
     """A Ray Data stream of parsed prompts; the source is read inside a Ray task, not the driver.
 
@@ -261,6 +271,8 @@ def prompt_dataset(
     The source is parsed in batches of `block_rows` (the first pool's batch size), which Ray
     Data joins into blocks of about `STREAM_BLOCK_BYTES`.
     The first `skip` valid prompts are passed over (stage 7: prompts that training read).
+    The source stops being read after `rows` output rows (prompts and rejects not done yet; a
+    `stream` round's share): a downstream `limit` would let it parse the whole source each round.
     """
     import ray.data
 
@@ -271,7 +283,12 @@ def prompt_dataset(
     ds = ray.data.from_items(items).map_batches(
         _read_source,
         fn_kwargs=dict(
-            turns=turns, limit=limit, done=frozenset(done), block_rows=block_rows, skip=skip
+            turns=turns,
+            limit=limit,
+            done=done.frozen(),
+            block_rows=block_rows,
+            skip=skip,
+            rows=rows,
         ),
         batch_size=1,
         batch_format="pandas",
@@ -309,45 +326,60 @@ def _read_shard(item) -> Iterator[Any]:
 
 
 def _read_source(
-    item, *, turns: str, limit: int | None, done, block_rows: int, skip: int = 0
+    item,
+    *,
+    turns: str,
+    limit: int | None,
+    done: KeyIndex,
+    block_rows: int,
+    skip: int = 0,
+    rows: int | None = None,
 ) -> Iterator[Any]:
-    """Generator UDF: stream one source's rows as parsed batches of `block_rows`."""
+    """Generator UDF: stream one source's rows as parsed batches of `block_rows`, at most
+    `rows` of them (None: all)."""
     import pandas as pd
 
     from cai_ray.data.sources import Reject, iter_prompt_rows, parse_prompt_row
 
     spec = item["spec"].iloc[0]
-    seen: set[str] = set()
-    rows: list[dict[str, Any]] = []
-    valid = 0
+    seen = KeyIndex()  # the source's prompt ids so far: 8 bytes each, not a set of strings
+    out: list[dict[str, Any]] = []
+    valid = sent = 0
+
+    def full() -> bool:
+        return (limit is not None and valid - skip >= limit) or (
+            rows is not None and sent + len(out) >= rows
+        )
+
     for raw in iter_prompt_rows(spec):
         index = raw.get("_row", 0)
         parsed = parse_prompt_row(raw, source=spec, index=index, turns=turns)
         key = f"{spec}#{index}"
         if isinstance(parsed, Reject):
             if valid >= skip and key not in done:
-                rows.append(_reject_row(key, spec, index, parsed.reason, parsed.raw))
+                out.append(_reject_row(key, spec, index, parsed.reason, parsed.raw))
         else:
             for rec in parsed:
                 if rec.prompt_id in seen:
                     if valid >= skip and key not in done:
-                        rows.append(
+                        out.append(
                             _reject_row(key, spec, index, "duplicate prompt_id", rec.prompt_id)
                         )
                     continue
                 seen.add(rec.prompt_id)
                 valid += 1
                 if valid > skip and rec.prompt_id not in done:
-                    rows.append(_prompt_row(rec))
-                if limit is not None and valid - skip >= limit:
+                    out.append(_prompt_row(rec))
+                if full():
                     break
-        if len(rows) >= block_rows:
-            yield pd.DataFrame(rows)
-            rows = []
-        if limit is not None and valid - skip >= limit:
+        if full():
             break
-    if rows:
-        yield pd.DataFrame(rows)
+        if len(out) >= block_rows:
+            yield pd.DataFrame(out)
+            sent += len(out)
+            out = []
+    if out:
+        yield pd.DataFrame(out)
 
 
 def _prompt_row(rec) -> dict[str, Any]:
@@ -372,7 +404,7 @@ def _reject_row(key: str, source: str, row: int, reason: str, raw: str) -> dict[
     }
 
 
-def split_batch(batch, seen: set[str]) -> tuple[list[dict], list[dict]]:
+def split_batch(batch, seen: KeyIndex) -> tuple[list[dict], list[dict]]:
     """Finished rows and rejects of one output batch; ids already in `seen` become rejects."""
     rows, rejects = [], []
     for row in batch.to_dict("records"):
@@ -480,14 +512,17 @@ def pool_compute(pool: PoolConfig, cfg: RunConfig) -> str:
 
 def drain(
     ds, store: ShardStore, cfg: RunConfig, *, shard_rows: int, extra, expand, desc: str, bar
-) -> None:
+) -> int:
     """Stream finished rows into shards of `shard_rows`; duplicate ids are rejects, never rows.
-    `bar` (tqdm) counts the prompts."""
+    `bar` (tqdm) counts the prompts. Returns how many rows `ds` gave."""
+    taken = 0
     batches = ds.iter_batches(batch_size=shard_rows, batch_format="pandas")
     for batch in stream_with_timeout(batches, cfg.ray.batch_timeout_s, what=desc):
-        rows, rejects = split_batch(batch, store.keys)  # the store's own set: no copy of it
+        rows, rejects = split_batch(batch, store.keys)  # the store's own index: no copy of it
         store.write([{**expand(r), **extra} for r in rows], rejects)
         bar.update(len(batch))
+        taken += len(batch)
+    return taken
 
 
 def take(ds, rows: int | None):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cai_ray.config import PoolConfig, RunConfig, resolve_path
-from cai_ray.data.shards import SHARD_GLOB, ShardStore, reject_counts
+from cai_ray.data.shards import SHARD_GLOB, KeyIndex, ShardStore, reject_counts
 from cai_ray.eval.metrics import label_quality, read_reference_labels, revision_curve
 from cai_ray.layout import RL_LABEL, SL_GENERATE, part_dir
 from cai_ray.pipeline.common import (
@@ -105,8 +105,8 @@ def _relabel(
 
     judge_pool = cfg.evaluate.judge
 
-    def build(done: frozenset[str], rows: int | None):
-        todo = frozenset(keep - done)
+    def build(done: KeyIndex, rows: int | None):
+        todo = frozenset(k for k in keep if k not in done)
         if not todo:
             return None
         ds = shard_dataset(shards).map_batches(
@@ -180,8 +180,8 @@ def revision_part(cfg: RunConfig, ctx: StageContext, *, pm: ModelRef | None) -> 
 
     pm_pool = cfg.evaluate.pm
 
-    def build(done: frozenset[str], rows: int | None):
-        todo = frozenset(sample - done)
+    def build(done: KeyIndex, rows: int | None):
+        todo = frozenset(k for k in sample if k not in done)
         if not todo:
             return None
         ds = shard_dataset(shards).map_batches(

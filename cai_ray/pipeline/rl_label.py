@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from cai_ray.config import PoolConfig, RunConfig
-from cai_ray.data.shards import ShardStore
+from cai_ray.data.shards import KeyIndex, ShardStore
 from cai_ray.engines.base import SamplingParams
 from cai_ray.errors import DataError
 from cai_ray.feedback.labeling import label_statistics
@@ -95,7 +95,7 @@ def _label_pipeline(cfg: RunConfig, ctx: StageContext, pairs: ShardStore, feedba
     """`build(done)` for the labels part: stage 3's pairs not labelled yet -> the labeller pool."""
     s = cfg.rl_label
 
-    def build(done: frozenset[str], rows: int | None):
+    def build(done: KeyIndex, rows: int | None):
         ds = shard_dataset(pairs.shard_paths()).map_batches(
             _todo,
             fn_kwargs=dict(done=done),
@@ -129,9 +129,9 @@ def labeler_pool(ds, pool: PoolConfig, cfg: RunConfig, ctx: StageContext, model)
     )
 
 
-def _todo(batch: Any, *, done: frozenset[str]) -> Any:
+def _todo(batch: Any, *, done: KeyIndex) -> Any:
     """Pairs not labelled yet, with an empty `reject` column for the labeller to fill."""
-    batch = batch[~batch["pair_id"].isin(done)].copy()
+    batch = batch[~done.isin(batch["pair_id"])].copy()
     batch["reject"] = [""] * len(batch)
     return batch
 

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from cai_ray.config import RunConfig
+from cai_ray.data.shards import KeyIndex
 from cai_ray.engines.base import SamplingParams
 from cai_ray.errors import ConfigError
 from cai_ray.layout import RL_PAIRS
@@ -20,7 +21,6 @@ from cai_ray.pipeline.common import (
     policy_model,
     run_prompts,
     summarize,
-    take,
 )
 
 STAGE = RL_PAIRS
@@ -58,9 +58,10 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     groups = temperature_groups(cfg)
     ctx.start({f"rollout-t{t}": s.rollout for t, _ in groups})
 
-    def build(done: frozenset[str], rows: int | None):
-        ds = run_prompts(cfg, cfg.data.red_team, done=done, block_rows=s.rollout.batch_size)
-        ds = take(ds, rows)
+    def build(done: KeyIndex, rows: int | None):
+        ds = run_prompts(
+            cfg, cfg.data.red_team, done=done, block_rows=s.rollout.batch_size, rows=rows
+        )
         for g, (temperature, n) in enumerate(groups):
             sampling = SamplingParams.of(
                 cfg.generation, n=n, seed=cfg.seed + g, temperature=temperature

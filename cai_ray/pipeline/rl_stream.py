@@ -14,6 +14,7 @@ import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from cai_ray.data.shards import KeyIndex
 from cai_ray.errors import DataError
 from cai_ray.pipeline.common import prompt_dataset, stream_with_timeout
 
@@ -81,7 +82,7 @@ class SourceCursor:
     def _open(self, *, skip: int) -> Iterator[dict[str, Any]]:
         """Usable rows of one pass, after the first `skip` of them."""
         ds = prompt_dataset(
-            self.spec, turns=self.turns, limit=self.limit, done=set(), block_rows=64
+            self.spec, turns=self.turns, limit=self.limit, done=KeyIndex(), block_rows=64
         )
         batches = ds.iter_batches(batch_size=None, batch_format="pandas")
         seen = 0

@@ -101,7 +101,7 @@ def _summary(run_dir: Path) -> dict:
             if isinstance(v, int | dict) and not isinstance(v, bool)
         }
         ids = {
-            f"{part}/{key}": sorted(ShardStore(run_dir / stage / part, key=key).done_keys())
+            f"{part}/{key}": sorted(ShardStore(run_dir / stage / part, key=key).stored_keys())
             for part, key in KEYED.get(stage, [])
         }
         out[stage] = {"counts": counts, "ids": ids}
