@@ -8,6 +8,12 @@ its place by skipping the micro-batches it already consumed (the order is determ
 Rows beyond the last full global batch of an epoch are not used in that epoch (a different
 remainder every epoch when shuffling).
 
+With `learner.group_by_length` the plan also holds every row's length (its longest token
+column): the permutation is cut into windows of `GROUP_WINDOW` global batches and each window is
+sorted longest first, so a micro-batch holds rows of about one length and pads little (the
+sampler of Megatron, fairseq and HF's `group_by_length`). Still a pure function of (lengths,
+seed, epoch): parity and resume hold as before.
+
 Rows need an integer `idx` column 0..N-1 (`cai_ray.sl.sft_data.build_sft_examples` adds it).
 In-process a list of rows is cut in memory (`list_shards`); a Ray Dataset is materialised once
 and each rank cuts its shard from the blocks itself (`BlockShard`).
@@ -25,6 +31,7 @@ import numpy as np
 from cai_ray.errors import DataError
 
 ORDER_COL = "_order"
+GROUP_WINDOW = 64  # global batches per length-sorted window (HF's LengthGroupedSampler: 50)
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,7 @@ class EpochPlan:
     per_rank_step: int  # rows per rank per optimizer step: micro_batch_size * grad_accum
     seed: int
     shuffle: bool
+    lengths: bytes | None = None  # int32 per idx (`row_lengths`): group batches by length
 
     @property
     def global_batch(self) -> int:
@@ -51,7 +59,8 @@ class EpochPlan:
 
     def assign(self, idx: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(rank, order within the rank's shard, used this epoch) for rows with ids `idx`."""
-        pos = _positions(self.num_rows, self.seed, epoch, self.shuffle)[idx]
+        window = self.global_batch * GROUP_WINDOW if self.lengths is not None else 0
+        pos = _positions(self.num_rows, self.seed, epoch, self.shuffle, self.lengths, window)[idx]
         step, within = np.divmod(pos, self.global_batch)
         rank = within // self.per_rank_step
         order = step * self.per_rank_step + within % self.per_rank_step
@@ -59,14 +68,48 @@ class EpochPlan:
 
 
 @functools.lru_cache(maxsize=4)
-def _positions(num_rows: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
-    """position[idx] in the epoch order (cached: every batch of an epoch needs the same one)."""
-    if not shuffle:
+def _positions(
+    num_rows: int, seed: int, epoch: int, shuffle: bool, lengths: bytes | None = None, window=0
+) -> np.ndarray:
+    """position[idx] in the epoch order (cached: every batch of an epoch needs the same one);
+    with `lengths`, each run of `window` positions sorted longest first."""
+    if not shuffle and lengths is None:
         return np.arange(num_rows)
-    order = np.random.default_rng([seed, epoch]).permutation(num_rows)  # order[p] = idx
+    order = (
+        np.random.default_rng([seed, epoch]).permutation(num_rows)
+        if shuffle
+        else np.arange(num_rows)
+    )  # order[p] = idx
+    if lengths is not None:
+        size = np.frombuffer(lengths, dtype=np.int32)
+        for start in range(0, num_rows, window):
+            part = order[start : start + window]
+            order[start : start + window] = part[np.argsort(-size[part], kind="stable")]
     positions = np.empty(num_rows, dtype=np.int64)
     positions[order] = np.arange(num_rows)
     return positions
+
+
+def row_lengths(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> bytes:
+    """Each row's longest `columns` entry (token ids), as int32 bytes in `idx` order."""
+    out = np.zeros(len(rows), dtype=np.int32)
+    for r in rows:
+        out[r["idx"]] = max(len(r[c]) for c in columns)
+    return out.tobytes()
+
+
+def block_lengths(refs: Sequence[Any], num_rows: int, columns: Sequence[str]) -> bytes:
+    """`row_lengths` of a materialised dataset's Arrow blocks, one block at a time."""
+    import pyarrow.compute as pc
+    import ray
+
+    out = np.zeros(num_rows, dtype=np.int32)
+    for ref in refs:
+        table = ray.get(ref)
+        idx = _check_idx(table.column("idx").to_numpy(), num_rows, whole=False)
+        sizes = [pc.list_value_length(table.column(c)).fill_null(0).to_numpy() for c in columns]
+        out[idx] = np.maximum.reduce(sizes)
+    return out.tobytes()
 
 
 def check_rows(rows: Sequence[Any]) -> int:

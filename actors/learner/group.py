@@ -18,7 +18,15 @@ from types import SimpleNamespace
 from typing import Any
 
 from actors.learner.checkpoint import checkpoints_dir, read_latest, tag_for
-from actors.learner.data import EpochPlan, check_dataset, check_rows, dataset_shards, list_shards
+from actors.learner.data import (
+    EpochPlan,
+    block_lengths,
+    check_dataset,
+    check_rows,
+    dataset_shards,
+    list_shards,
+    row_lengths,
+)
 from actors.learner.metrics import MetricsSink, check_loggers, read_metrics
 from actors.learner.worker import LearnerWorker
 from cai_ray.config.learner import LearnerConfig
@@ -95,7 +103,12 @@ class LearnerGroup:
         cfg = self.config
         rows, blocks, num_rows = self._prepare(dataset)
         plan = EpochPlan(
-            num_rows, cfg.world_size, cfg.micro_batch_size * cfg.grad_accum, cfg.seed, cfg.shuffle
+            num_rows,
+            cfg.world_size,
+            cfg.micro_batch_size * cfg.grad_accum,
+            cfg.seed,
+            cfg.shuffle,
+            self._lengths(rows, blocks, num_rows) if cfg.group_by_length else None,
         )
         if plan.steps == 0:
             raise DataError(
@@ -187,6 +200,22 @@ class LearnerGroup:
         ds = dataset.materialize()
         num_rows = check_dataset(ds)
         return None, ds.to_arrow_refs(), num_rows
+
+    def _lengths(self, rows: list | None, blocks: Any, num_rows: int) -> bytes:
+        """Every row's length for `group_by_length`, from the objective's token columns."""
+        columns = getattr(self.objective, "length_columns", ())
+        if not columns:
+            raise ConfigError(
+                f"{type(self.objective).__name__} rows have no token columns to group by",
+                where="learner.group_by_length",
+                hint="set group_by_length: false for this objective",
+            )
+        missing = [c for c in columns if rows is not None and rows and c not in rows[0]]
+        if missing:
+            raise DataError(f"learner rows lack {missing[0]!r}", where="learner.group_by_length")
+        if rows is not None:
+            return row_lengths(rows, columns)
+        return block_lengths(blocks, num_rows, columns)
 
     def _resume_point(self, resume: bool, plan: EpochPlan, total: int) -> tuple[int, str | None]:
         """(step to start from, checkpoint tag to load or None)."""

@@ -62,6 +62,11 @@ class LearnerConfig(Section):
     )
     packing: bool = Field(False, description="pack several examples into one row")
     shuffle: bool = Field(True, description="seeded shuffle, a new order every epoch")
+    group_by_length: bool = Field(
+        False,
+        description="micro-batches of rows of about one length (windows of 64 global batches "
+        "sorted by length after the shuffle): less padding, same rows per step",
+    )
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in the backward pass: less memory, slower"
     )

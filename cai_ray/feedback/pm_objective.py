@@ -24,6 +24,7 @@ class PreferenceObjective(ScalarModelObjective):
 
     pad_id: int = 0
     head: Literal["causal", "classification"] = "classification"
+    length_columns: tuple[str, ...] = ("ids_a", "ids_b")  # 2B sequences pad to the longest
 
     def collate(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         import torch

@@ -186,6 +186,7 @@ class DPOObjective(_PolicyModel):
 
     beta: float = 0.1
     label_smoothing: float = 0.0
+    length_columns: tuple[str, ...] = ("chosen_ids", "rejected_ids")
 
     def collate(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         import torch

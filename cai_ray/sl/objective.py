@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 
 class Objective(Protocol):
-    """A training objective; `loss` returns a sum so the group can normalise globally."""
+    """A training objective; `loss` returns a sum so the group can normalise globally. An
+    optional `length_columns` (token-id columns) lets `learner.group_by_length` sort rows."""
 
     head: Literal["causal", "classification"]
 
@@ -60,6 +61,7 @@ class SFTObjective(CausalLMObjective):
 
     pad_id: int = 0
     head: Literal["causal", "classification"] = "causal"
+    length_columns: tuple[str, ...] = ("input_ids",)  # what `learner.group_by_length` sorts by
 
     def collate(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         from cai_ray.sl.sft_data import collate

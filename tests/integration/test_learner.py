@@ -105,7 +105,64 @@ def test_a_global_step_holds_the_same_rows_for_any_rank_count():
         list_shards([{"idx": 0}, {"idx": 0}], EpochPlan(2, 1, 1, 0, True), 0)
 
 
+def _padding(shard: list, micro: int) -> int:
+    """Pad tokens of a rank's micro-batches: each is padded to its longest row."""
+    out = 0
+    for i in range(0, len(shard), micro):
+        sizes = [len(r["input_ids"]) for r in shard[i : i + micro]]
+        out += max(sizes) * len(sizes) - sum(sizes)
+    return out
+
+
+def test_group_by_length_pads_less_and_keeps_every_step_the_same_for_any_rank_count():
+    import random
+
+    from actors.learner.data import row_lengths
+
+    rng = random.Random(0)
+    rows = [{"idx": i, "input_ids": [1] * rng.randint(8, 512)} for i in range(1000)]
+    lengths = row_lengths(rows, ("input_ids",))
+    plain = EpochPlan(1000, 1, 8, seed=3, shuffle=True)
+    one = EpochPlan(1000, 1, 8, seed=3, shuffle=True, lengths=lengths)
+    two = EpochPlan(1000, 2, 4, seed=3, shuffle=True, lengths=lengths)
+    (random_order,) = list_shards(rows, plain, epoch=0)
+    (grouped,) = list_shards(rows, one, epoch=0)
+    assert sorted(r["idx"] for r in grouped) == sorted(r["idx"] for r in random_order)
+    assert len({r["idx"] for r in grouped}) == len(grouped) == 1000  # each row once
+    assert _padding(grouped, 4) < 0.1 * _padding(random_order, 4)
+    r0, r1 = list_shards(rows, two, epoch=0)
+    for step in range(one.steps):
+        expect = {r["idx"] for r in grouped[8 * step : 8 * step + 8]}
+        assert {r["idx"] for r in r0[4 * step : 4 * step + 4] + r1[4 * step : 4 * step + 4]} == (
+            expect
+        )
+    (again,) = list_shards(rows, one, epoch=0)
+    (later,) = list_shards(rows, one, epoch=1)
+    assert [r["idx"] for r in again] == [r["idx"] for r in grouped]  # resume finds its place
+    assert [r["idx"] for r in later] != [r["idx"] for r in grouped]  # a new order each epoch
+
+
+def test_dataset_lengths_are_the_rows_lengths(ray_cluster):
+    import ray
+
+    from actors.learner.data import block_lengths, row_lengths
+
+    rows = [{"idx": i, "ids_a": [1] * (i % 7 + 1), "ids_b": [2] * (i % 5 + 1)} for i in range(50)]
+    refs = ray.data.from_items(rows, override_num_blocks=4).materialize().to_arrow_refs()
+    cols = ("ids_a", "ids_b")
+    assert block_lengths(refs, 50, cols) == row_lengths(rows, cols)
+
+
 # -- in-process (size 0) -------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_length_grouped_batches_learn(tiny_model_dir, rows16, tmp_path):
+    config = cfg(epochs=3, group_by_length=True)
+    with LearnerGroup(config, objective(tiny_model_dir), tiny_model_dir, tmp_path) as group:
+        result = group.fit(rows16, progress=False)
+    curve = losses(tmp_path)
+    assert result.steps == 12 and curve[-1] < 0.8 * curve[0]
 
 
 @pytest.mark.integration
