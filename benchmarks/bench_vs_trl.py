@@ -14,8 +14,13 @@ update). The first step of each run is not timed: cai-ray from its metrics' `ste
 (collate included), TRL from the wall time between step ends (data loading included). Writes
 benchmarks/results/bench_vs_trl.json.
 
+`--varied`: SFT and PM on 800 rows of varied length (no RL row), 50 steps timed, each side as
+it comes and with length-grouped batches (learner.group_by_length; TRL
+train_sampling_strategy="group_by_length"), and TRL's padding-free SFT collator; tokens/s
+counts each step's unpadded tokens on both sides. Writes bench_vs_trl-varied.json.
+
     PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_vs_trl.py [--steps 16] [--repeats 2]
-        [--only rl] [--rl-steps 8]
+        [--only rl] [--rl-steps 8] [--varied]
 """
 
 from __future__ import annotations
@@ -58,27 +63,51 @@ RL_ONE_MACHINE = [
 ]
 
 
-def pair_rows(n: int, seq_len: int, vocab: int) -> list[dict]:
-    """Random preference pairs, `seq_len` tokens per side, A preferred."""
+def pair_rows(n: int, seq_len: int, vocab: int, varied: bool = False) -> list[dict]:
+    """Random preference pairs, `seq_len` tokens per side (`varied`: each side 1/4 to 2x that),
+    A preferred."""
     g = torch.Generator().manual_seed(1)
-    return [
-        {
-            "idx": i,
-            "ids_a": torch.randint(10, vocab, (seq_len,), generator=g).tolist(),
-            "ids_b": torch.randint(10, vocab, (seq_len,), generator=g).tolist(),
-            "label": 1.0,
-        }
-        for i in range(n)
-    ]
+
+    def side() -> list[int]:
+        size = (
+            int(torch.randint(seq_len // 4, 2 * seq_len + 1, (1,), generator=g))
+            if varied
+            else seq_len
+        )
+        return torch.randint(10, vocab, (size,), generator=g).tolist()
+
+    return [{"idx": i, "ids_a": side(), "ids_b": side(), "label": 1.0} for i in range(n)]
+
+
+def varied_rows(n: int, seq_len: int, vocab: int) -> list[dict]:
+    """SFT rows of 1/8 to 2x `seq_len` tokens (uniform), the first 20-60% a prompt (no loss):
+    the spread of real (prompt, revision) rows, where padding and batching start to matter."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(n):
+        size = int(torch.randint(seq_len // 8, 2 * seq_len + 1, (1,), generator=g))
+        ids = torch.randint(10, vocab, (size,), generator=g).tolist()
+        cut = int(size * (0.2 + 0.4 * float(torch.rand(1, generator=g))))
+        rows.append({"idx": i, "input_ids": ids, "labels": [-100] * cut + ids[cut:]})
+    return rows
 
 
 def cai_ray(
-    model_dir: Path, rows: list[dict], objective, args, unit: str, ranks: int = 0, compile=False
+    model_dir: Path,
+    rows: list[dict],
+    objective,
+    args,
+    unit: str,
+    ranks: int = 0,
+    compile=False,
+    group=False,
 ) -> float:
     config = LearnerConfig(
         num_ranks=ranks,
         compile=compile,
+        group_by_length=group,
         micro_batch_size=args.micro_batch,
+        max_steps=args.steps,
         lr=1e-4,
         max_seq_len=2 * args.seq_len,
         tensorboard=False,
@@ -128,9 +157,10 @@ TRL_COMMON = dict(
 )
 
 
-def _trl_args(cls, out: str, args, compile=False):
+def _trl_args(cls, out: str, args, compile=False, group=False):
     return cls(
         torch_compile=compile,
+        train_sampling_strategy="group_by_length" if group else "random",
         output_dir=out,
         per_device_train_batch_size=args.micro_batch,
         gradient_accumulation_steps=1,
@@ -142,7 +172,19 @@ def _trl_args(cls, out: str, args, compile=False):
     )
 
 
-def trl_sft(model_dir: Path, rows: list[dict], args, compile=False) -> float:
+def _counting(collator, counts: list[int], key: str):
+    """`collator`, recording each batch's unpadded tokens (the rows' `key` lengths) in order."""
+
+    def collate(examples):
+        counts.append(sum(len(e[key]) for e in examples))
+        return collator(examples)
+
+    return collate
+
+
+def trl_sft(
+    model_dir: Path, rows: list[dict], args, compile=False, group=False, padding_free=False
+) -> float:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -158,26 +200,35 @@ def trl_sft(model_dir: Path, rows: list[dict], args, compile=False) -> float:
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     out = tempfile.mkdtemp(prefix="bench-trl-sft-")
     try:
-        cfg = _trl_args(SFTConfig, out, args, compile)
+        cfg = _trl_args(SFTConfig, out, args, compile, group)
         cfg.completion_only_loss = True
         cfg.packing = False
+        cfg.padding_free = padding_free
+        if padding_free:  # TRL: padding-free without packing does not cut; the rows fit
+            cfg.max_length = None
         clock = _step_clock()
         trainer = SFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok,
                              callbacks=[clock])  # fmt: skip
+        counts: list[int] = []
+        trainer.data_collator = _counting(trainer.data_collator, counts, "input_ids")
         trainer.train()
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    # tokens as the learner counts them: every unpadded token of the row (prompt included)
-    per_step = sum(len(r["input_ids"]) for r in rows) / (len(rows) // args.micro_batch)
-    return per_step * (len(clock.ends) - 1) / (clock.ends[-1] - clock.ends[0])
+    # tokens as the learner counts them: every unpadded token of the step's rows (prompt
+    # included); step i trains on the i-th collated batch, the first step not timed
+    steps = len(clock.ends)
+    return sum(counts[1:steps]) / (clock.ends[-1] - clock.ends[0])
 
 
-def trl_pm(model_dir: Path, rows: list[dict], args, compile=False) -> float:
+def trl_pm(model_dir: Path, rows: list[dict], args, compile=False, group=False) -> float:
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
-    data = Dataset.from_list([{"chosen_ids": r["ids_a"], "rejected_ids": r["ids_b"]} for r in rows])
+    data = Dataset.from_list(
+        [{"chosen_ids": r["ids_a"], "rejected_ids": r["ids_b"],
+          "length": max(len(r["ids_a"]), len(r["ids_b"]))} for r in rows]
+    )  # fmt: skip
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -186,7 +237,9 @@ def trl_pm(model_dir: Path, rows: list[dict], args, compile=False) -> float:
     model.config.pad_token_id = tok.pad_token_id
     out = tempfile.mkdtemp(prefix="bench-trl-pm-")
     try:
-        cfg = _trl_args(RewardConfig, out, args, compile)
+        cfg = _trl_args(RewardConfig, out, args, compile, group)
+        cfg.length_column_name = "length"  # what group_by_length sorts by
+        cfg.remove_unused_columns = not group  # else the sampler never sees that column
         clock = _step_clock()
         trainer = RewardTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok,
                                 callbacks=[clock])  # fmt: skip
@@ -322,7 +375,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256, help="SFT tokens per row")
     parser.add_argument("--pm-seq-len", type=int, default=128, help="PM tokens per side")
     parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=None, help="16; --varied: 50")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--only", choices=["sft", "pm", "rl"], default=None)
@@ -333,7 +386,16 @@ def main() -> None:
     parser.add_argument("--rl-beta", type=float, default=0.001, help="KL coefficient (loss)")
     parser.add_argument("--rl-set", action="append", default=[],
                         help="a further --set for cai-ray's rl_train (repeatable)")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: results/bench_vs_trl*.json"
+    )
+    parser.add_argument(
+        "--varied",
+        action="store_true",
+        help="SFT and PM on rows of varied length (SFT 1/8-2x --seq-len, PM sides 1/4-2x "
+        "--pm-seq-len), each side also with length-grouped batches (learner.group_by_length / "
+        "TRL train_sampling_strategy=group_by_length) and TRL padding-free SFT; no RL row",
+    )
     parser.add_argument(
         "--actor",
         action="store_true",
@@ -355,9 +417,17 @@ def main() -> None:
     model_dir = ensure_model(ModelConfig(preset=args.preset), run_dir=default_cache_dir())
     meta = json.loads((model_dir / "config.json").read_text())
     vocab, pad = meta["vocab_size"], meta.get("pad_token_id") or 0
+    args.steps = args.steps or (50 if args.varied else 16)
     n = args.steps * args.micro_batch
-    sft_rows = synthetic_rows(n, args.seq_len, vocab)
-    pm = pair_rows(n, args.pm_seq_len, vocab)
+    if args.varied:
+        # 800 rows: HF's length grouping then sorts its full window (50 batches = the 50 timed
+        # steps; fewer rows shrink it); cai-ray's window is 64 global batches, steps shuffled
+        n = max(n, 800)
+    if args.varied:
+        sft_rows = varied_rows(n, args.seq_len, vocab)
+    else:
+        sft_rows = synthetic_rows(n, args.seq_len, vocab)
+    pm = pair_rows(n, args.pm_seq_len, vocab, varied=args.varied)
     pm_args = argparse.Namespace(**{**vars(args), "seq_len": args.pm_seq_len})
     sides = {
         "sft": {
@@ -370,13 +440,27 @@ def main() -> None:
             "trl": lambda: trl_pm(model_dir, pm, pm_args),
         },
     }  # fmt: skip
+    if args.varied:
+        sides["sft"]["cai-ray grouped"] = lambda: cai_ray(
+            model_dir, sft_rows, SFTObjective(), args, "tokens", group=True
+        )
+        sides["sft"]["trl grouped"] = lambda: trl_sft(model_dir, sft_rows, args, group=True)
+        sides["sft"]["trl padding-free"] = lambda: trl_sft(
+            model_dir, sft_rows, args, padding_free=True
+        )
+        sides["pm"]["cai-ray grouped"] = lambda: cai_ray(
+            model_dir, pm, PreferenceObjective(pad_id=pad), pm_args, "pairs", group=True
+        )
+        sides["pm"]["trl grouped"] = lambda: trl_pm(model_dir, pm, pm_args, group=True)
     rl_prompts: list[str] = []  # filled by cai-ray's first RL run, then TRL's dataset
     sides["rl"] = {
         "cai-ray": lambda: cai_ray_rl(model_dir, args, rl_prompts, RL_ONE_MACHINE),
         "trl": lambda: trl_grpo(model_dir, args, rl_prompts),
         "cai-ray local-tiny roles": lambda: cai_ray_rl(model_dir, args, rl_prompts, []),
     }
-    if args.actor or args.only in (None, "rl"):
+    if args.varied:
+        del sides["rl"]
+    if args.actor or (args.only in (None, "rl") and "rl" in sides):
         import ray
 
         ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
@@ -433,6 +517,7 @@ def main() -> None:
     ]
     report = {
         "preset": args.preset,
+        "rows": "varied length" if args.varied else "fixed length",
         "sft_tokens_per_row": args.seq_len,
         "pm_tokens_per_side": args.pm_seq_len,
         "micro_batch": args.micro_batch,
@@ -455,7 +540,8 @@ def main() -> None:
             for r in table
         ],
     }  # fmt: skip
-    write_results(args.out, report)
+    out = args.out or (RESULTS.with_stem(f"{RESULTS.stem}-varied") if args.varied else RESULTS)
+    write_results(out, report)
     print(json.dumps(report, indent=2))
 
 

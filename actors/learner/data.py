@@ -9,10 +9,11 @@ Rows beyond the last full global batch of an epoch are not used in that epoch (a
 remainder every epoch when shuffling).
 
 With `learner.group_by_length` the plan also holds every row's length (its longest token
-column): the permutation is cut into windows of `GROUP_WINDOW` global batches and each window is
-sorted longest first, so a micro-batch holds rows of about one length and pads little (the
-sampler of Megatron, fairseq and HF's `group_by_length`). Still a pure function of (lengths,
-seed, epoch): parity and resume hold as before.
+column): the permutation is cut into windows of `GROUP_WINDOW` global batches, each window is
+sorted by length and its global batches are then put in a seeded random order, so a micro-batch
+holds rows of about one length and pads little, while steps do not run long to short (the
+bucketing of fairseq and Megatron; HF's `group_by_length` keeps each window longest first).
+Still a pure function of (lengths, seed, epoch): parity and resume hold as before.
 
 Rows need an integer `idx` column 0..N-1 (`cai_ray.sl.sft_data.build_sft_examples` adds it).
 In-process a list of rows is cut in memory (`list_shards`); a Ray Dataset is materialised once
@@ -59,8 +60,9 @@ class EpochPlan:
 
     def assign(self, idx: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(rank, order within the rank's shard, used this epoch) for rows with ids `idx`."""
-        window = self.global_batch * GROUP_WINDOW if self.lengths is not None else 0
-        pos = _positions(self.num_rows, self.seed, epoch, self.shuffle, self.lengths, window)[idx]
+        pos = _positions(
+            self.num_rows, self.seed, epoch, self.shuffle, self.lengths, self.global_batch
+        )[idx]
         step, within = np.divmod(pos, self.global_batch)
         rank = within // self.per_rank_step
         order = step * self.per_rank_step + within % self.per_rank_step
@@ -69,10 +71,10 @@ class EpochPlan:
 
 @functools.lru_cache(maxsize=4)
 def _positions(
-    num_rows: int, seed: int, epoch: int, shuffle: bool, lengths: bytes | None = None, window=0
+    num_rows: int, seed: int, epoch: int, shuffle: bool, lengths: bytes | None = None, batch=1
 ) -> np.ndarray:
     """position[idx] in the epoch order (cached: every batch of an epoch needs the same one);
-    with `lengths`, each run of `window` positions sorted longest first."""
+    with `lengths`, grouped by length in windows of `GROUP_WINDOW` global batches of `batch`."""
     if not shuffle and lengths is None:
         return np.arange(num_rows)
     order = (
@@ -82,9 +84,15 @@ def _positions(
     )  # order[p] = idx
     if lengths is not None:
         size = np.frombuffer(lengths, dtype=np.int32)
+        window = batch * GROUP_WINDOW
+        rng = np.random.default_rng([seed, epoch, 1])
         for start in range(0, num_rows, window):
             part = order[start : start + window]
-            order[start : start + window] = part[np.argsort(-size[part], kind="stable")]
+            part = part[np.argsort(-size[part], kind="stable")]
+            full = len(part) // batch * batch  # a last partial batch stays last (the remainder)
+            steps = rng.permutation(full // batch)
+            part[:full] = part[:full].reshape(-1, batch)[steps].reshape(-1)
+            order[start : start + window] = part
     positions = np.empty(num_rows, dtype=np.int64)
     positions[order] = np.arange(num_rows)
     return positions

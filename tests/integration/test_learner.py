@@ -130,6 +130,8 @@ def test_group_by_length_pads_less_and_keeps_every_step_the_same_for_any_rank_co
     assert sorted(r["idx"] for r in grouped) == sorted(r["idx"] for r in random_order)
     assert len({r["idx"] for r in grouped}) == len(grouped) == 1000  # each row once
     assert _padding(grouped, 4) < 0.1 * _padding(random_order, 4)
+    longest = [max(len(r["input_ids"]) for r in grouped[i : i + 8]) for i in range(0, 1000, 8)]
+    assert longest[:64] != sorted(longest[:64], reverse=True)  # steps do not run long to short
     r0, r1 = list_shards(rows, two, epoch=0)
     for step in range(one.steps):
         expect = {r["idx"] for r in grouped[8 * step : 8 * step + 8]}
