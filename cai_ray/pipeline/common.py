@@ -283,12 +283,7 @@ def prompt_dataset(
     ds = ray.data.from_items(items).map_batches(
         _read_source,
         fn_kwargs=dict(
-            turns=turns,
-            limit=limit,
-            done=done.frozen(),
-            block_rows=block_rows,
-            skip=skip,
-            rows=rows,
+            read=SourceRead(turns, limit, block_rows, skip=skip, rows=rows), done=done.frozen()
         ),
         batch_size=1,
         batch_format="pandas",
@@ -325,23 +320,28 @@ def _read_shard(item) -> Iterator[Any]:
     yield pq.read_table(item["path"].iloc[0])
 
 
-def _read_source(
-    item,
-    *,
-    turns: str,
-    limit: int | None,
-    done: KeyIndex,
-    block_rows: int,
-    skip: int = 0,
-    rows: int | None = None,
-) -> Iterator[Any]:
-    """Generator UDF: stream one source's rows as parsed batches of `block_rows`, at most
-    `rows` of them (None: all)."""
+@dataclass(frozen=True)
+class SourceRead:
+    """How `_read_source` reads a prompt source (see `prompt_dataset`)."""
+
+    turns: str
+    limit: int | None
+    block_rows: int
+    skip: int = 0
+    rows: int | None = None
+
+
+def _read_source(item, *, read: SourceRead, done: KeyIndex) -> Iterator[Any]:
+    """Generator UDF: stream one source's rows as parsed batches of `read.block_rows`, at most
+    `read.rows` of them (None: all)."""
     import pandas as pd
 
     from cai_ray.data.sources import Reject, iter_prompt_rows, parse_prompt_row
 
     spec = item["spec"].iloc[0]
+    turns, limit, block_rows, skip, rows = (
+        read.turns, read.limit, read.block_rows, read.skip, read.rows
+    )  # fmt: skip
     seen = KeyIndex()  # the source's prompt ids so far: 8 bytes each, not a set of strings
     out: list[dict[str, Any]] = []
     valid = sent = 0

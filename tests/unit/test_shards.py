@@ -65,7 +65,7 @@ def test_the_prompt_reader_stops_after_a_rounds_rows_and_skips_done_keys(tmp_pat
     """A stream round reads only its share of the source (not all of it, then a limit)."""
     import json
 
-    from cai_ray.pipeline.common import _read_source
+    from cai_ray.pipeline.common import SourceRead, _read_source
 
     src = tmp_path / "prompts.jsonl"
     lines = [json.dumps({"prompt": f"question {i}?"}) for i in range(10)]
@@ -74,7 +74,8 @@ def test_the_prompt_reader_stops_after_a_rounds_rows_and_skips_done_keys(tmp_pat
     item = pd.DataFrame([{"spec": str(src)}])
 
     def read(done: KeyIndex, rows: int | None) -> list[dict]:
-        batches = _read_source(item, turns="last", limit=None, done=done, block_rows=2, rows=rows)
+        read = SourceRead(turns="last", limit=None, block_rows=2, rows=rows)
+        batches = _read_source(item, read=read, done=done)
         return [r for b in batches for r in b.to_dict("records")]
 
     done = KeyIndex()
