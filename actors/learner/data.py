@@ -115,6 +115,9 @@ def block_lengths(refs: Sequence[Any], num_rows: int, columns: Sequence[str]) ->
     for ref in refs:
         table = ray.get(ref)
         idx = _check_idx(table.column("idx").to_numpy(), num_rows, whole=False)
+        missing = [c for c in columns if c not in table.column_names]
+        if missing:
+            raise DataError(f"learner rows lack {missing[0]!r}", where="learner.group_by_length")
         sizes = [pc.list_value_length(table.column(c)).fill_null(0).to_numpy() for c in columns]
         out[idx] = np.maximum.reduce(sizes)
     return out.tobytes()
