@@ -1,8 +1,8 @@
 """Streaming scale: stages 1 and 4 with 1k, 10k and 100k prompts (tiny model, few new tokens).
 
 Each (stage, size) runs in a fresh process with its own local Ray cluster, so peak memory is
-that run's: the driver's peak RSS and the largest worker process's peak RSS (sampled every
-0.5 s). Time should grow linearly with size (seconds per 1k prompts flat) and memory stay flat,
+that run's: the driver's peak RSS and the largest worker process's peak RSS (the driver sampled
+every 50 ms, the workers every 0.5 s). Time should grow linearly with size (seconds per 1k prompts flat) and memory stay flat,
 since Ray Data streams the prompts with back-pressure and the driver writes shards as they come.
 Stage 4 labels synthetic stage-3 pairs, written into the run dir by a child process (so the
 driver's peak is the stage's own). Writes benchmarks/results/stream_scale.json.
@@ -60,8 +60,13 @@ def _peak_rss(stop: threading.Event, peaks: dict) -> None:
         peaks[f"{key}_private"] = max(peaks[f"{key}_private"], mem.rss - mem.shared)
 
     me = psutil.Process()
+    tick = 0
     while not stop.is_set():
-        sample("driver", me)
+        sample("driver", me)  # every 50 ms: the stage's finishing work peaks for under 0.5 s
+        tick += 1
+        time.sleep(0.05)
+        if tick % 10:
+            continue
         try:
             node = ray._private.worker._global_node
             raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
@@ -69,7 +74,6 @@ def _peak_rss(stop: threading.Event, peaks: dict) -> None:
                 sample("worker", child)
         except Exception:  # before Ray is up, or a worker exited meanwhile
             pass
-        time.sleep(0.5)
 
 
 def one(stage: str, size: int, compute: str = "actors") -> dict:

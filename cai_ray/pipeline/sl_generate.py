@@ -143,8 +143,7 @@ def _helpful_answers(cfg: RunConfig, ctx: StageContext, model, *, progress: bool
 def _cut_counts(store: ShardStore) -> dict[str, int]:
     """How many answers, critiques and revisions stopped at max_new_tokens (finish reason
     `length`): stage 2 does not train on a cut revision as if it were finished (issue 14).
-    Counted in Arrow, one shard's two columns at a time: Python rows of every shard were the
-    driver's peak at 100k prompts (+30 MB)."""
+    Counted in Arrow, one shard's two columns at a time, not as Python rows of every shard."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -156,7 +155,9 @@ def _cut_counts(store: ShardStore) -> dict[str, int]:
     counts = {"initial_answers": 0, "critiques": 0, "revisions": 0, "final_revisions": 0}
     for path in store.shard_paths():
         names = set(pq.read_schema(path).names)
-        table = pq.read_table(path, columns=[c for c in _CUT_COLUMNS if c in names])
+        table = pq.read_table(
+            path, columns=[c for c in _CUT_COLUMNS if c in names], use_threads=False
+        )
         if "initial_answer_finish" in names:
             counts["initial_answers"] += cut(table.column("initial_answer_finish"))
         if "rounds" not in names:
@@ -174,6 +175,7 @@ def _cut_counts(store: ShardStore) -> dict[str, int]:
             last = np.cumsum(lengths)[lengths > 0] - 1  # each non-empty row's last round
             counts["final_revisions"] += cut(revision.take(pa.array(last)))
         del table
+        pa.default_memory_pool().release_unused()  # Arrow's mimalloc keeps freed buffers
     return counts
 
 
