@@ -100,6 +100,7 @@ def _positions(
 
 def row_lengths(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> bytes:
     """Each row's longest `columns` entry (token ids), as int32 bytes in `idx` order."""
+    _check_columns(rows[0].keys() if rows else columns, columns)
     out = np.zeros(len(rows), dtype=np.int32)
     for r in rows:
         out[r["idx"]] = max(len(r[c]) for c in columns)
@@ -115,12 +116,16 @@ def block_lengths(refs: Sequence[Any], num_rows: int, columns: Sequence[str]) ->
     for ref in refs:
         table = ray.get(ref)
         idx = _check_idx(table.column("idx").to_numpy(), num_rows, whole=False)
-        missing = [c for c in columns if c not in table.column_names]
-        if missing:
-            raise DataError(f"learner rows lack {missing[0]!r}", where="learner.group_by_length")
+        _check_columns(table.column_names, columns)
         sizes = [pc.list_value_length(table.column(c)).fill_null(0).to_numpy() for c in columns]
         out[idx] = np.maximum.reduce(sizes)
     return out.tobytes()
+
+
+def _check_columns(have: Any, columns: Sequence[str]) -> None:
+    missing = [c for c in columns if c not in have]
+    if missing:
+        raise DataError(f"learner rows lack {missing[0]!r}", where="learner.group_by_length")
 
 
 def check_rows(rows: Sequence[Any]) -> int:

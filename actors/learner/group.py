@@ -210,9 +210,6 @@ class LearnerGroup:
                 where="learner.group_by_length",
                 hint="set group_by_length: false for this objective",
             )
-        missing = [c for c in columns if rows is not None and rows and c not in rows[0]]
-        if missing:
-            raise DataError(f"learner rows lack {missing[0]!r}", where="learner.group_by_length")
         if rows is not None:
             return row_lengths(rows, columns)
         return block_lengths(blocks, num_rows, columns)

@@ -92,13 +92,18 @@ class KeyIndex:
     def frozen(self) -> KeyIndex:
         """A snapshot that later `add`s do not change; it shares the sorted array."""
         self._compact()
-        snap = KeyIndex()
-        snap._sorted = self._sorted
-        return snap
+        return _from_sorted(self._sorted)
 
-    def __reduce__(self):
+    def __reduce__(self):  # unpickled as the array it is: no second sort in every task
         self._compact()
-        return (KeyIndex, (self._sorted,))
+        return (_from_sorted, (self._sorted,))
+
+
+def _from_sorted(digests: Any) -> KeyIndex:
+    """A KeyIndex over `digests` that are already sorted and unique (a `_compact` result)."""
+    index = KeyIndex()
+    index._sorted = digests
+    return index
 
 
 class ShardStore:
