@@ -5,7 +5,9 @@ run alternating (cai-ray, TRL, cai-ray, TRL, ...) so both see the same backgroun
 of the repeats is kept. (1) SFT tokens/s: LearnerGroup + SFTObjective in-process (`num_ranks: 0`)
 vs TRL `SFTTrainer` on pre-tokenised rows with a completion mask (response-only loss). (2) PM
 pairs/s: LearnerGroup + PreferenceObjective vs TRL `RewardTrainer` (sequence-classification head,
-Bradley-Terry loss). (3) RL samples/s: the real stage-6 loop (`rl_train`, GRPO, the local-tiny
+Bradley-Terry loss), on pairs whose two sides share their first `--pm-shared` (0.5) of tokens,
+as a conversation with two answers does (cai-ray also with `share_prefix` off: separate rows),
+and on pairs with independent sides (`pm-independent`). (3) RL samples/s: the real stage-6 loop (`rl_train`, GRPO, the local-tiny
 roles as Ray actors, a rule reward) vs TRL `GRPOTrainer` on the prompts cai-ray sampled, same
 group size, new tokens, reward function, beta, lr and one optimizer step per RL step, with
 each step's time split (cai-ray: its metrics' generate / score / train / sync; TRL: its
@@ -63,20 +65,31 @@ RL_ONE_MACHINE = [
 ]
 
 
-def pair_rows(n: int, seq_len: int, vocab: int, varied: bool = False) -> list[dict]:
-    """Random preference pairs, `seq_len` tokens per side (`varied`: each side 1/4 to 2x that),
-    A preferred."""
+def pair_rows(
+    n: int, seq_len: int, vocab: int, varied: bool = False, shared: float = 0.5
+) -> list[dict]:
+    """Random preference pairs, A preferred: one conversation and two answers, as a PM's rows
+    are (`pm_text`). Fixed: `seq_len` tokens per side, the first `shared` of them the common
+    conversation. `varied`: a conversation of 1/8 to 1x `seq_len` tokens (times 2 * `shared`)
+    and answers of 1/8 to 1x each. `shared=0`: independent sides (no common prefix)."""
     g = torch.Generator().manual_seed(1)
 
-    def side() -> list[int]:
-        size = (
-            int(torch.randint(seq_len // 4, 2 * seq_len + 1, (1,), generator=g))
-            if varied
-            else seq_len
-        )
+    def tokens(size: int) -> list[int]:
         return torch.randint(10, vocab, (size,), generator=g).tolist()
 
-    return [{"idx": i, "ids_a": side(), "ids_b": side(), "label": 1.0} for i in range(n)]
+    def between(lo: int, hi: int) -> int:
+        return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+    rows = []
+    for i in range(n):
+        if varied:
+            prompt = tokens(int(between(seq_len // 8, seq_len) * 2 * shared))
+            a, b = tokens(between(seq_len // 8, seq_len)), tokens(between(seq_len // 8, seq_len))
+        else:
+            prompt = tokens(int(seq_len * shared))
+            a, b = tokens(seq_len - len(prompt)), tokens(seq_len - len(prompt))
+        rows.append({"idx": i, "ids_a": prompt + a, "ids_b": prompt + b, "label": 1.0})
+    return rows
 
 
 def varied_rows(n: int, seq_len: int, vocab: int) -> list[dict]:
@@ -374,11 +387,14 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny-20m")
     parser.add_argument("--seq-len", type=int, default=256, help="SFT tokens per row")
     parser.add_argument("--pm-seq-len", type=int, default=128, help="PM tokens per side")
+    parser.add_argument("--pm-shared", type=float, default=0.5,
+                        help="fraction of a PM side that is the pair's common conversation "
+                        "(0: independent sides; else also a pm-independent row)")  # fmt: skip
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=None, help="16; --varied: 50")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--only", choices=["sft", "pm", "rl"], default=None)
+    parser.add_argument("--only", choices=["sft", "pm", "pm-independent", "rl"], default=None)
     parser.add_argument("--rl-steps", type=int, default=8, help="RL steps per run (1st untimed)")
     parser.add_argument("--rl-prompts", type=int, default=4, help="prompts per RL step")
     parser.add_argument("--rl-group", type=int, default=4, help="samples per prompt")
@@ -427,7 +443,8 @@ def main() -> None:
         sft_rows = varied_rows(n, args.seq_len, vocab)
     else:
         sft_rows = synthetic_rows(n, args.seq_len, vocab)
-    pm = pair_rows(n, args.pm_seq_len, vocab, varied=args.varied)
+    pm = pair_rows(n, args.pm_seq_len, vocab, varied=args.varied, shared=args.pm_shared)
+    independent = pair_rows(n, args.pm_seq_len, vocab, varied=args.varied, shared=0.0)
     pm_args = argparse.Namespace(**{**vars(args), "seq_len": args.pm_seq_len})
     sides = {
         "sft": {
@@ -438,8 +455,18 @@ def main() -> None:
             "cai-ray": lambda: cai_ray(model_dir, pm, PreferenceObjective(pad_id=pad), pm_args,
                                        "pairs"),
             "trl": lambda: trl_pm(model_dir, pm, pm_args),
+            "cai-ray separate rows": lambda: cai_ray(
+                model_dir, pm, PreferenceObjective(pad_id=pad, share_prefix=False), pm_args,
+                "pairs"),
+        },
+        "pm-independent": {  # sides with no common prefix: what sharing cannot help
+            "cai-ray": lambda: cai_ray(model_dir, independent, PreferenceObjective(pad_id=pad),
+                                       pm_args, "pairs"),
+            "trl": lambda: trl_pm(model_dir, independent, pm_args),
         },
     }  # fmt: skip
+    if not args.pm_shared:
+        del sides["pm-independent"]
     if args.varied:
         sides["sft"]["cai-ray grouped"] = lambda: cai_ray(
             model_dir, sft_rows, SFTObjective(), args, "tokens", group=True
@@ -497,7 +524,7 @@ def main() -> None:
                 loads.append(os.getloadavg()[0])
                 print(json.dumps({"task": task, "side": name, "repeat": rep, "value": value,
                                   "split": splits.get(task, {}).get(name, [None])[-1]}))  # fmt: skip
-    unit = {"sft": "tokens/s", "pm": "pairs/s", "rl": "samples/s"}
+    unit = {"sft": "tokens/s", "pm": "pairs/s", "pm-independent": "pairs/s", "rl": "samples/s"}
     table = [
         {
             "task": task,
@@ -520,6 +547,7 @@ def main() -> None:
         "rows": "varied length" if args.varied else "fixed length",
         "sft_tokens_per_row": args.seq_len,
         "pm_tokens_per_side": args.pm_seq_len,
+        "pm_shared_fraction": args.pm_shared,
         "micro_batch": args.micro_batch,
         "steps": args.steps,
         "rl": {"steps": args.rl_steps, "prompts_per_step": args.rl_prompts, "group": args.rl_group,

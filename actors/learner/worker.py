@@ -156,7 +156,8 @@ class LearnerWorker:
         ds_config = {
             "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
             "gradient_accumulation_steps": cfg.grad_accum,
-            "gradient_clipping": cfg.max_grad_norm,
+            # ZeRO-0 fp32: the rank clips itself, with the norm it reports (`_train_step`)
+            "gradient_clipping": 0.0 if self._own_clip else cfg.max_grad_norm,
             "zero_optimization": {"stage": cfg.zero_stage},
             "bf16": {"enabled": self.dtype == "bf16"},
             "zero_allow_untested_optimizer": True,
@@ -172,7 +173,18 @@ class LearnerWorker:
             config=ds_config,
             dist_init_required=False,
         )
+        if self.world_size == 1 and cfg.zero_stage == 0:
+            # One rank has nothing to all-reduce, yet DeepSpeed's ZeRO-0 backward flattens every
+            # gradient into buckets, all-reduces them over gloo and copies them back: 0.1 s of
+            # a 0.5 s GRPO step on tiny-20m (benchmarks/README.md, "The RL step").
+            engine.enable_backward_allreduce = False
         return engine
+
+    @property
+    def _own_clip(self) -> bool:
+        """ZeRO-0 fp32 steps clip here: one foreach norm gives the clip and the logged norm
+        (DeepSpeed would compute its own a second time, and reports none there)."""
+        return self.config.zero_stage == 0 and self.dtype == "fp32"
 
     def start_epoch(self, shard: Any, *, epoch: int, skip_micro_batches: int = 0) -> None:
         """Read `shard` (rows in training order) from micro-batch `skip_micro_batches` on."""
@@ -196,15 +208,16 @@ class LearnerWorker:
         # data-parallel size): the step's gradient is that of the mean over the global batch.
         scale = self.world_size * cfg.grad_accum / max(units, 1.0)
         lr = float(self.engine.get_lr()[0])
-        own_norm = cfg.zero_stage == 0 and self.dtype == "fp32"  # DeepSpeed reports none there
+        own_norm = self._own_clip
         loss_sum, tokens, extra, norm = 0.0, 0, {}, None
         for i, batch in enumerate(batches):
             batch = {k: v.to(self.device) for k, v in batch.items()}
             loss, metrics = self.objective.loss(self.engine, batch)
             self.engine.backward(loss * scale)
-            if own_norm and i == len(batches) - 1:
-                grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-                norm = float(torch.nn.utils.get_total_norm(grads))
+            if own_norm and i == len(batches) - 1:  # the step's gradient, all-reduced
+                params = [p for p in self.engine.module.parameters() if p.grad is not None]
+                max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+                norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
             self.engine.step()
             loss_sum += float(loss.detach())
             tokens += self.objective.tokens(batch)

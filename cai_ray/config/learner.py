@@ -61,6 +61,12 @@ class LearnerConfig(Section):
         "DPO cuts the prompt, the PM keeps the last tokens; the online RL loop does not read it",
     )
     packing: bool = Field(False, description="pack several examples into one row")
+    share_prefix: bool = Field(
+        True,
+        description="PM, DPO and RL policy rows that start alike (a pair's conversation, a "
+        "group's prompt) run as one row with the prefix once (4D mask; same loss and "
+        "gradients); models on attention without 4D masks run separate rows",
+    )
     shuffle: bool = Field(True, description="seeded shuffle, a new order every epoch")
     group_by_length: bool = Field(
         False,

@@ -1,21 +1,23 @@
 """PreferenceObjective: the Bradley-Terry loss of a PM, as an `Objective` of the learner group.
 
 The PM is a scalar head on a causal LM's decoder (`cai_ray.models.value_head`), started from a
-pretrained LM (paper section 4.1) or from an earlier PM. A micro-batch of B pairs runs as one
-forward of 2B right-padded sequences (A texts then B texts); the head reads the last non-pad
-token. The loss is summed over pairs, so the group normalises by pairs.
+pretrained LM (paper section 4.1) or from an earlier PM. The two sides of a pair are one
+conversation with two answers: by default (`share_prefix`) a micro-batch of B pairs runs as B
+rows, each the pair's common token prefix once and then both answers
+(`cai_ray.models.shared_prefix`: the same scores and gradients as separate rows, the prefix
+computed once); else as 2B right-padded sequences (A texts then B texts). The head reads each
+side's last token. The loss is summed over pairs, so the group normalises by pairs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
+
+import torch
 
 from cai_ray.models.value_head import ScalarModelObjective
-
-if TYPE_CHECKING:
-    import torch
 
 
 @dataclass(frozen=True)
@@ -25,18 +27,23 @@ class PreferenceObjective(ScalarModelObjective):
     pad_id: int = 0
     head: Literal["causal", "classification"] = "classification"
     length_columns: tuple[str, ...] = ("ids_a", "ids_b")  # 2B sequences pad to the longest
+    share_prefix: bool = True  # each pair's common prefix runs once (learner.share_prefix)
 
     def collate(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        import torch
+        from cai_ray.models import shared_prefix
 
         seqs = [list(r["ids_a"]) for r in rows] + [list(r["ids_b"]) for r in rows]
+        labels = torch.tensor([float(r["label"]) for r in rows], dtype=torch.float32)  # (B,)
+        if self.share_prefix:
+            packed = shared_prefix.pack(seqs, shared_prefix.pair_groups(len(rows)),
+                                        pad_id=self.pad_id)  # fmt: skip
+            return {**shared_prefix.to_batch(packed), "labels": labels}
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)  # (2B, T)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
             mask[i, : len(s)] = 1
-        labels = torch.tensor([float(r["label"]) for r in rows], dtype=torch.float32)  # (B,)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def loss_units(self, batch: Mapping[str, torch.Tensor]) -> int:
@@ -47,7 +54,7 @@ class PreferenceObjective(ScalarModelObjective):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         from cai_ray.feedback.preference import agreement_count, bt_loss_sum
 
-        rewards = pm_scores(model, batch["input_ids"], batch["attention_mask"])  # (2B,)
+        rewards = pm_scores(model, batch)  # (2B,)
         r_a, r_b = rewards.chunk(2)  # (B,), (B,)
         p = batch["labels"]
         total = bt_loss_sum(r_a, r_b, p)
@@ -57,9 +64,19 @@ class PreferenceObjective(ScalarModelObjective):
         }
 
     def tokens(self, batch: Mapping[str, torch.Tensor]) -> int:
-        return int(batch["attention_mask"].sum())
+        """The pairs' tokens (both sides in full, however many the forward ran)."""
+        from cai_ray.models import shared_prefix
+
+        return shared_prefix.data_tokens(batch)
 
 
-def pm_scores(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The PM's scalar per sequence, read at the last non-pad token. (N, T) -> (N,)."""
-    return model(input_ids=ids, attention_mask=mask, last_only=True)
+def pm_scores(model: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The PM's scalar per sequence of a collated batch, read at its last token: (2B,)."""
+    from cai_ray.models import shared_prefix
+
+    if "seq_lengths" not in batch:  # right-padded rows
+        return model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], last_only=True
+        )
+    inputs, where = shared_prefix.forward_inputs(model, dict(batch))
+    return model(**inputs, at=where.last_at())

@@ -70,8 +70,9 @@ def check_scalar_model(path: str | Path, *, new_head: bool) -> Kind:
 
 
 class ValueHeadModel(torch.nn.Module):
-    """A causal LM's decoder plus a scalar head. `forward` gives one value per token (B, T), or
-    with `last_only` the value at each row's last real token (B,) (right padding)."""
+    """A causal LM's decoder plus a scalar head. `forward` gives one value per token (B, T),
+    with `last_only` the value at each row's last real token (B,) (right padding), with `at`
+    the values at the given (row, column) positions."""
 
     def __init__(
         self,
@@ -96,10 +97,23 @@ class ValueHeadModel(torch.nn.Module):
         return self.backbone.config
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, last_only: bool = False
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Any,
+        *,
+        position_ids: torch.Tensor | None = None,
+        last_only: bool = False,
+        at: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask)[0]  # (B, T, H)
-        if last_only:
+        """`at` (rows, cols): the values at those positions only, e.g. each sequence's last
+        token in shared-prefix rows (`cai_ray.models.shared_prefix`), whose 4D `attention_mask`
+        and `position_ids` pass through to the decoder."""
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        )[0]  # (B, T, H)
+        if at is not None:
+            hidden = hidden[at[0], at[1]]  # (K, H)
+        elif last_only:
             last = attention_mask.sum(1) - 1  # (B,) index of the last real token
             hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
         return self.head(hidden)[..., 0].float()  # (B, T) or (B,)

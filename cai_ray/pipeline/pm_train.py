@@ -47,7 +47,9 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     tokenizer = load_tokenizer(pm.path)
     rows = [{"idx": i, **_encode(tokenizer, c, s.learner.max_seq_len)} for i, c in enumerate(train)]
     learner = _learner_config(s.learner, len(rows))
-    objective = PreferenceObjective(pad_id=tokenizer.pad_token_id)
+    objective = PreferenceObjective(
+        pad_id=tokenizer.pad_token_id, share_prefix=s.learner.share_prefix
+    )
     with LearnerGroup(learner, objective, pm.path, ctx.stage_dir) as group:
         result = group.fit(rows, resume=True, progress=progress)
     evals = _evaluate(cfg, ctx.stage_dir, held, learner, len(rows))

@@ -56,7 +56,10 @@ def _train(cfg: RunConfig, ctx: StageContext, *, progress: bool) -> dict[str, An
         )
     _reference_logps(cfg, policy.path, rows, pad_id=int(tokenizer.pad_token_id or 0))
     objective = DPOObjective(
-        pad_id=int(tokenizer.pad_token_id or 0), beta=s.beta, label_smoothing=s.label_smoothing
+        pad_id=int(tokenizer.pad_token_id or 0),
+        beta=s.beta,
+        label_smoothing=s.label_smoothing,
+        share_prefix=s.learner.share_prefix,
     )
     with LearnerGroup(s.learner, objective, policy.path, ctx.stage_dir) as group:
         result = group.fit(rows, resume=True, progress=progress)

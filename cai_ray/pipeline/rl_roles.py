@@ -145,6 +145,7 @@ class RLRoles:
             clip_eps=s.clip_eps,
             kl_estimator=s.kl_estimator,
             entropy_coef=s.entropy_coef,
+            share_prefix=s.policy.share_prefix,
         )
         self.policy = RLLearnerGroup(
             learner_config(s, "policy"),

@@ -47,6 +47,60 @@ def collate_responses(
     return {"input_ids": ids, "attention_mask": attn, "response_mask": resp, **per_token}
 
 
+def collate_shared_responses(
+    rows: Sequence[Mapping[str, Any]], *, pad_id: int, fields: Sequence[str] = ()
+) -> dict[str, torch.Tensor]:
+    """The rows as shared-prefix rows (`cai_ray.models.shared_prefix`): rows with the same
+    prompt tokens (a GRPO group, a DPO pair) run as one row, the prompt once. Response-aligned
+    (S, R) tensors (R: the longest response): `target_pos` (the sequence position whose logits
+    predict response token j: prompt_len - 1 + j), `targets`, `response_mask` and `fields`."""
+    import torch
+
+    from cai_ray.models import shared_prefix
+
+    seqs = [list(r["input_ids"]) for r in rows]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (r, seq) in enumerate(zip(rows, seqs, strict=True)):
+        groups.setdefault(tuple(seq[: int(r["prompt_len"])]), []).append(i)
+    packed = shared_prefix.pack(seqs, list(groups.values()), pad_id=pad_id)
+    sizes = [len(seq) - int(r["prompt_len"]) for r, seq in zip(rows, seqs, strict=True)]
+    b, width = len(rows), max(max(sizes), 1)
+    pos = torch.zeros((b, width), dtype=torch.long)  # (S, R)
+    targets = torch.zeros((b, width), dtype=torch.long)
+    resp = torch.zeros((b, width))
+    per_token = {f: torch.zeros((b, width)) for f in fields}
+    for i, (r, seq, n) in enumerate(zip(rows, seqs, sizes, strict=True)):
+        start = int(r["prompt_len"]) - 1
+        pos[i] = start  # padding reads the prompt's last position, masked out
+        pos[i, :n] = torch.arange(start, start + n)
+        targets[i, :n] = torch.tensor(seq[start + 1 :], dtype=torch.long)
+        resp[i, :n] = 1.0
+        for f in fields:
+            values = list(r[f])
+            if len(values) != n:
+                raise ValueError(f"row field {f!r} has {len(values)} values for {n} tokens")
+            per_token[f][i, :n] = torch.tensor(values, dtype=torch.float32)
+    return {**shared_prefix.to_batch(packed), "target_pos": pos, "targets": targets,
+            "response_mask": resp, **per_token}  # fmt: skip
+
+
+def _shared_response_logprobs(
+    model: Any, batch: Mapping[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs, logits) of the response tokens of a shared-prefix batch, (S, R) and
+    (S, R, V): the LM head runs from the first column any sequence needs (`logits_to_keep`)."""
+    from cai_ray.models import shared_prefix
+    from cai_ray.rl import algorithms
+
+    inputs, where = shared_prefix.forward_inputs(model, dict(batch))
+    cols = where.index.gather(1, batch["target_pos"])  # (S, R) columns in the packed rows
+    width = inputs["input_ids"].shape[1]
+    start = int(cols.min())
+    out = model(**inputs, use_cache=False, logits_to_keep=width - start)
+    logits = out.logits[where.row[:, None], cols - start].float()  # (S, R, V)
+    return algorithms.token_logprobs(logits, batch["targets"]), logits
+
+
 def _response_values(values: torch.Tensor, mask: torch.Tensor) -> list[list[float]]:
     """(B, T-1) values under the response mask -> one ragged list per row."""
     return [row[m > 0].tolist() for row, m in zip(values, mask, strict=True)]
@@ -55,9 +109,13 @@ def _response_values(values: torch.Tensor, mask: torch.Tensor) -> list[list[floa
 def _response_logprobs(
     model: Any, batch: Mapping[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(log-probs of the next tokens, logits), both from `start` on, and `start`."""
+    """(log-probs of the next tokens, logits), both from `start` on, and `start` (0 for a
+    shared-prefix batch: its tensors are response-aligned already)."""
     from cai_ray.rl import algorithms
 
+    if "target_pos" in batch:
+        logp, logits = _shared_response_logprobs(model, batch)
+        return logp, logits, 0
     logits, start = target_logits(
         model,
         batch["response_mask"],
@@ -73,9 +131,16 @@ class _PolicyModel(CausalLMObjective):
 
     pad_id: int = 0
     head: Literal["causal", "classification"] = "causal"
+    share_prefix: bool = True  # rows with one prompt run as one row, the prompt once
 
     def tokens(self, batch: Mapping[str, torch.Tensor]) -> int:
-        return int(batch["attention_mask"].sum())
+        from cai_ray.models.shared_prefix import data_tokens
+
+        return data_tokens(batch)
+
+    def _collate(self, rows: Sequence[Mapping[str, Any]], fields: Sequence[str] = ()) -> dict:
+        how = collate_shared_responses if self.share_prefix else collate_responses
+        return how(rows, pad_id=self.pad_id, fields=fields)
 
 
 @dataclass(frozen=True)
@@ -92,7 +157,7 @@ class PolicyObjective(_PolicyModel):
         import torch
 
         fields = [f for f in ("advantages", "old_logprobs", "ref_logprobs") if f in rows[0]]
-        batch = collate_responses(rows, pad_id=self.pad_id, fields=fields)
+        batch = self._collate(rows, fields)
         coef = [float(r.get("kl_coef", 0.0)) for r in rows]
         return {**batch, "kl_coef": torch.tensor(coef, dtype=torch.float32)}  # (B,)
 
@@ -173,15 +238,18 @@ class ValueObjective(ScalarModelObjective):
         return _response_values(self._values(model, batch), batch["response_mask"])
 
     def tokens(self, batch: Mapping[str, torch.Tensor]) -> int:
-        return int(batch["attention_mask"].sum())
+        from cai_ray.models.shared_prefix import data_tokens
+
+        return data_tokens(batch)
 
 
 @dataclass(frozen=True)
 class DPOObjective(_PolicyModel):
     """DPO on (chosen, rejected) rows with the reference's summed log-probs precomputed.
 
-    Rows: `chosen_ids`, `rejected_ids`, `chosen_prompt_len`, `rejected_prompt_len`,
-    `ref_chosen`, `ref_rejected`. One forward of 2B sequences; the loss is summed over pairs.
+        Rows: `chosen_ids`, `rejected_ids`, `chosen_prompt_len`, `rejected_prompt_len`,
+        `ref_chosen`, `ref_rejected`. One forward of 2B sequences (with `share_prefix`, each pair's
+    prompt once); the loss is summed over pairs.
     """
 
     beta: float = 0.1
@@ -193,7 +261,7 @@ class DPOObjective(_PolicyModel):
 
         seqs = [{"input_ids": r[f"{k}_ids"], "prompt_len": r[f"{k}_prompt_len"]} for k in
                 ("chosen", "rejected") for r in rows]  # fmt: skip
-        batch = collate_responses(seqs, pad_id=self.pad_id)
+        batch = self._collate(seqs)
         ref = [float(r["ref_chosen"]) for r in rows] + [float(r["ref_rejected"]) for r in rows]
         return {**batch, "ref_logps": torch.tensor(ref, dtype=torch.float32)}  # (2B,)
 

@@ -52,7 +52,7 @@ def test_pair_metrics_accuracy_and_calibration():
 
 
 def test_collate_right_pads_a_then_b():
-    obj = PreferenceObjective(pad_id=2)
+    obj = PreferenceObjective(pad_id=2, share_prefix=False)
     batch = obj.collate(
         [
             {"ids_a": [5, 6, 7], "ids_b": [8], "label": 0.8},
@@ -63,6 +63,23 @@ def test_collate_right_pads_a_then_b():
     assert batch["attention_mask"].sum(1).tolist() == [3, 1, 1, 2]
     assert batch["labels"].tolist() == pytest.approx([0.8, 0.0])
     assert obj.loss_units(batch) == 2 and obj.tokens(batch) == 7
+
+
+def test_collate_shares_each_pairs_prefix():
+    obj = PreferenceObjective(pad_id=2)
+    batch = obj.collate(
+        [
+            {"ids_a": [5, 6, 7], "ids_b": [5, 6, 9, 9], "label": 0.8},
+            {"ids_a": [4], "ids_b": [3, 3], "label": 0},
+        ]
+    )
+    # one row per pair: the common prefix [5, 6] once, then A's rest, then B's
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 9, 9], [4, 3, 3, 2, 2]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 2, 3], [0, 0, 1, 0, 0]]
+    assert batch["branch"].tolist() == [[0, 0, 1, 2, 2], [1, 2, 2, -1, -1]]
+    assert batch["seq_row"].tolist() == [0, 1, 0, 1]  # A sides, then B sides
+    assert batch["labels"].tolist() == pytest.approx([0.8, 0.0])
+    assert obj.loss_units(batch) == 2 and obj.tokens(batch) == 10  # every side's tokens
 
 
 WORDS = [
@@ -127,7 +144,7 @@ def _train_and_eval(model_dir, *, shuffled: bool) -> float:
     model.eval()
     with torch.no_grad():
         batch = obj.collate(held)
-        a, b = pm_scores(model, batch["input_ids"], batch["attention_mask"]).chunk(2)
+        a, b = pm_scores(model, batch).chunk(2)
     return pair_metrics(a.tolist(), b.tolist(), batch["labels"].tolist())["accuracy"]
 
 

@@ -123,13 +123,18 @@ def test_dpo_loss_is_log2_per_pair_when_the_policy_is_the_reference(policy):
     assert metrics["margin"] == pytest.approx(0.0, abs=1e-6)
 
 
-def test_the_prompt_window_changes_no_loss_nor_gradient(policy):
-    """Logits only from the first response position on (`logits_to_keep`): the same loss,
-    metrics and gradient as the full (B, T-1, V) logits."""
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_the_prompt_window_changes_no_loss_nor_gradient(policy, share_prefix):
+    """Logits only from the first response position on (`logits_to_keep`), and with
+    `share_prefix` a group's prompt run once: the same loss, metrics and gradient as the full
+    (B, T-1, V) logits of separate rows."""
     from cai_ray.rl import algorithms
 
-    obj = PolicyObjective(pad_id=0, entropy_coef=0.01)
-    rows = [{"input_ids": [1, 50, 60, 70, 80, 2], "prompt_len": 4}, {**ROWS[0]}]
+    obj = PolicyObjective(pad_id=0, entropy_coef=0.01, share_prefix=share_prefix)
+    group = [1, 50, 60, 70]  # a GRPO group: one prompt, three samples (the third ends at once)
+    rows = [{"input_ids": [*group, 80, 2], "prompt_len": 4}, {**ROWS[0]},
+            {"input_ids": [*group, 81, 82, 83], "prompt_len": 4},
+            {"input_ids": [*group, 2], "prompt_len": 4}]  # fmt: skip
     old = obj.infer(policy, obj.collate(rows))
     rows = [
         {**r, "advantages": [0.5 * (i + 1)] * len(o), "old_logprobs": [x - 0.1 for x in o],
@@ -137,16 +142,22 @@ def test_the_prompt_window_changes_no_loss_nor_gradient(policy):
         for i, (r, o) in enumerate(zip(rows, old, strict=True))
     ]  # fmt: skip
     batch = obj.collate(rows)
-    assert batch["response_mask"][:, :2].sum() == 0  # a window of 2 prompt positions to skip
+    if share_prefix:  # two rows: the group's prompt once, and ROWS[0]
+        assert batch["input_ids"].shape[0] == 2 and obj.tokens(batch) == 6 + 5 + 7 + 5
     loss, metrics = obj.loss(policy, batch)
     loss.backward()
     grads = [p.grad.clone() for p in policy.parameters()]
     policy.zero_grad()
-    # the same loss on every position's logits
+    # the same loss on every position's logits of separate rows
+    batch = PolicyObjective(pad_id=0, share_prefix=False).collate(rows)
+    assert batch["response_mask"][:, :2].sum() == 0  # a window of 2 prompt positions to skip
     mask = batch["response_mask"]
     logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits = logits[:, :-1].float()
     logp = algorithms.token_logprobs(logits, batch["input_ids"][:, 1:])
+    separate = [row[m > 0].tolist() for row, m in zip(logp.detach(), mask, strict=True)]
+    for got, want in zip(old, separate, strict=True):  # infer: the same log-probs either way
+        assert got == pytest.approx(want, abs=1e-5)
     pl = algorithms.ppo_policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask)
     kl = algorithms.kl_k3(logp, batch["ref_logprobs"]) * mask
     entropy = algorithms.masked_sum(algorithms.token_entropy(logits), mask)
@@ -158,3 +169,27 @@ def test_the_prompt_window_changes_no_loss_nor_gradient(policy):
     for got, want in zip(grads, (p.grad for p in policy.parameters()), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     policy.zero_grad()
+
+
+def test_dpo_with_a_shared_prompt_has_the_separate_rows_loss_and_gradient(policy):
+    rows = [{"chosen_ids": [1, 50, 60, 70, 2], "rejected_ids": [1, 50, 60, 80, 81, 2],
+             "chosen_prompt_len": 3, "rejected_prompt_len": 3, "ref_chosen": -9.0,
+             "ref_rejected": -7.5},
+            {"chosen_ids": [1, 90, 91], "rejected_ids": [1, 90, 92, 93],
+             "chosen_prompt_len": 2, "rejected_prompt_len": 2, "ref_chosen": -4.0,
+             "ref_rejected": -6.0}]  # fmt: skip
+    out = {}
+    for share in (True, False):
+        obj = DPOObjective(pad_id=0, beta=0.1, share_prefix=share)
+        batch = obj.collate(rows)
+        policy.zero_grad()
+        loss, metrics = obj.loss(policy, batch)
+        loss.backward()
+        grads = [p.grad.clone() for p in policy.parameters()]
+        out[share] = float(loss), metrics["margin"], grads, obj.infer(policy, batch)
+        policy.zero_grad()
+    assert out[True][0] == pytest.approx(out[False][0], rel=1e-5)
+    assert out[True][1] == pytest.approx(out[False][1], rel=1e-4, abs=1e-6)
+    assert out[True][3] == pytest.approx(out[False][3], abs=1e-5)  # summed log-probs
+    for got, want in zip(out[True][2], out[False][2], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

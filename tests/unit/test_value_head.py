@@ -92,12 +92,10 @@ def test_pm_learns_saves_and_scores_the_same_through_reward_scorer(causal_dir, t
     held = _pairs(tok, 6, seed=2)
     with torch.no_grad():
         batch = obj.collate(held)
-        want = pm_scores(model, batch["input_ids"], batch["attention_mask"]).tolist()
+        want = pm_scores(model, batch).tolist()
     scorer = RewardScorer(out, device="cpu", threads=1, batch_size=4)
     with torch.no_grad():
-        got = scorer.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], last_only=True
-        ).tolist()
+        got = pm_scores(scorer.model, batch).tolist()
     assert got == want  # the same weights and head after the round trip, bit for bit
     texts = [h["texts"][0] for h in held] + [h["texts"][1] for h in held]
     held_ids = [h["ids_a"] for h in held] + [h["ids_b"] for h in held]
@@ -105,6 +103,35 @@ def test_pm_learns_saves_and_scores_the_same_through_reward_scorer(causal_dir, t
     assert scorer.count_tokens(texts) == [len(ids) for ids in held_ids]  # one BOS, as trained
     a, b = got[:6], got[6:]
     assert sum(x > y for x, y in zip(a, b, strict=True)) >= 5  # it learned the marker
+
+
+def test_shared_prefix_pm_batch_gives_the_separate_rows_loss_and_gradients(causal_dir):
+    """Real pm_text pairs share their conversation prefix: packed once per pair, the loss and
+    every gradient are those of 2B separate rows, and the forward runs fewer tokens."""
+    from cai_ray.models import load_tokenizer
+
+    tok = load_tokenizer(causal_dir)
+    rows = _pairs(tok, 4, seed=3)
+    model = PreferenceObjective(pad_id=0).load_model(causal_dir)
+    out = {}
+    for share in (True, False):
+        obj = PreferenceObjective(pad_id=tok.pad_token_id or 0, share_prefix=share)
+        batch = obj.collate(rows)
+        model.zero_grad()
+        loss, metrics = obj.loss(model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        out[share] = (float(loss), metrics, grads, obj.tokens(batch), batch["input_ids"].numel())
+    shared, separate = out[True], out[False]
+    assert shared[0] == pytest.approx(separate[0], rel=1e-5)
+    assert shared[1]["accuracy"] == separate[1]["accuracy"]
+    assert shared[2].keys() == separate[2].keys() and len(shared[2]) > 0
+    for name, g in shared[2].items():
+        # float rounding, relative to the tensor (the head's bias gradient is ~0: A and B cancel)
+        scale = float(separate[2][name].abs().max())
+        torch.testing.assert_close(g, separate[2][name], rtol=1e-3, atol=max(1e-4 * scale, 1e-6))
+    assert shared[3] == separate[3]  # the same pairs' tokens either way
+    assert shared[4] < separate[4]  # the prefix ran once
 
 
 def test_critic_objective_on_a_gemma_style_model(real_tiny_models, tiny_gemma3_dir):
