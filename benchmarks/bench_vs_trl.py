@@ -415,7 +415,7 @@ def main() -> None:
     parser.add_argument(
         "--actor",
         action="store_true",
-        help="also SFT on 1 rank as a Ray actor (a third side in the rotation)",
+        help="also SFT, PM and the RL step's policy on 1 rank as a Ray actor (one more side)",
     )
     parser.add_argument(
         "--compile",
@@ -491,6 +491,10 @@ def main() -> None:
         import ray
 
         ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+    if args.actor and "rl" in sides:  # the one-machine roles, the policy learner as an actor
+        sides["rl"]["cai-ray 1 rank (actor)"] = lambda: cai_ray_rl(
+            model_dir, args, rl_prompts, [*RL_ONE_MACHINE, "rl_train.policy.num_ranks=1"]
+        )
     if args.actor:
         sides["sft"]["cai-ray 1 rank (actor)"] = lambda: cai_ray(
             model_dir, sft_rows, SFTObjective(), args, "tokens", ranks=1

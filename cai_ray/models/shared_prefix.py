@@ -73,29 +73,55 @@ def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
     return n
 
 
+# What one query-key entry of attention costs against one token through the linear layers:
+# 4 * hidden FLOPs per entry and layer against 2 * ~12 * hidden^2 per token and layer, i.e.
+# 1 / (6 * hidden); a dense 4D mask computes every entry of the packed row. Taken at hidden 256,
+# the smallest the project trains, so wider models (where attention costs relatively less) pack
+# less eagerly than they could, never more.
+ATTENTION_TOKENS = 6 * 256
+
+
+def _row_cost(tokens: int, width: int) -> float:
+    """The forward's cost of a row, in token-equivalents of the linear layers."""
+    return tokens + width * width / ATTENTION_TOKENS
+
+
 def pack(
     seqs: Sequence[Sequence[int]], groups: Sequence[Sequence[int]], *, pad_id: int
 ) -> SharedPrefixBatch:
-    """One row per group of sequence indices (each sequence in one group): the group's common
-    prefix once, then each member's remaining tokens. A member equal to the prefix (or a prefix
-    of another member) has an empty branch: its tokens are all in the prefix."""
+    """Rows for groups of sequence indices (each sequence in one group): a row holds the
+    group's common prefix once, then each member's remaining tokens. A member goes into the
+    group's current row while that costs less than a row of its own (`_row_cost`: the attention
+    of a packed row grows with the square of its width, so many long answers to one prompt
+    split into several rows, and sequences with no common prefix stay apart). A member equal
+    to the prefix (or a prefix of another member) has an empty branch."""
     rows: list[tuple[list[int], list[int], list[int]]] = []  # (ids, positions, branch)
     row = torch.zeros(len(seqs), dtype=torch.long)
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
     index = torch.zeros((len(seqs), int(lengths.max())), dtype=torch.long)
     seen = [False] * len(seqs)
-    for g, members in enumerate(groups):
+    for members in groups:
         p = common_prefix([seqs[m] for m in members])
-        ids = list(seqs[members[0]][:p])
-        positions, branch = list(range(p)), [0] * p
-        for k, m in enumerate(members, start=1):
+        ids: list[int] = []
+        positions: list[int] = []
+        branch: list[int] = []
+        for m in members:
             if seen[m]:
                 raise ValueError(f"sequence {m} is in two groups")
             seen[m] = True
             own = seqs[m][p:]
-            row[m] = g
+            alone = _row_cost(len(seqs[m]), len(seqs[m]))
+            width = len(ids)
+            added = _row_cost(len(own), width + len(own)) - _row_cost(0, width)
+            if ids and added >= alone:  # close the row: this member starts the next one
+                rows.append((ids, positions, branch))
+                ids, positions, branch = [], [], []
+            if not ids:
+                ids, positions, branch = list(seqs[m][:p]), list(range(p)), [0] * p
+            row[m] = len(rows)
             index[m, :p] = torch.arange(p)
             index[m, p : len(seqs[m])] = torch.arange(len(ids), len(ids) + len(own))
+            k = max(branch, default=0) + 1
             ids += own
             positions += range(p, len(seqs[m]))
             branch += [k] * len(own)

@@ -114,3 +114,24 @@ def test_flash_attention_is_not_supported():
     model = _model("llama", "sdpa")
     model.config._attn_implementation = "flash_attention_2"
     assert not shared_prefix.supported(model)
+
+
+def test_pack_keeps_rows_whose_attention_would_cost_more_apart():
+    """A packed row's attention grows with the square of its width: sequences with no common
+    prefix get rows of their own, and many long answers to one short prompt split into rows."""
+    a, b = list(range(1, 129)), list(range(200, 328))  # no common prefix
+    packed = shared_prefix.pack([a, b], [[0, 1]], pad_id=0)
+    assert packed.input_ids.shape[0] == 2 and packed.tokens() == 256
+    prompt = [7] * 64
+    pair = shared_prefix.pack([prompt + a[:64], prompt + b[:64]], [[0, 1]], pad_id=0)
+    assert pair.input_ids.shape[0] == 1 and pair.tokens() == 192  # the PM's case: shared
+    answers = [[7] * 1024 + [i] * 1024 for i in range(1, 5)]  # 4 x 1024 after 1024 shared
+    split = shared_prefix.pack(answers, [[0, 1, 2, 3]], pad_id=0)
+    assert split.input_ids.shape[0] == 2  # two answers per row, the prompt twice
+    short = shared_prefix.pack([prompt + [i] * 1024 for i in range(1, 5)], [[0, 1, 2, 3]], pad_id=0)
+    assert short.input_ids.shape[0] == 4  # a 64-token prompt is not worth 1024-token answers
+    assert split.tokens() < sum(map(len, answers))  # the prompt still runs fewer times
+    assert split.row.tolist() == sorted(split.row.tolist())  # members fill rows in order
+    width = max(map(len, answers))
+    every = split.gather(split.input_ids, torch.arange(width).expand(4, width))
+    assert every.tolist() == answers  # every token where the index says
