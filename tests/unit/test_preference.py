@@ -73,11 +73,12 @@ def test_collate_shares_each_pairs_prefix():
             {"ids_a": [4], "ids_b": [3, 3], "label": 0},
         ]
     )
-    # one row per pair: the common prefix [5, 6] once, then A's rest, then B's
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 9, 9], [4, 3, 3, 2, 2]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 2, 3], [0, 0, 1, 0, 0]]
-    assert batch["branch"].tolist() == [[0, 0, 1, 2, 2], [1, 2, 2, -1, -1]]
-    assert batch["seq_row"].tolist() == [0, 1, 0, 1]  # A sides, then B sides
+    # the first pair: one row, the common prefix [5, 6] once, then A's rest, then B's; the
+    # second has no common prefix: a row per side (packed, attention would only cost more)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 9, 9], [4, 2, 2, 2, 2], [3, 3, 2, 2, 2]]
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 2, 3]
+    assert batch["branch"].tolist() == [[0, 0, 1, 2, 2], [1, -1, -1, -1, -1], [1, 1, -1, -1, -1]]
+    assert batch["seq_row"].tolist() == [0, 1, 0, 2]  # A sides, then B sides
     assert batch["labels"].tolist() == pytest.approx([0.8, 0.0])
     assert obj.loss_units(batch) == 2 and obj.tokens(batch) == 10  # every side's tokens
 
