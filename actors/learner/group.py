@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -442,10 +443,28 @@ class LearnerGroup:
 
 class LocalHandle:
     """Gives an in-process worker the `handle.method.remote(...)` shape of an actor handle;
-    `.remote` runs the method at once and returns its value in place of an ObjectRef."""
+    `.remote` runs the method at once and returns its value in place of an ObjectRef. As Ray
+    does for an actor, an ObjectRef passed as an argument arrives as its value (e.g. a learner
+    rank's weights, an ObjectRef, loaded by a rollout worker in the driver)."""
 
-    def __init__(self, worker: LearnerWorker):
+    def __init__(self, worker: Any):
         self._worker = worker
 
     def __getattr__(self, name: str) -> SimpleNamespace:
-        return SimpleNamespace(remote=getattr(self._worker, name))
+        method = getattr(self._worker, name)
+
+        def remote(*args: Any, **kwargs: Any) -> Any:
+            if any(_is_ref(a) for a in (*args, *kwargs.values())):
+                import ray
+
+                args = tuple(ray.get(a) if _is_ref(a) else a for a in args)
+                kwargs = {k: ray.get(v) if _is_ref(v) else v for k, v in kwargs.items()}
+            return method(*args, **kwargs)
+
+        return SimpleNamespace(remote=remote)
+
+
+def _is_ref(value: Any) -> bool:
+    """An ObjectRef, without importing ray where none can be (no ray loaded: no refs)."""
+    ray = sys.modules.get("ray")
+    return ray is not None and isinstance(value, ray.ObjectRef)

@@ -149,6 +149,29 @@ def test_ppo_on_gemma3_with_a_value_head_pm_and_critic(ray_cluster, tmp_path, ti
     assert all(math.isfinite(r["score_mean"]) and r["value_loss"] is not None for r in rows)
 
 
+def test_roles_in_the_driver_load_weights_from_a_policy_rank_actor(
+    ray_cluster, tmp_path, tiny_model_dir
+):
+    """The rollout worker in the driver (size 0), the policy on a Ray-actor rank: the weights
+    come as an ObjectRef, which the in-driver worker gets as Ray would give an actor."""
+    cfg = _cfg(
+        tmp_path,
+        tiny_model_dir,
+        "rl_train.algorithm=grpo",
+        "rl_train.prompts_per_step=2",
+        "rl_train.group_size=4",
+        "rl_train.steps=2",
+        "rl_train.rollout.size=0",
+        "rl_train.reward_workers.size=0",
+        "rl_train.reference.size=0",
+        "rl_train.policy={num_ranks: 1, micro_batch_size: 8, cpus_per_rank: 1, lr: 1.0e-2}",
+    )
+    manifest = rl_train.run(cfg, progress=False)
+    assert manifest["outputs"]["steps"] == 2
+    rollouts = read_rollouts(tmp_path / "rl-train")
+    assert len(rollouts) == 2 * 8 and (rollouts.weight_version == rollouts.step - 1).all()
+
+
 def test_direct_rlaif_with_rloo_rewards_lie_in_minus_one_to_one(
     ray_cluster, tmp_path, tiny_model_dir
 ):
