@@ -12,11 +12,12 @@ roles as Ray actors, a rule reward) vs TRL `GRPOTrainer` on the prompts cai-ray 
 group size, new tokens, reward function, beta, lr and one optimizer step per RL step, with
 each step's time split (cai-ray: its metrics' generate / score / train / sync; TRL: its
 `_generate`, the rest of `_generate_and_score_completions` (reward, reference log-probs) and the
-update). The first step of each run is not timed: cai-ray from its metrics' `step_time_s`
-(collate included), TRL from the wall time between step ends (data loading included). Writes
+update). The first `--warmup` (2) steps of each run are not timed: cai-ray from its metrics'
+`step_time_s` (collate included), TRL from the wall time between step ends (data loading
+included). Writes
 benchmarks/results/bench_vs_trl.json.
 
-`--varied`: SFT and PM on 800 rows of varied length (no RL row), 50 steps timed, each side as
+`--varied`: SFT and PM on 800 rows of varied length (no RL row), 50 steps, each side as
 it comes and with length-grouped batches (learner.group_by_length; TRL
 train_sampling_strategy="group_by_length"), and TRL's padding-free SFT collator; tokens/s
 counts each step's unpadded tokens on both sides. Writes bench_vs_trl-varied.json.
@@ -132,7 +133,7 @@ def cai_ray(
     try:
         with LearnerGroup(config, objective, model_dir, out) as g:
             g.fit(rows, progress=False)
-        steps = read_metrics(out)[1:]  # the first step warms up
+        steps = read_metrics(out)[args.warmup :]  # the first steps warm up
     finally:
         shutil.rmtree(out, ignore_errors=True)
     seconds = sum(s["step_time_s"] for s in steps)
@@ -228,9 +229,9 @@ def trl_sft(
     finally:
         shutil.rmtree(out, ignore_errors=True)
     # tokens as the learner counts them: every unpadded token of the step's rows (prompt
-    # included); step i trains on the i-th collated batch, the first step not timed
-    steps = len(clock.ends)
-    return sum(counts[1:steps]) / (clock.ends[-1] - clock.ends[0])
+    # included); step i trains on the i-th collated batch, the warm-up steps not timed
+    steps, w = len(clock.ends), args.warmup
+    return sum(counts[w:steps]) / (clock.ends[-1] - clock.ends[w - 1])
 
 
 def trl_pm(model_dir: Path, rows: list[dict], args, compile=False, group=False) -> float:
@@ -259,7 +260,8 @@ def trl_pm(model_dir: Path, rows: list[dict], args, compile=False, group=False) 
         trainer.train()
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    return args.micro_batch * (len(clock.ends) - 1) / (clock.ends[-1] - clock.ends[0])
+    w = args.warmup
+    return args.micro_batch * (len(clock.ends) - w) / (clock.ends[-1] - clock.ends[w - 1])
 
 
 def rl_sets(model_dir: Path, run_dir: Path, args, extra: list[str]) -> list[str]:
@@ -297,7 +299,7 @@ def cai_ray_rl(model_dir: Path, args, prompts: list[str], extra: list[str]) -> d
     try:
         rl_train.run(load_config(ROOT / "configs/local-tiny.yaml", rl_sets(model_dir, run_dir, args, extra)),
                      progress=False)  # fmt: skip
-        rows = read_metrics(run_dir / "rl-train")[1:]  # the first step pays start-up
+        rows = read_metrics(run_dir / "rl-train")[args.warmup :]  # start-up, warm-up
         if not prompts:
             fmt = PromptFormat.of("transcript").load(model_dir)
             rollouts = read_rollouts(run_dir / "rl-train")
@@ -367,10 +369,11 @@ def trl_grpo(model_dir: Path, args, prompts: list[str]) -> dict:
         trainer.train()
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    steps = len(clock.ends) - 1  # the first step warms up
-    seconds = clock.ends[-1] - clock.ends[0]
-    gen = sum(spans["generate"][1:]) / steps
-    gen_score = sum(spans["generate_and_score"][1:]) / steps
+    w = args.warmup
+    steps = len(clock.ends) - w  # the first steps warm up
+    seconds = clock.ends[-1] - clock.ends[w - 1]
+    gen = sum(spans["generate"][w:]) / steps
+    gen_score = sum(spans["generate_and_score"][w:]) / steps
     return {
         "value": samples * steps / seconds,
         "split": {
@@ -393,6 +396,10 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=None, help="16; --varied: 50")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="steps not timed on every side (a fresh process's first two are "
+                        "slow: kernel and allocator warm-up; a Ray actor's more than the "
+                        "driver's)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--only", choices=["sft", "pm", "pm-independent", "rl"], default=None)
     parser.add_argument("--rl-steps", type=int, default=8, help="RL steps per run (1st untimed)")
@@ -558,6 +565,7 @@ def main() -> None:
                "new_tokens": args.rl_tokens, "beta": args.rl_beta, "reward": RL_REWARD,
                "target_chars": RL_TARGET_CHARS, "cai_ray_sets": RL_ONE_MACHINE + args.rl_set},
         "threads": args.threads,
+        "warmup_steps": args.warmup,
         "repeats": args.repeats,
         "dtype": "float32",
         "peer": f"trl {trl.__version__}",
