@@ -74,8 +74,11 @@ class RLRolloutWorker:
         ]
 
     def load_weights(self, state_dict: Mapping[str, Any], *, version: int) -> int:
-        """Take the learner's weights (resets any prefix cache); returns the new version."""
-        self.engine.load_weights(state_dict, version=version)
+        """Take the learner's weights (resets any prefix cache); returns the new version.
+        Arrays (a Ray-actor rank ships numpy: `weight_sync.to_arrays`) become tensors."""
+        from actors.learner.weight_sync import to_tensors
+
+        self.engine.load_weights(to_tensors(state_dict), version=version)
         return version
 
     def join_weight_group(self, address: str, port: int, rank_offset: int, world_size: int) -> None:

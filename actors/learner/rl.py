@@ -81,10 +81,11 @@ class RLLearnerGroup(LearnerGroup):
 
     def weights(self) -> Any:
         """The full weights, for `load_weights` on rollout workers: an ObjectRef (rank 0's
-        result, never fetched by the driver) or, in-process, the state dict itself."""
-        refs = [h.full_state_dict.remote() for h in self._handles]
+        result as numpy arrays, never fetched by the driver) or, in-process, the state dict
+        itself."""
         if self._local:
-            return refs[0]
+            return self._handles[0].full_state_dict.remote()
+        refs = [h.shipped_state_dict.remote() for h in self._handles]
         import ray
 
         timeout = self.config.step_timeout_s

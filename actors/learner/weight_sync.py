@@ -1,7 +1,10 @@
 """NCCL weight sync from learner rank 0 into vLLM rollout engines (GPU clusters).
 
 The object-store path (`RLLearnerGroup.weights` -> `load_weights`) works everywhere; on GPUs it
-copies every tensor to host memory and back. With `rl_train.weight_sync: nccl` rank 0 instead
+copies every tensor to host memory and back. It ships numpy arrays where the dtype has one
+(`to_arrays`; Ray stores and reads them zero-copy, where a pickled torch tensor is copied
+twice more: 0.05 against 0.2-1.2 s for tiny-20m's 80 MB) and the receiver views them as
+tensors again (`to_tensors`). With `rl_train.weight_sync: nccl` rank 0 instead
 forms one NCCL group with the rollout engines' workers through vLLM's weight-transfer engine
 (`cai_ray.engines.vllm_worker_ext`) and broadcasts each tensor GPU to GPU: rank 0 is rank 0 of
 that group, rollout worker i takes ranks 1 + i * tp .. (i + 1) * tp.
@@ -9,9 +12,35 @@ that group, rollout worker i takes ranks 1 + i * tp .. (i + 1) * tp.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from cai_ray.errors import ConfigError
+
+
+def to_arrays(state: Mapping[str, Any]) -> dict[str, Any]:
+    """CPU tensors as numpy arrays (zero-copy in Ray's object store); a dtype numpy lacks
+    (bfloat16) stays a tensor."""
+    import torch
+
+    out: dict[str, Any] = {}
+    for name, t in state.items():
+        out[name] = t.numpy() if t.dtype not in (torch.bfloat16,) and t.device.type == "cpu" else t
+    return out
+
+
+def to_tensors(state: Mapping[str, Any]) -> dict[str, Any]:
+    """`to_arrays`'s output as tensors again: views of the (read-only) arrays, to copy from."""
+    import warnings
+
+    import numpy as np
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only arrays: only ever read here
+        return {
+            n: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for n, v in state.items()
+        }
 
 
 def resolve_weight_sync(

@@ -295,6 +295,14 @@ class LearnerWorker:
             return None
         return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
+    def shipped_state_dict(self) -> dict[str, Any] | None:
+        """`full_state_dict` for the object store: numpy arrays where the dtype has them
+        (`weight_sync.to_arrays`), which Ray stores and reads without copies."""
+        from actors.learner.weight_sync import to_arrays
+
+        state = self.full_state_dict()
+        return None if state is None else to_arrays(state)
+
     def weight_group_address(self) -> tuple[str, int]:
         """Where rank 0 hosts the NCCL weight group (actors.learner.weight_sync)."""
         from actors.learner.weight_sync import TrainerSide

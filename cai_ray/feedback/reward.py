@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cai_ray.data.tokens import encode_batch
 from cai_ray.errors import CaiRayError
 from cai_ray.profiling import span
+
+if TYPE_CHECKING:
+    import torch
 
 
 def pm_text(messages: Sequence[Mapping[str, str]], response: str) -> str:
@@ -25,7 +29,9 @@ def pm_text(messages: Sequence[Mapping[str, str]], response: str) -> str:
 
 
 class RewardScorer:
-    """The PM in `path` (`load_scalar_model`); `score(texts)` in batches."""
+    """The PM in `path` (`load_scalar_model`); `score(texts)` in batches. Consecutive texts
+    that start alike (the RL loop's G answers to one prompt) run with their common prefix once
+    (`share_prefix`, the default; `cai_ray.models.shared_prefix`)."""
 
     @span("load")
     def __init__(
@@ -36,6 +42,7 @@ class RewardScorer:
         dtype: str = "auto",
         threads: int = 2,
         batch_size: int = 8,
+        share_prefix: bool = True,
     ):
         import torch
 
@@ -47,6 +54,7 @@ class RewardScorer:
         model_dir = check_model_dir(path, head="classification")
         self.device = pick_device(device)
         self.batch_size = batch_size
+        self.share_prefix = share_prefix
         # Right padding: the head reads the last non-pad token, found from the attention mask.
         self.tokenizer = load_tokenizer(model_dir, padding_side="right")
         model = load_scalar_model(model_dir, dtype=pick_dtype(dtype, self.device))
@@ -78,14 +86,27 @@ class RewardScorer:
         pad = self.tokenizer.pad_token_id or 0
         for start in range(0, len(encoded), self.batch_size):
             chunk = encoded[start : start + self.batch_size]
-            width = max(len(ids) for ids in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # (B, T)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, seq in enumerate(chunk):
-                ids[row, : len(seq)] = torch.tensor(seq)
-                mask[row, : len(seq)] = 1
-            ids, mask = ids.to(self.device), mask.to(self.device)
             with torch.inference_mode():
-                values = self.model(input_ids=ids, attention_mask=mask, last_only=True)  # (B,)
-            scores.extend(values.tolist())
+                scores.extend(self._forward(chunk, pad).tolist())
         return scores
+
+    def _forward(self, chunk: list[list[int]], pad: int) -> torch.Tensor:
+        """The scores of one batch: consecutive texts that start alike (one conversation's
+        answers) share one row, the conversation once (`shared_prefix`; the same scores)."""
+        import torch
+
+        from cai_ray.models import shared_prefix
+
+        if self.share_prefix and shared_prefix.supported(self.model):
+            packed = shared_prefix.pack(chunk, shared_prefix.run_groups(chunk), pad_id=pad)
+            batch = {k: v.to(self.device) for k, v in shared_prefix.to_batch(packed).items()}
+            inputs, where = shared_prefix.forward_inputs(self.model, batch)
+            return self.model(**inputs, at=where.last_at())  # (B,)
+        width = max(len(ids) for ids in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, seq in enumerate(chunk):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        return self.model(input_ids=ids, attention_mask=mask, last_only=True)  # (B,)

@@ -140,6 +140,20 @@ def pack(
     return SharedPrefixBatch(input_ids, position_ids, branches, row, index, lengths)
 
 
+def run_groups(seqs: Sequence[Sequence[int]], *, min_shared: float = 0.5) -> list[list[int]]:
+    """Consecutive sequences that share at least `min_shared` of the shorter one's tokens with
+    the run's first (a prompt's G samples as the RL loop scores them), as groups for `pack`."""
+    groups: list[list[int]] = []
+    for i, seq in enumerate(seqs):
+        if groups:
+            first = seqs[groups[-1][0]]
+            if common_prefix([first, seq]) >= min_shared * min(len(first), len(seq)) > 0:
+                groups[-1].append(i)
+                continue
+        groups.append([i])
+    return groups
+
+
 def pair_groups(n: int) -> list[list[int]]:
     """Groups of a batch of 2n sequences laid out as n A-sides then n B-sides."""
     return [[i, n + i] for i in range(n)]

@@ -300,6 +300,34 @@ def test_load_weights_changes_outputs_and_rejects_mismatches(tiny_model_dir):
     assert eng.weight_version == 5
 
 
+def test_weights_shipped_as_arrays_load_exactly(tiny_model_dir):
+    """A Ray-actor rank ships numpy arrays (zero-copy in the object store; bf16 stays a
+    tensor); through Ray's own store and back as tensors, every weight lands bit for bit."""
+    import numpy as np
+    import ray
+
+    from actors.learner.weight_sync import to_arrays, to_tensors
+
+    eng = HFEngine(tiny_model_dir)
+    torch.manual_seed(1)
+    noisy = {k: v + 0.05 * torch.randn_like(v) for k, v in eng.model.state_dict().items()}
+    shipped = to_arrays(noisy)
+    assert all(isinstance(v, np.ndarray) for v in shipped.values())
+    mixed = to_arrays({"a": torch.ones(2, dtype=torch.bfloat16), "b": torch.ones(2)})
+    assert torch.is_tensor(mixed["a"]) and isinstance(mixed["b"], np.ndarray)
+    started = not ray.is_initialized()  # the suite's cluster fixture may hold one already
+    if started:
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        arrived = ray.get(ray.put(shipped))  # read-only views of the store's memory
+        eng.load_weights(to_tensors(arrived), version=3)
+    finally:
+        if started:
+            ray.shutdown()
+    for name, value in eng.model.state_dict().items():
+        assert torch.equal(value, noisy[name]), name
+
+
 def test_bf16_on_cpu_is_close_to_fp32(tiny_model_dir, engine):
     bf16 = HFEngine(tiny_model_dir, dtype="bfloat16")
     assert next(bf16.model.parameters()).dtype == torch.bfloat16

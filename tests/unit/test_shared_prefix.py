@@ -135,3 +135,10 @@ def test_pack_keeps_rows_whose_attention_would_cost_more_apart():
     width = max(map(len, answers))
     every = split.gather(split.input_ids, torch.arange(width).expand(4, width))
     assert every.tolist() == answers  # every token where the index says
+
+
+def test_run_groups_take_consecutive_sequences_that_start_alike():
+    prompt = [9] * 8
+    seqs = [[*prompt, 1], [*prompt, 2, 2], [5, 5, 5], [*prompt, 3], prompt[:2] + [4] * 8]
+    # the third breaks the run; the fifth shares 2 of its 10 tokens: under half, a run of its own
+    assert shared_prefix.run_groups(seqs) == [[0, 1], [2], [3], [4]]

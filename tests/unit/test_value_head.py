@@ -103,6 +103,14 @@ def test_pm_learns_saves_and_scores_the_same_through_reward_scorer(causal_dir, t
     assert scorer.count_tokens(texts) == [len(ids) for ids in held_ids]  # one BOS, as trained
     a, b = got[:6], got[6:]
     assert sum(x > y for x, y in zip(a, b, strict=True)) >= 5  # it learned the marker
+    # one conversation's answers in a row (as the RL loop scores a group) share a row
+    from cai_ray.feedback.reward import pm_text
+
+    messages = [{"role": "user", "content": "the cat runs to the river and the blue tree"}]
+    group = [pm_text(messages, r) for r in ("a dog", "the stone thanks", "green", "a b c d")]
+    plain = RewardScorer(out, device="cpu", threads=1, batch_size=4, share_prefix=False)
+    assert scorer.score(group) == pytest.approx(plain.score(group), abs=1e-5)
+    assert scorer.score(texts) == pytest.approx(plain.score(texts), abs=1e-5)
 
 
 def test_shared_prefix_pm_batch_gives_the_separate_rows_loss_and_gradients(causal_dir):
