@@ -23,10 +23,10 @@ def to_arrays(state: Mapping[str, Any]) -> dict[str, Any]:
     (bfloat16) stays a tensor."""
     import torch
 
-    out: dict[str, Any] = {}
-    for name, t in state.items():
-        out[name] = t.numpy() if t.dtype not in (torch.bfloat16,) and t.device.type == "cpu" else t
-    return out
+    return {
+        n: t.numpy() if t.dtype != torch.bfloat16 and t.device.type == "cpu" else t
+        for n, t in state.items()
+    }
 
 
 def to_tensors(state: Mapping[str, Any]) -> dict[str, Any]:

@@ -208,13 +208,12 @@ class LearnerWorker:
         # data-parallel size): the step's gradient is that of the mean over the global batch.
         scale = self.world_size * cfg.grad_accum / max(units, 1.0)
         lr = float(self.engine.get_lr()[0])
-        own_norm = self._own_clip
         loss_sum, tokens, extra, norm = 0.0, 0, {}, None
         for i, batch in enumerate(batches):
             batch = {k: v.to(self.device) for k, v in batch.items()}
             loss, metrics = self.objective.loss(self.engine, batch)
             self.engine.backward(loss * scale)
-            if own_norm and i == len(batches) - 1:  # the step's gradient, all-reduced
+            if self._own_clip and i == len(batches) - 1:  # the step's gradient, all-reduced
                 params = [p for p in self.engine.module.parameters() if p.grad is not None]
                 max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
                 norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
@@ -223,7 +222,7 @@ class LearnerWorker:
             tokens += self.objective.tokens(batch)
             for key, value in metrics.items():
                 extra[key] = extra.get(key, 0.0) + float(value)
-        if not own_norm:
+        if not self._own_clip:
             reported = self.engine.get_global_grad_norm()
             norm = None if reported is None else float(reported)
         totals = self._all_reduce([loss_sum, tokens, *extra.values()])

@@ -38,12 +38,7 @@ class PreferenceObjective(ScalarModelObjective):
             packed = shared_prefix.pack(seqs, shared_prefix.pair_groups(len(rows)),
                                         pad_id=self.pad_id)  # fmt: skip
             return {**shared_prefix.to_batch(packed), "labels": labels}
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)  # (2B, T)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[i, : len(s)] = 1
+        ids, mask = shared_prefix.right_pad(seqs, pad_id=self.pad_id)  # (2B, T)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def loss_units(self, batch: Mapping[str, torch.Tensor]) -> int:

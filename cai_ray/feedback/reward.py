@@ -93,20 +93,13 @@ class RewardScorer:
     def _forward(self, chunk: list[list[int]], pad: int) -> torch.Tensor:
         """The scores of one batch: consecutive texts that start alike (one conversation's
         answers) share one row, the conversation once (`shared_prefix`; the same scores)."""
-        import torch
-
+        from cai_ray.feedback.pm_objective import pm_scores
         from cai_ray.models import shared_prefix
 
-        if self.share_prefix and shared_prefix.supported(self.model):
+        if self.share_prefix:
             packed = shared_prefix.pack(chunk, shared_prefix.run_groups(chunk), pad_id=pad)
-            batch = {k: v.to(self.device) for k, v in shared_prefix.to_batch(packed).items()}
-            inputs, where = shared_prefix.forward_inputs(self.model, batch)
-            return self.model(**inputs, at=where.last_at())  # (B,)
-        width = max(len(ids) for ids in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, seq in enumerate(chunk):
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        return self.model(input_ids=ids, attention_mask=mask, last_only=True)  # (B,)
+            batch = shared_prefix.to_batch(packed)
+        else:
+            ids, mask = shared_prefix.right_pad(chunk, pad_id=pad)  # (B, T)
+            batch = {"input_ids": ids, "attention_mask": mask}
+        return pm_scores(self.model, {k: v.to(self.device) for k, v in batch.items()})  # (B,)

@@ -43,14 +43,17 @@ class SharedPrefixBatch:
     index: torch.Tensor  # (S, L)
     lengths: torch.Tensor  # (S,)
 
+    def columns(self, positions: torch.Tensor) -> torch.Tensor:
+        """The packed columns of sequence positions `positions` (S, K), in rows `row`."""
+        return torch.gather(self.index, 1, positions.clamp(min=0))  # (S, K)
+
     def gather(self, per_token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """`per_token` (N, T, ...) read at sequence positions `positions` (S, K) -> (S, K, ...)."""
-        cols = torch.gather(self.index, 1, positions.clamp(min=0))  # (S, K)
-        return per_token[self.row[:, None], cols]
+        return per_token[self.row[:, None], self.columns(positions)]
 
     def last_at(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, column) of each sequence's last token: (S,), (S,)."""
-        return self.row, torch.gather(self.index, 1, (self.lengths - 1)[:, None])[:, 0]
+        return self.row, self.columns((self.lengths - 1)[:, None])[:, 0]
 
     def last(self, per_token: torch.Tensor) -> torch.Tensor:
         """`per_token` (N, T, ...) at each sequence's last token -> (S, ...)."""
@@ -105,6 +108,7 @@ def pack(
         ids: list[int] = []
         positions: list[int] = []
         branch: list[int] = []
+        k = 0  # branches in the current row
         for m in members:
             if seen[m]:
                 raise ValueError(f"sequence {m} is in two groups")
@@ -115,13 +119,13 @@ def pack(
             added = _row_cost(len(own), width + len(own)) - _row_cost(0, width)
             if ids and added >= alone:  # close the row: this member starts the next one
                 rows.append((ids, positions, branch))
-                ids, positions, branch = [], [], []
+                ids = []
             if not ids:
-                ids, positions, branch = list(seqs[m][:p]), list(range(p)), [0] * p
+                ids, positions, branch, k = list(seqs[m][:p]), list(range(p)), [0] * p, 0
+            k += 1
             row[m] = len(rows)
             index[m, :p] = torch.arange(p)
             index[m, p : len(seqs[m])] = torch.arange(len(ids), len(ids) + len(own))
-            k = max(branch, default=0) + 1
             ids += own
             positions += range(p, len(seqs[m]))
             branch += [k] * len(own)
@@ -138,6 +142,17 @@ def pack(
         position_ids[i, :n] = torch.tensor(positions, dtype=torch.long)
         branches[i, :n] = torch.tensor(branch, dtype=torch.long)
     return SharedPrefixBatch(input_ids, position_ids, branches, row, index, lengths)
+
+
+def right_pad(seqs: Sequence[Sequence[int]], *, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences as right-padded rows of their own: input_ids and attention_mask (S, L)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
 
 
 def run_groups(seqs: Sequence[Sequence[int]], *, min_shared: float = 0.5) -> list[list[int]]:

@@ -40,11 +40,18 @@ def collate_responses(
         attn[i, : len(seq)] = 1
         resp[i, start : start + n] = 1.0
         for f in fields:
-            values = list(r[f])
-            if len(values) != n:
-                raise ValueError(f"row field {f!r} has {len(values)} values for {n} tokens")
-            per_token[f][i, start : start + n] = torch.tensor(values, dtype=torch.float32)
+            per_token[f][i, start : start + n] = _response_field(r, f, n)
     return {"input_ids": ids, "attention_mask": attn, "response_mask": resp, **per_token}
+
+
+def _response_field(row: Mapping[str, Any], field: str, n: int) -> torch.Tensor:
+    """A row's per-response-token `field` as float32 (n,), checked against its n tokens."""
+    import torch
+
+    values = list(row[field])
+    if len(values) != n:
+        raise ValueError(f"row field {field!r} has {len(values)} values for {n} tokens")
+    return torch.tensor(values, dtype=torch.float32)
 
 
 def collate_shared_responses(
@@ -76,10 +83,7 @@ def collate_shared_responses(
         targets[i, :n] = torch.tensor(seq[start + 1 :], dtype=torch.long)
         resp[i, :n] = 1.0
         for f in fields:
-            values = list(r[f])
-            if len(values) != n:
-                raise ValueError(f"row field {f!r} has {len(values)} values for {n} tokens")
-            per_token[f][i, :n] = torch.tensor(values, dtype=torch.float32)
+            per_token[f][i, :n] = _response_field(r, f, n)
     return {**shared_prefix.to_batch(packed), "target_pos": pos, "targets": targets,
             "response_mask": resp, **per_token}  # fmt: skip
 
@@ -93,7 +97,7 @@ def _shared_response_logprobs(
     from cai_ray.rl import algorithms
 
     inputs, where = shared_prefix.forward_inputs(model, dict(batch))
-    cols = where.index.gather(1, batch["target_pos"])  # (S, R) columns in the packed rows
+    cols = where.columns(batch["target_pos"])  # (S, R) columns in the packed rows
     width = inputs["input_ids"].shape[1]
     start = int(cols.min())
     out = model(**inputs, use_cache=False, logits_to_keep=width - start)
