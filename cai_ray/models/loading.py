@@ -57,12 +57,18 @@ def target_logits(
     (B, T-1-start, V), and `start`. `target_mask` (B, T-1) marks the positions t whose token t + 1
     carries loss. The LM head and the softmax skip the leading positions no row needs
     (`logits_to_keep`): the prompts of SFT and RL rows; (B, T-1) tensors line up as `x[:, start:]`.
+    The last position (it predicts past the row) is not computed either: the positions go to
+    `logits_to_keep` as indices, so the logits come out contiguous and their backward writes no
+    zeros for a sliced-off column (2% of a tiny-20m SFT step, benchmarks/README.md).
     """
+    import torch
+
     columns = target_mask.any(0).nonzero()
     start = int(columns[0]) if len(columns) else 0
     width = inputs["input_ids"].shape[1]
-    out = model(**inputs, use_cache=False, logits_to_keep=width - start)
-    return out.logits[:, :-1].float(), start  # position t predicts token t + 1
+    keep = torch.arange(start, width - 1, device=inputs["input_ids"].device)
+    out = model(**inputs, use_cache=False, logits_to_keep=keep)
+    return out.logits.float(), start  # position t predicts token t + 1
 
 
 class CausalLMObjective:
