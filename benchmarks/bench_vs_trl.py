@@ -1,6 +1,8 @@
 """The learner group against TRL (a benchmark-only dependency, `pip install -e ".[bench]"`).
 
-Same model (a preset), same rows, micro-batch, fp32 and threads on both sides, in one process,
+Same model (a preset), same rows, micro-batch, fp32 and threads on both sides, and activation
+checkpointing off on both (TRL's configs turn it on by default; `--checkpointing` adds both
+sides with it on), in one process,
 run alternating (cai-ray, TRL, cai-ray, TRL, ...) so both see the same background load; the best
 of the repeats is kept. (1) SFT tokens/s: LearnerGroup + SFTObjective in-process (`num_ranks: 0`)
 vs TRL `SFTTrainer` on pre-tokenised rows with a completion mask (response-only loss). (2) PM
@@ -115,10 +117,12 @@ def cai_ray(
     ranks: int = 0,
     compile=False,
     group=False,
+    checkpointing=False,
 ) -> float:
     config = LearnerConfig(
         num_ranks=ranks,
         compile=compile,
+        gradient_checkpointing=checkpointing,
         group_by_length=group,
         micro_batch_size=args.micro_batch,
         max_steps=args.steps,
@@ -156,6 +160,8 @@ def _step_clock():
 
 
 # What every TRL side shares: clipping, a constant LR, fp32 on CPU, no logging, saving or workers.
+# TRL's configs turn activation checkpointing on by default (an extra forward per step); the
+# learner's default is off, so each TRL side sets it to what its cai-ray side runs with.
 TRL_COMMON = dict(
     max_grad_norm=1.0,
     lr_scheduler_type="constant",
@@ -171,9 +177,10 @@ TRL_COMMON = dict(
 )
 
 
-def _trl_args(cls, out: str, args, compile=False, group=False):
+def _trl_args(cls, out: str, args, compile=False, group=False, checkpointing=False):
     return cls(
         torch_compile=compile,
+        gradient_checkpointing=checkpointing,
         train_sampling_strategy="group_by_length" if group else "random",
         output_dir=out,
         per_device_train_batch_size=args.micro_batch,
@@ -197,7 +204,13 @@ def _counting(collator, counts: list[int], key: str):
 
 
 def trl_sft(
-    model_dir: Path, rows: list[dict], args, compile=False, group=False, padding_free=False
+    model_dir: Path,
+    rows: list[dict],
+    args,
+    compile=False,
+    group=False,
+    padding_free=False,
+    checkpointing=False,
 ) -> float:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -214,7 +227,7 @@ def trl_sft(
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     out = tempfile.mkdtemp(prefix="bench-trl-sft-")
     try:
-        cfg = _trl_args(SFTConfig, out, args, compile, group)
+        cfg = _trl_args(SFTConfig, out, args, compile, group, checkpointing)
         cfg.completion_only_loss = True
         cfg.packing = False
         cfg.padding_free = padding_free
@@ -234,7 +247,9 @@ def trl_sft(
     return sum(counts[w:steps]) / (clock.ends[-1] - clock.ends[w - 1])
 
 
-def trl_pm(model_dir: Path, rows: list[dict], args, compile=False, group=False) -> float:
+def trl_pm(
+    model_dir: Path, rows: list[dict], args, compile=False, group=False, checkpointing=False
+) -> float:
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
@@ -251,7 +266,7 @@ def trl_pm(model_dir: Path, rows: list[dict], args, compile=False, group=False) 
     model.config.pad_token_id = tok.pad_token_id
     out = tempfile.mkdtemp(prefix="bench-trl-pm-")
     try:
-        cfg = _trl_args(RewardConfig, out, args, compile, group)
+        cfg = _trl_args(RewardConfig, out, args, compile, group, checkpointing)
         cfg.length_column_name = "length"  # what group_by_length sorts by
         cfg.remove_unused_columns = not group  # else the sampler never sees that column
         clock = _step_clock()
@@ -323,7 +338,7 @@ def rl_reward(prompts, completions, **_):
     return length_target(prompts, [c.strip() for c in completions], target_chars=RL_TARGET_CHARS)
 
 
-def trl_grpo(model_dir: Path, args, prompts: list[str]) -> dict:
+def trl_grpo(model_dir: Path, args, prompts: list[str], checkpointing=False) -> dict:
     """TRL GRPOTrainer on the same prompts, in order; its step split from wrapped methods."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -347,6 +362,7 @@ def trl_grpo(model_dir: Path, args, prompts: list[str]) -> dict:
             max_steps=args.rl_steps,
             learning_rate=1e-5,
             shuffle_dataset=False,
+            gradient_checkpointing=checkpointing,
             **TRL_COMMON,
         )
         clock = _step_clock()
@@ -428,6 +444,12 @@ def main() -> None:
         "--compile",
         action="store_true",
         help="also both sides with torch.compile (learner.compile / TRL torch_compile)",
+    )
+    parser.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="also both sides with activation checkpointing (learner.gradient_checkpointing / "
+        "TRL's own default, gradient_checkpointing=True; the plain sides run without)",
     )
     args = parser.parse_args()
     try:
@@ -518,6 +540,27 @@ def main() -> None:
             model_dir, pm, PreferenceObjective(pad_id=pad), pm_args, "pairs", compile=True
         )
         sides["pm"]["trl compiled"] = lambda: trl_pm(model_dir, pm, pm_args, compile=True)
+    if args.checkpointing:
+        sides["sft"]["cai-ray checkpointing"] = lambda: cai_ray(
+            model_dir, sft_rows, SFTObjective(), args, "tokens", checkpointing=True
+        )
+        sides["sft"]["trl checkpointing"] = lambda: trl_sft(
+            model_dir, sft_rows, args, checkpointing=True
+        )
+        sides["pm"]["cai-ray checkpointing"] = lambda: cai_ray(
+            model_dir, pm, PreferenceObjective(pad_id=pad), pm_args, "pairs", checkpointing=True
+        )
+        sides["pm"]["trl checkpointing"] = lambda: trl_pm(
+            model_dir, pm, pm_args, checkpointing=True
+        )
+        if "rl" in sides:
+            sides["rl"]["cai-ray checkpointing"] = lambda: cai_ray_rl(
+                model_dir, args, rl_prompts,
+                [*RL_ONE_MACHINE, "rl_train.policy.gradient_checkpointing=true"],
+            )  # fmt: skip
+            sides["rl"]["trl checkpointing"] = lambda: trl_grpo(
+                model_dir, args, rl_prompts, checkpointing=True
+            )
     loads = [os.getloadavg()[0]]
     runs: dict[str, dict[str, list[float]]] = {}
     splits: dict[str, dict[str, list[dict]]] = {}

@@ -100,6 +100,9 @@ class LearnerWorker:
 
         hf_logging.disable_progress_bar()  # per-file load/save bars would break the step bar
         model = self.objective.load_model(self.model_path)
+        # from_pretrained returns a model in eval mode, where transformers skips activation
+        # checkpointing (it recomputes only when `self.training`) and dropout.
+        model.train()
         if self.config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if self.config.compile:

@@ -217,6 +217,35 @@ def test_a_compiled_model_trains_the_same_and_saves_the_same_names(
 
 
 @pytest.mark.integration
+def test_activation_checkpointing_recomputes_every_layer_and_trains_the_same(
+    tiny_model_dir, rows16, tmp_path, monkeypatch
+):
+    """`gradient_checkpointing: true` runs each decoder layer's forward again in the backward
+    (the model trains in train mode: transformers checkpoints only then), with the same losses."""
+    from transformers.models.llama import modeling_llama
+
+    calls: list[bool] = []  # a layer's MLP: the decoder layer's own forward holds the checkpoint
+    forward = modeling_llama.LlamaMLP.forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(self.training)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", counted)
+    counts, runs = {}, {}
+    for checkpointing in (False, True):
+        calls.clear()
+        out = tmp_path / f"checkpointing-{checkpointing}"
+        with LearnerGroup(cfg(max_steps=2, gradient_checkpointing=checkpointing),
+                          objective(tiny_model_dir), tiny_model_dir, out) as group:  # fmt: skip
+            group.fit(rows16, progress=False)
+        counts[checkpointing], runs[checkpointing] = len(calls), out
+        assert calls and all(calls)  # every training forward in train mode
+    assert counts[True] == 2 * counts[False]
+    np.testing.assert_allclose(losses(runs[True]), losses(runs[False]), rtol=1e-5)
+
+
+@pytest.mark.integration
 def test_a_model_that_is_not_a_causal_lm_is_a_model_error(tiny_reward_model_dir, tmp_path):
     with pytest.raises(ModelError, match="causal"):
         LearnerGroup(cfg(), objective(tiny_reward_model_dir), tiny_reward_model_dir, tmp_path)
