@@ -100,7 +100,9 @@ def test_shared_prefix_gradients_equal_separate_rows():
     separate = grads(torch.stack([x[-1] for x in _separate(model, seqs)]).pow(2).sum())
     assert len(shared) == len(separate) > 0
     for a, b in zip(shared, separate, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        # fp32 sums in another order (packed rows, AVX2 or AVX-512 kernels): an absolute slack
+        # relative to the tensor's largest gradient, else near-zero entries fail on rounding
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
 
 
 def test_pack_rejects_a_sequence_in_no_group_or_two():
