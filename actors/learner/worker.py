@@ -28,6 +28,7 @@ from actors.learner.checkpoint import (
 )
 from cai_ray.config.learner import LearnerConfig
 from cai_ray.errors import CaiRayError, ConfigError
+from cai_ray.models.loading import disable_dropout
 from cai_ray.profiling import span
 from cai_ray.sl.objective import Objective
 
@@ -103,6 +104,11 @@ class LearnerWorker:
         # from_pretrained returns a model in eval mode, where transformers skips activation
         # checkpointing (it recomputes only when `self.training`) and dropout.
         model.train()
+        off = self.config.disable_dropout
+        if off is None:  # the objective's choice: the model's own dropout for SFT only
+            off = not getattr(self.objective, "keeps_dropout", True)
+        if off:
+            disable_dropout(model)
         if self.config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if self.config.compile:

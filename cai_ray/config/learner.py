@@ -76,6 +76,12 @@ class LearnerConfig(Section):
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in the backward pass: less memory, slower"
     )
+    disable_dropout: bool | None = Field(
+        None,
+        description="zero the model's dropout while training; None: the objective decides "
+        "(off for the PM, DPO and the RL policy and critic, whose losses compare forwards or "
+        "log-probs from the rollout engine; the model's own for SFT)",
+    )
     compile: bool = Field(
         False,
         description="torch.compile the model (inductor; needs a C++ compiler on CPU): fused "

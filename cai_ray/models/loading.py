@@ -74,6 +74,8 @@ def target_logits(
 class CausalLMObjective:
     """Base of the objectives that train a causal LM itself (SFT, the RL policy, DPO), in fp32."""
 
+    keeps_dropout = True  # SFT trains with the model's dropout; the policy's objectives do not
+
     def check_model(self, model_path: str | Path) -> None:
         from cai_ray.models.store import check_model_dir
 
@@ -84,3 +86,19 @@ class CausalLMObjective:
             model_path,
             hint="this objective trains a causal language model directory (e.g. LlamaForCausalLM)",
         )
+
+
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Zero every dropout in `model`: its `nn.Dropout` modules and the attention dropout that
+    transformers' attention modules pass to SDPA as a float (`attention_dropout`, which TRL's
+    `disable_dropout_in_model` leaves). Returns how many were not already zero."""
+    import torch
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p:
+            module.p, changed = 0.0, changed + 1
+        attention = getattr(module, "attention_dropout", None)
+        if isinstance(attention, float) and attention:
+            module.attention_dropout, changed = 0.0, changed + 1
+    return changed

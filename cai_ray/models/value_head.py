@@ -280,6 +280,8 @@ class ScalarModelObjective:
     """Base of the objectives that train a scalar head (the PM, PPO's critic): a scalar model to
     keep training, or a causal LM (the paper's start) with a fresh head."""
 
+    keeps_dropout = False  # a pair's two sides (a PM) or a critic's targets: dropout is noise
+
     def check_model(self, model_path: str | Path) -> None:
         check_scalar_model(model_path, new_head=True)
 

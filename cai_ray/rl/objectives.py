@@ -133,6 +133,10 @@ def _response_logprobs(
 class _PolicyModel(CausalLMObjective):
     """What the objectives that train the policy itself share: the causal LM loaded as in SFT."""
 
+    # dropout off (TRL's DPO and reward trainers, OpenRLHF): the loss compares this forward's
+    # log-probs with the rollout engine's or the reference's, both computed without dropout
+    keeps_dropout = False
+
     pad_id: int = 0
     head: Literal["causal", "classification"] = "causal"
     share_prefix: bool = True  # rows with one prompt run as one row, the prompt once

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 class Objective(Protocol):
     """A training objective; `loss` returns a sum so the group can normalise globally. An
-    optional `length_columns` (token-id columns) lets `learner.group_by_length` sort rows."""
+    optional `length_columns` (token-id columns) lets `learner.group_by_length` sort rows; an
+    optional `keeps_dropout` (default True) is `learner.disable_dropout`'s default, negated."""
 
     head: Literal["causal", "classification"]
 

@@ -246,6 +246,52 @@ def test_activation_checkpointing_recomputes_every_layer_and_trains_the_same(
 
 
 @pytest.mark.integration
+def test_dropout_is_the_objectives_choice_and_can_be_turned_off(tiny_model_dir, rows16, tmp_path):
+    """A model with attention dropout trains with it under SFT (the model's own), and without
+    it where the objective or `learner.disable_dropout` says so: then exactly as the same
+    weights with no dropout in their config."""
+    import dataclasses
+    import json
+    import shutil
+
+    from cai_ray.feedback.pm_objective import PreferenceObjective
+    from cai_ray.rl.objectives import DPOObjective, PolicyObjective, ValueObjective
+
+    @dataclasses.dataclass(frozen=True)
+    class NoDropoutSFT(SFTObjective):
+        keeps_dropout = False
+
+    dropout_dir = tmp_path / "dropout-model"
+    shutil.copytree(tiny_model_dir, dropout_dir)
+    config = json.loads((dropout_dir / "config.json").read_text())
+    (dropout_dir / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.5}))
+
+    pad = objective(tiny_model_dir).pad_id
+
+    def run(name, model_dir, sft=None, **kw):
+        sft = sft or SFTObjective(pad_id=pad)
+        with LearnerGroup(cfg(max_steps=3, **kw), sft, model_dir, tmp_path / name) as group:
+            group.fit(rows16, progress=False)
+        return losses(tmp_path / name)
+
+    plain = run("plain", tiny_model_dir)
+    kept = run("kept", dropout_dir)  # SFT: the model's own dropout
+    assert not np.allclose(kept, plain, rtol=1e-3)
+    off = run("off", dropout_dir, disable_dropout=True)
+    np.testing.assert_allclose(off, plain, rtol=1e-5)
+    by_objective = run("by-objective", dropout_dir, NoDropoutSFT(pad_id=pad))
+    np.testing.assert_allclose(by_objective, plain, rtol=1e-5)
+    assert not np.allclose(
+        run("forced-on", dropout_dir, NoDropoutSFT(pad_id=pad), disable_dropout=False),
+        plain,
+        rtol=1e-3,
+    )
+    assert SFTObjective.keeps_dropout
+    for trains_without in (PreferenceObjective, ValueObjective, PolicyObjective, DPOObjective):
+        assert not trains_without.keeps_dropout, trains_without
+
+
+@pytest.mark.integration
 def test_a_model_that_is_not_a_causal_lm_is_a_model_error(tiny_reward_model_dir, tmp_path):
     with pytest.raises(ModelError, match="causal"):
         LearnerGroup(cfg(), objective(tiny_reward_model_dir), tiny_reward_model_dir, tmp_path)

@@ -217,3 +217,28 @@ def test_ensure_model_checks_a_path(tmp_path, tiny_model_dir):
     with pytest.raises(ModelError, match="unknown model preset"):
         ensure_model(ModelConfig(preset="huge-7b"), run_dir=tmp_path)
     assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_disable_dropout_makes_training_forwards_deterministic(family):
+    """Llama's attention dropout is a float its attention passes to SDPA, GPT-2's are
+    nn.Dropout modules: both are zeroed, so two forwards in train mode agree."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from cai_ray.models.loading import disable_dropout
+
+    torch.manual_seed(0)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, attention_dropout=0.5))  # fmt: skip
+    else:
+        model = GPT2LMHeadModel(GPT2Config(
+            vocab_size=64, n_embd=32, n_layer=2, n_head=4, attn_pdrop=0.5, resid_pdrop=0.5,
+            embd_pdrop=0.5))  # fmt: skip
+    model.train()
+    ids = torch.randint(0, 64, (2, 16))
+    assert not torch.equal(model(ids).logits, model(ids).logits)  # dropout is on
+    assert disable_dropout(model) >= 2
+    assert torch.equal(model(ids).logits, model(ids).logits)
+    assert disable_dropout(model) == 0  # nothing left to zero
