@@ -57,6 +57,7 @@ class LearnerWorker:
         self._step = 0
         self._epoch = 0
         self._threads_before: int | None = None
+        self._env_before: dict[str, str | None] = {}
 
     def pid(self) -> int:
         return os.getpid()
@@ -86,13 +87,17 @@ class LearnerWorker:
         self.device = torch.device("cuda", 0) if cuda else torch.device("cpu")
         # Read by DeepSpeed when it is first imported: its CPU accelerator uses gloo here.
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
-        os.environ.update(
-            RANK=str(self.rank),
-            WORLD_SIZE=str(self.world_size),
-            LOCAL_RANK="0",  # Ray shows each rank only its own GPU, as device 0
-            MASTER_ADDR=master_addr,
-            MASTER_PORT=str(master_port),
-        )
+        env = {
+            "RANK": str(self.rank),
+            "WORLD_SIZE": str(self.world_size),
+            "LOCAL_RANK": "0",  # Ray shows each rank only its own GPU, as device 0
+            "MASTER_ADDR": master_addr,
+            "MASTER_PORT": str(master_port),
+        }
+        # restored by close: in-process, a later library in the driver would read them as a
+        # distributed launch (Accelerate wraps a Trainer's model in DDP)
+        self._env_before = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
         if cuda:
             torch.cuda.set_device(self.device)
         self._init_process_group(master_addr, master_port, backend="nccl" if cuda else "gloo")
@@ -402,12 +407,18 @@ class LearnerWorker:
         return self._step
 
     def close(self) -> None:
-        """Free the engine and restore the thread count (matters in-process)."""
+        """Free the engine; restore the thread count and environment (matters in-process)."""
         import torch
 
         self.engine = None
         if self._threads_before is not None:
             torch.set_num_threads(self._threads_before)
+        for key, value in self._env_before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._env_before = {}
 
 
 def _seed_everything(seed: int) -> None:

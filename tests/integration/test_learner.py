@@ -196,6 +196,27 @@ def test_in_process_group_lowers_the_loss(tiny_model_dir, rows16, tmp_path):
 
 
 @pytest.mark.integration
+def test_an_in_process_group_leaves_the_environment_as_it_found_it(
+    tiny_model_dir, rows16, tmp_path, monkeypatch
+):
+    """The rank's RANK/WORLD_SIZE/... are set while it trains and gone after: left behind, a
+    later Trainer in the same process sets itself up as distributed (DDP)."""
+    import os
+
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    for key in keys:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "users-own-host")
+    with LearnerGroup(cfg(max_steps=1), objective(tiny_model_dir), tiny_model_dir, tmp_path) as g:
+        g.fit(rows16, progress=False)
+        assert os.environ["WORLD_SIZE"] == "1" and os.environ["RANK"] == "0"
+    assert {k: os.environ.get(k) for k in keys} == {
+        **dict.fromkeys(keys),
+        "MASTER_ADDR": "users-own-host",
+    }
+
+
+@pytest.mark.integration
 def test_a_compiled_model_trains_the_same_and_saves_the_same_names(
     tiny_model_dir, rows16, tmp_path
 ):
