@@ -2,8 +2,8 @@
 
 Same model (a preset), same rows, micro-batch, fp32 and threads on both sides, and activation
 checkpointing off on both (TRL's configs turn it on by default; `--checkpointing` adds both
-sides with it on), and TRL set up as a single process runs it (not DDP-wrapped:
-`single_process`). Every side runs in this one process, alternating (cai-ray, TRL, cai-ray,
+sides with it on), and TRL as a single process (refused if Accelerate sets it up as
+distributed). Every side runs in this one process, alternating (cai-ray, TRL, cai-ray,
 TRL, ...) so both see the same background load; the best
 of the repeats is kept. (1) SFT tokens/s: LearnerGroup + SFTObjective in-process (`num_ranks: 0`)
 vs TRL `SFTTrainer` on pre-tokenised rows with a completion mask (response-only loss). (2) PM
@@ -32,7 +32,6 @@ counts each step's unpadded tokens on both sides. Writes bench_vs_trl-varied.jso
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -179,31 +178,16 @@ TRL_COMMON = dict(
 )
 
 
-# The in-process learner (`num_ranks: 0`) keeps its world of one in this process (DeepSpeed
-# caches its groups per process) and with it these variables; TRL's Accelerate reads them as a
-# distributed launch and wraps the model in DDP: a gloo all-reduce of every gradient and a
-# search for unused parameters each step, which no single-process TRL run pays.
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-@contextlib.contextmanager
-def single_process():
-    """A TRL side as one plain process runs it: no distributed variables, checked."""
-    saved = {k: os.environ.pop(k) for k in DIST_ENV if k in os.environ}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
-
-
 def _train(trainer) -> None:
-    """`trainer.train()`, refusing to time a TRL that Accelerate set up as distributed."""
+    """`trainer.train()`, refusing to time a TRL that Accelerate set up as distributed (DDP:
+    a gloo all-reduce and an unused-parameter search per step, which a plain run does not pay),
+    as it was while the in-process learner left its RANK/WORLD_SIZE/... behind."""
     from accelerate.utils import DistributedType
 
     if trainer.accelerator.distributed_type != DistributedType.NO:
         raise RuntimeError(
             f"TRL would run as {trainer.accelerator.distributed_type} (a DDP-wrapped model): "
-            "its side must run as a single process (see single_process)"
+            "its side must run as a single process: unset RANK, WORLD_SIZE, LOCAL_RANK"
         )
     trainer.train()
 
@@ -601,8 +585,7 @@ def main() -> None:
         runs[task] = {name: [] for name in fns}
         for rep in range(args.repeats):  # A B A B ...
             for name, fn in fns.items():
-                with single_process() if name.startswith("trl") else contextlib.nullcontext():
-                    value = fn()
+                value = fn()
                 if isinstance(value, dict):  # the RL row: samples/s and the step's split
                     splits.setdefault(task, {}).setdefault(name, []).append(value)
                     value = value["value"]
